@@ -1,0 +1,34 @@
+"""dspark_hf: DSpark speculative decoding for Hugging Face transformers."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_dspark import DSparkDraftConfig
+from .modeling_dspark import (
+    DSparkContextCache,
+    DSparkDraftModel,
+    DSparkDraftOutput,
+    block_attention_mask,
+    block_position_ids,
+    position_weights,
+    select_target_features,
+)
+from .targets import choose_mask_token_id, default_target_layer_ids, draft_config_from_target
+
+AutoConfig.register(DSparkDraftConfig.model_type, DSparkDraftConfig, exist_ok=True)
+AutoModel.register(DSparkDraftConfig, DSparkDraftModel, exist_ok=True)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DSparkContextCache",
+    "DSparkDraftConfig",
+    "DSparkDraftModel",
+    "DSparkDraftOutput",
+    "block_attention_mask",
+    "block_position_ids",
+    "choose_mask_token_id",
+    "default_target_layer_ids",
+    "draft_config_from_target",
+    "position_weights",
+    "select_target_features",
+]

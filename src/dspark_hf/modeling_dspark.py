@@ -1,0 +1,591 @@
+"""DSpark draft model: parallel backbone with KV injection, sequential heads and confidence head."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .configuration_dspark import DSparkDraftConfig
+
+logger = logging.get_logger(__name__)
+
+SHARED_WEIGHT_PREFIXES = ("embed_tokens.", "lm_head.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers shared by training and inference
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def select_target_features(hidden_states: tuple[torch.Tensor, ...], target_layer_ids: list[int]) -> torch.Tensor:
+    """Concatenates the outputs of `target_layer_ids` from a transformers `hidden_states` tuple.
+
+    `hidden_states[i + 1]` is the output of decoder layer `i`. Returns `(batch, seq, len(ids) * hidden)`.
+    """
+    return torch.cat([hidden_states[i + 1] for i in target_layer_ids], dim=-1)
+
+
+def block_attention_mask(
+    anchor_positions: torch.LongTensor,
+    block_size: int,
+    context_length: int,
+    context_mask: torch.Tensor | None = None,
+) -> torch.BoolTensor:
+    """Attention mask of a forward over several blocks at once (training).
+
+    Block `i` starts at `anchor_positions[:, i]`; its positions see context positions strictly before that anchor
+    and every position of their own block (bidirectional), nothing else.
+
+    Args:
+        anchor_positions: `(batch, num_blocks)` sequence index of each block's anchor.
+        block_size: γ.
+        context_length: number of context positions `S` fed to the draft.
+        context_mask: optional `(batch, S)`, False where a context position is padding.
+
+    Returns:
+        `(batch, 1, num_blocks * block_size, S + num_blocks * block_size)`, True where attention is allowed.
+    """
+    batch, num_blocks = anchor_positions.shape
+    device = anchor_positions.device
+    context_index = torch.arange(context_length, device=device)
+    sees_context = context_index.view(1, 1, -1) < anchor_positions.unsqueeze(-1)  # (batch, blocks, S)
+    if context_mask is not None:
+        sees_context = sees_context & context_mask.bool().unsqueeze(1)
+    sees_context = sees_context.repeat_interleave(block_size, dim=1)  # (batch, blocks * γ, S)
+    block_id = torch.arange(num_blocks, device=device).repeat_interleave(block_size)
+    same_block = (block_id.view(-1, 1) == block_id.view(1, -1)).expand(batch, -1, -1)
+    return torch.cat([sees_context, same_block], dim=-1).unsqueeze(1)
+
+
+def block_position_ids(anchor_positions: torch.LongTensor, block_size: int) -> torch.LongTensor:
+    """`(batch, num_blocks)` anchors → `(batch, num_blocks * block_size)` RoPE positions p, p+1, …, p+γ−1."""
+    offsets = torch.arange(block_size, device=anchor_positions.device)
+    return (anchor_positions.unsqueeze(-1) + offsets).flatten(1)
+
+
+class DSparkContextCache:
+    """Keys and values of the injected target context, one entry per draft layer.
+
+    Only context entries are stored: block entries are recomputed every round and never cached.
+    Tensors are `(batch, num_key_value_heads, context_length, head_dim)`.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[-2]
+
+    def update(
+        self, layer_idx: int, keys: torch.Tensor | None, values: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Appends new context keys/values (may be None) and returns the full cached ones."""
+        if keys is not None:
+            if self.keys[layer_idx] is None:
+                self.keys[layer_idx], self.values[layer_idx] = keys, values
+            else:
+                self.keys[layer_idx] = torch.cat([self.keys[layer_idx], keys], dim=-2)
+                self.values[layer_idx] = torch.cat([self.values[layer_idx], values], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def crop(self, length: int) -> None:
+        """Keeps the first `length` context positions."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i], self.values[i] = k[..., :length, :], v[..., :length, :]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backbone
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DSparkRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+class DSparkRotaryEmbedding(nn.Module):
+    """RoPE tables for arbitrary position ids; supports every rope type transformers knows."""
+
+    def __init__(self, config: DSparkDraftConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        inv_freq, self.attention_scaling = self.rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @property
+    def rope_init_fn(self):
+        if self.rope_type == "default":
+            return self.compute_default_rope_parameters
+        return ROPE_INIT_FUNCTIONS[self.rope_type]
+
+    @staticmethod
+    def compute_default_rope_parameters(config: DSparkDraftConfig, device=None, seq_len=None):
+        base = (config.rope_parameters or {}).get("rope_theta", 10000.0)
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(batch, len)` positions → cos, sin of shape `(batch, len, head_dim)`."""
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.float().to(position_ids.device)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: `(batch, heads, len, head_dim)`; cos/sin: `(batch, len, head_dim)`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class DSparkAttention(nn.Module):
+    """Attention of block queries over [context K/V ; block K/V] (paper eq. 3)."""
+
+    def __init__(self, config: DSparkDraftConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def _keys_values(
+        self, states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = states.shape
+        keys = self.k_norm(self.k_proj(states).view(batch, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        values = self.v_proj(states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(keys, *rope), values
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context_states: torch.Tensor | None,
+        block_rope: tuple[torch.Tensor, torch.Tensor],
+        context_rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache: DSparkContextCache | None,
+    ) -> torch.Tensor:
+        batch, q_len, _ = hidden_states.shape
+        queries = self.q_norm(self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim))
+        queries = apply_rotary(queries.transpose(1, 2), *block_rope)
+        block_keys, block_values = self._keys_values(hidden_states, block_rope)
+        context_keys = context_values = None
+        if context_states is not None and context_states.shape[1] > 0:
+            context_keys, context_values = self._keys_values(context_states, context_rope)
+        if cache is not None:
+            context_keys, context_values = cache.update(self.layer_idx, context_keys, context_values)
+        if context_keys is not None:
+            keys = torch.cat([context_keys, block_keys], dim=-2)
+            values = torch.cat([context_values, block_values], dim=-2)
+        else:
+            keys, values = block_keys, block_values
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if self.config._attn_implementation == "eager":
+            scores = torch.matmul(queries, keys.transpose(-1, -2)) * self.scaling
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores.float(), dim=-1).to(queries.dtype)
+            probs = F.dropout(probs, p=dropout, training=self.training)
+            output = torch.matmul(probs, values)
+        else:
+            output = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling
+            )
+        output = output.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
+        return self.o_proj(output)
+
+
+class DSparkMLP(nn.Module):
+    def __init__(self, config: DSparkDraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DSparkDecoderLayer(nn.Module):
+    def __init__(self, config: DSparkDraftConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DSparkAttention(config, layer_idx)
+        self.mlp = DSparkMLP(config)
+        self.input_layernorm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, context_states: torch.Tensor | None, **attention_kwargs):
+        residual = hidden_states
+        hidden_states = residual + self.self_attn(self.input_layernorm(hidden_states), context_states, **attention_kwargs)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequential and confidence heads
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DSparkMarkovHead(nn.Module):
+    """First-order transition bias B(x_{k−1}, ·) = W1[x_{k−1}] W2 (paper eq. 5)."""
+
+    def __init__(self, config: DSparkDraftConfig):
+        super().__init__()
+        self.markov_w1 = nn.Embedding(config.vocab_size, config.markov_rank)
+        self.markov_w2 = nn.Linear(config.markov_rank, config.vocab_size, bias=False)
+
+    def token_features(self, prev_ids: torch.LongTensor) -> torch.Tensor:
+        """W1[x_{k−1}]: `(...,)` → `(..., r)`; also the confidence head's Markov feature."""
+        return self.markov_w1(prev_ids)
+
+    def step(
+        self, prev_ids: torch.LongTensor, hidden: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One position: prev `(batch,)`, hidden `(batch, d)` → bias `(batch, V)`, next state (unused: None)."""
+        return self.markov_w2(self.markov_w1(prev_ids)), None
+
+    def teacher_forced(self, prev_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.Tensor:
+        """All positions at once: prev `(..., γ)`, hidden `(..., γ, d)` → bias `(..., γ, V)`."""
+        return self.markov_w2(self.markov_w1(prev_ids))
+
+
+class DSparkRNNHead(DSparkMarkovHead):
+    """Gated recurrent state over the in-block prefix (paper eq. 6)."""
+
+    def __init__(self, config: DSparkDraftConfig):
+        super().__init__(config)
+        self.rank = config.markov_rank
+        self.rnn_proj = nn.Linear(2 * config.markov_rank + config.hidden_size, 3 * config.markov_rank)
+
+    def step(
+        self, prev_ids: torch.LongTensor, hidden: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        token = self.markov_w1(prev_ids)
+        if state is None:
+            state = token.new_zeros(*token.shape[:-1], self.rank)
+        gate, candidate, output = self.rnn_proj(torch.cat([state, token, hidden.to(token.dtype)], dim=-1)).chunk(3, -1)
+        gate = torch.sigmoid(gate)
+        new_state = gate * state + (1 - gate) * torch.tanh(candidate)
+        return self.markov_w2(torch.tanh(output)), new_state
+
+    def teacher_forced(self, prev_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.Tensor:
+        state, biases = None, []
+        for k in range(prev_ids.shape[-1]):
+            bias, state = self.step(prev_ids[..., k], hidden[..., k, :], state)
+            biases.append(bias)
+        return torch.stack(biases, dim=-2)
+
+
+class DSparkConfidenceHead(nn.Module):
+    """c_k = σ(wᵀ[h_k ; W1[x_{k−1}]]) (paper eq. 7); returns the logit, before the sigmoid."""
+
+    def __init__(self, config: DSparkDraftConfig):
+        super().__init__()
+        extra = config.markov_rank if config.has_sequential_head else 0
+        self.proj = nn.Linear(config.hidden_size + extra, 1)
+
+    def forward(self, hidden: torch.Tensor, token_features: torch.Tensor | None) -> torch.Tensor:
+        if token_features is not None:
+            hidden = torch.cat([hidden, token_features.to(hidden.dtype)], dim=-1)
+        return self.proj(hidden).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DSparkDraftOutput(ModelOutput):
+    """Output of a backbone pass.
+
+    Args:
+        logits: `(batch, q, vocab)` base logits U_k (before the sequential head).
+        hidden_states: `(batch, q, hidden)` final-norm backbone states h_k.
+        cache: the context cache, when one was used.
+    """
+
+    logits: torch.FloatTensor | None = None
+    hidden_states: torch.FloatTensor | None = None
+    cache: DSparkContextCache | None = None
+
+
+class DSparkPreTrainedModel(PreTrainedModel):
+    config_class = DSparkDraftConfig
+    base_model_prefix = "dspark"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DSparkDecoderLayer"]
+    _supports_sdpa = True
+    _keys_to_ignore_on_load_unexpected = [r"^embed_tokens\.", r"^lm_head\."]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, DSparkMarkovHead):
+            # A zero transition matrix starts the draft exactly at its DFlash backbone.
+            nn.init.zeros_(module.markov_w2.weight)
+
+
+class DSparkDraftModel(DSparkPreTrainedModel):
+    """A DSpark draft for a frozen causal-LM target.
+
+    The draft borrows the target's input embedding and LM head (bound by [`attach`], never stored in its own
+    checkpoint). Use it as `target.generate(input_ids, assistant_model=draft)`.
+    """
+
+    config_class = DSparkDraftConfig
+
+    def __init__(self, config: DSparkDraftConfig):
+        super().__init__(config)
+        if config.mask_token_id is None:
+            raise ValueError(
+                "DSparkDraftConfig.mask_token_id is not set; build the draft with DSparkDraftModel.from_target(target) "
+                "or pass mask_token_id= (a reserved or unused special token of the target's tokenizer)."
+            )
+        self.fc = nn.Linear(len(config.target_layer_ids) * config.hidden_size, config.hidden_size, bias=False)
+        self.hidden_norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList(DSparkDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DSparkRotaryEmbedding(config)
+        head_classes = {"markov": DSparkMarkovHead, "rnn": DSparkRNNHead}
+        self.markov_head = head_classes[config.markov_head_type](config) if config.has_sequential_head else None
+        self.confidence_head = DSparkConfidenceHead(config) if config.confidence_head else None
+        self._shared_modules: tuple[nn.Module, nn.Module] | None = None
+        self.last_generate_stats = None
+        self.post_init()
+
+    # -- binding to the target -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_target(cls, target: PreTrainedModel, tokenizer=None, **overrides) -> "DSparkDraftModel":
+        """Builds a fresh, randomly initialised draft for `target` (any transformers causal LM) and attaches it.
+
+        Width, vocabulary, attention geometry and RoPE settings are copied from the target; `overrides` set any
+        [`DSparkDraftConfig`] field (e.g. `num_hidden_layers=2, block_size=8, markov_head_type="rnn"`).
+        Pass the target's `tokenizer` so that `mask_token_id` is chosen among its unused special tokens.
+        """
+        from .targets import draft_config_from_target
+
+        config = draft_config_from_target(target, tokenizer=tokenizer, **overrides)
+        draft = cls(config).to(dtype=target.dtype, device=target.device)
+        return draft.attach(target)
+
+    def attach(self, target: PreTrainedModel) -> "DSparkDraftModel":
+        """Binds the target's (frozen) input embedding and LM head; checks that the target matches this draft."""
+        from .targets import check_target_compatible
+
+        check_target_compatible(self.config, target)
+        self._shared_modules = (target.get_input_embeddings(), target.get_output_embeddings())
+        for name in ("embed_tokens", "lm_head"):
+            if name in self._modules:
+                del self._modules[name]
+        return self
+
+    @property
+    def is_attached(self) -> bool:
+        return self._shared_modules is not None or "embed_tokens" in self._modules
+
+    def _shared(self) -> tuple[nn.Module, nn.Module]:
+        if self._shared_modules is not None:
+            return self._shared_modules
+        if "embed_tokens" in self._modules:
+            return self._modules["embed_tokens"], self._modules["lm_head"]
+        raise RuntimeError(
+            "This DSparkDraftModel is not attached to a target model, so it has no token embedding or LM head. "
+            "Call draft.attach(target) or load it with DSparkDraftModel.from_pretrained(path, target_model=target)."
+        )
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self._shared()[0]
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self._shared()[1]
+
+    # -- computation -----------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token ids `(...,)` → embeddings `(..., hidden)` in the draft's dtype (target embedding, frozen)."""
+        embeddings = self.get_input_embeddings()(input_ids)
+        if self.config.embedding_scale != 1.0:
+            embeddings = embeddings * self.config.embedding_scale
+        return embeddings.to(self.fc.weight.dtype)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hidden states `(..., hidden)` → logits `(..., vocab)` through the target's LM head."""
+        lm_head = self.get_output_embeddings()
+        logits = lm_head(hidden_states.to(lm_head.weight.dtype))
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def project_context(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Concatenated target features `(batch, c, m·d)` → context states H_ctx `(batch, c, d)` (paper eq. 2)."""
+        return self.hidden_norm(self.fc(target_hidden_states.to(self.fc.weight.dtype)))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        target_hidden_states: torch.Tensor | None = None,
+        context_position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: DSparkContextCache | None = None,
+        use_cache: bool = False,
+        compute_logits: bool = True,
+    ) -> DSparkDraftOutput:
+        """Runs the backbone over block inputs.
+
+        Args:
+            input_ids: `(batch, q)` block inputs: each block is its anchor followed by γ−1 `mask_token_id`s.
+            position_ids: `(batch, q)` RoPE positions of the block inputs (the anchor keeps its sequence position).
+            target_hidden_states: `(batch, c, m·d)` new context features from [`select_target_features`].
+            context_position_ids: `(batch, c)` sequence positions of those features.
+            attention_mask: `(batch, 1, q, C + q)` boolean, True where attention is allowed, over
+                [all context (cached + new) ; block]. `None` lets every block position see all context and the block.
+            cache: a [`DSparkContextCache`] of earlier context; new context is appended to it.
+            use_cache: create a cache when none is given.
+            compute_logits: also return base logits through the LM head.
+        """
+        if use_cache and cache is None:
+            cache = DSparkContextCache(self.config.num_hidden_layers)
+        hidden_states = self.embed(input_ids)
+        dtype = hidden_states.dtype
+        block_rope = self.rotary_emb(position_ids, dtype)
+        context_states = context_rope = None
+        if target_hidden_states is not None and target_hidden_states.shape[1] > 0:
+            if context_position_ids is None:
+                raise ValueError("context_position_ids must be given together with target_hidden_states.")
+            context_states = self.project_context(target_hidden_states)
+            context_rope = self.rotary_emb(context_position_ids, dtype)
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.bool()
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                context_states,
+                block_rope=block_rope,
+                context_rope=context_rope,
+                attention_mask=attention_mask,
+                cache=cache,
+            )
+        hidden_states = self.norm(hidden_states)
+        logits = self.compute_logits(hidden_states) if compute_logits else None
+        return DSparkDraftOutput(logits=logits, hidden_states=hidden_states, cache=cache)
+
+    def previous_token_features(self, prev_ids: torch.LongTensor) -> torch.Tensor | None:
+        """W1[x_{k−1}] `(..., r)` for the confidence head, or None without a sequential head."""
+        return None if self.markov_head is None else self.markov_head.token_features(prev_ids)
+
+    def sequential_logits(
+        self, base_logits: torch.Tensor, hidden_states: torch.Tensor, prev_ids: torch.LongTensor
+    ) -> torch.Tensor:
+        """Teacher-forced block logits U_k + B_k: base `(..., γ, V)`, hidden `(..., γ, d)`, prev `(..., γ)`."""
+        if self.markov_head is None:
+            return base_logits
+        return base_logits + self.markov_head.teacher_forced(prev_ids, hidden_states).to(base_logits.dtype)
+
+    def confidence_logits(self, hidden_states: torch.Tensor, prev_ids: torch.LongTensor) -> torch.Tensor | None:
+        """Raw (uncalibrated) confidence logits `(..., γ)`; hidden `(..., γ, d)`, prev `(..., γ)`."""
+        if self.confidence_head is None:
+            return None
+        return self.confidence_head(hidden_states, self.previous_token_features(prev_ids)).float()
+
+    def calibrated_confidence(self, confidence_logits: torch.Tensor, positions: slice | None = None) -> torch.Tensor:
+        """σ(logit / T_k) with the STS temperatures of the config (identity temperatures when unset)."""
+        temperatures = self.config.calibration_temperatures
+        if temperatures is None:
+            return torch.sigmoid(confidence_logits)
+        t = torch.tensor(temperatures, dtype=confidence_logits.dtype, device=confidence_logits.device)
+        if positions is not None:
+            t = t[positions]
+        return torch.sigmoid(confidence_logits / t[: confidence_logits.shape[-1]])
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, layout: str = "hf", **kwargs):
+        """Saves the draft (safetensors).
+
+        `layout="hf"` (default) writes a transformers checkpoint without the target's embedding and LM head;
+        `layout="deepspec"` writes the self-contained reference layout served by vLLM and SGLang.
+        """
+        if layout == "deepspec":
+            from .interop import save_deepspec_checkpoint
+
+            return save_deepspec_checkpoint(self, save_directory)
+        if layout != "hf":
+            raise ValueError(f'layout must be "hf" or "deepspec", got {layout!r}.')
+        if "embed_tokens" in self._modules and "state_dict" not in kwargs:
+            kwargs["state_dict"] = {
+                k: v for k, v in self.state_dict().items() if not k.startswith(SHARED_WEIGHT_PREFIXES)
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, target_model=None, **kwargs):
+        """Loads a draft saved in either layout (detected from its config); attaches `target_model` if given."""
+        from .interop import is_deepspec_checkpoint, load_deepspec_checkpoint
+
+        if is_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs):
+            model = load_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs)
+        else:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if target_model is not None:
+            model.attach(target_model)
+        return model
+
+
+def position_weights(block_size: int, decay: float, device=None) -> torch.Tensor:
+    """w_k = exp(−(k−1)/g) for k = 1..γ, shape `(γ,)`."""
+    return torch.exp(-torch.arange(block_size, device=device, dtype=torch.float32) / decay)
+
+
+__all__ = [
+    "DSparkContextCache",
+    "DSparkDraftModel",
+    "DSparkDraftOutput",
+    "DSparkPreTrainedModel",
+    "block_attention_mask",
+    "block_position_ids",
+    "position_weights",
+    "select_target_features",
+]

@@ -1,0 +1,146 @@
+"""Reading a target causal LM: draft configs built from it, mask-token choice, compatibility checks."""
+
+import math
+
+from transformers import PreTrainedModel
+from transformers.utils import logging
+
+from .configuration_dspark import DSparkDraftConfig
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_NUM_TARGET_FEATURES = 5
+DEFAULT_DRAFT_LAYERS = 2
+
+
+def default_target_layer_ids(num_target_layers: int, num_features: int = DEFAULT_NUM_TARGET_FEATURES) -> list[int]:
+    """Spreads `num_features` layer ids evenly over layers 1..L−3 (clamped to 0..L−2 for shallow targets).
+
+    The final layer is never used: transformers returns it after the final norm.
+    """
+    if num_target_layers < 2:
+        raise ValueError(
+            f"A DSpark draft needs a target with at least 2 decoder layers, got {num_target_layers}: the last layer's "
+            "output is only returned after the final norm."
+        )
+    last = num_target_layers - 2
+    low, high = min(1, last), max(min(1, last), num_target_layers - 3)
+    count = max(1, min(num_features, high - low + 1))
+    if count == 1:
+        return [high]
+    return sorted({round(low + i * (high - low) / (count - 1)) for i in range(count)})
+
+
+def choose_mask_token_id(target: PreTrainedModel, tokenizer=None) -> int:
+    """Picks a token id for the mask positions that ordinary text never contains.
+
+    With a tokenizer: its `mask_token_id` if it has one; otherwise the highest-id added special token that is not
+    BOS/EOS/PAD/UNK and does not appear in the chat template. Without one: the config's `pad_token_id` when it is
+    distinct from BOS/EOS, else the last vocabulary id (a warning suggests passing the tokenizer).
+    """
+    config = target.config.get_text_config()
+    reserved = {config.bos_token_id, config.pad_token_id, *_as_list(config.eos_token_id)}
+    if tokenizer is not None:
+        if getattr(tokenizer, "mask_token_id", None) is not None:
+            return int(tokenizer.mask_token_id)
+        reserved |= {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+        template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
+        candidates = [
+            token_id
+            for token_id, token in tokenizer.added_tokens_decoder.items()
+            if token.special and token_id not in reserved and token.content not in template
+            and token_id < config.vocab_size
+        ]
+        if candidates:
+            return max(candidates)
+    if config.pad_token_id is not None and config.pad_token_id not in {config.bos_token_id, *_as_list(config.eos_token_id)}:
+        return int(config.pad_token_id)
+    logger.warning(
+        "No unused special token found for the DSpark mask positions; using the last vocabulary id %d. Pass the "
+        "target's tokenizer to from_target(..., tokenizer=tok) or set mask_token_id= explicitly.",
+        config.vocab_size - 1,
+    )
+    return config.vocab_size - 1
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _full_attention_rope(config) -> dict | None:
+    rope = getattr(config, "rope_parameters", None)
+    if rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type (Gemma 3 style)
+        rope = rope.get("full_attention", next(iter(rope.values())))
+    return dict(rope) if rope else None
+
+
+def _embedding_scale(target: PreTrainedModel, config) -> float:
+    """√hidden for Gemma-family targets whose model (not the embedding module) scales embeddings."""
+    if not config.model_type.startswith("gemma"):
+        return 1.0
+    if hasattr(target.get_input_embeddings(), "embed_scale"):
+        return 1.0
+    return math.sqrt(config.hidden_size)
+
+
+def draft_config_from_target(target: PreTrainedModel, tokenizer=None, **overrides) -> DSparkDraftConfig:
+    """A [`DSparkDraftConfig`] sized for `target`; `overrides` set any field."""
+    config = target.config.get_text_config()
+    num_heads = config.num_attention_heads
+    fields = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": DEFAULT_DRAFT_LAYERS,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or num_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+        "hidden_act": getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu"),
+        "max_position_embeddings": getattr(config, "max_position_embeddings", 32768),
+        "rms_norm_eps": getattr(config, "rms_norm_eps", 1e-6),
+        "rope_parameters": _full_attention_rope(config),
+        "num_target_layers": config.num_hidden_layers,
+        "target_layer_ids": default_target_layer_ids(config.num_hidden_layers),
+        "embedding_scale": _embedding_scale(target, config),
+        "final_logit_softcapping": getattr(config, "final_logit_softcapping", None),
+        "pad_token_id": config.pad_token_id,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+    unknown = set(overrides) - set(DSparkDraftConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"Unknown DSparkDraftConfig field(s) {sorted(unknown)} passed to from_target.")
+    fields.update(overrides)
+    if fields.get("mask_token_id") is None:
+        fields["mask_token_id"] = choose_mask_token_id(target, tokenizer)
+    return DSparkDraftConfig(**fields)
+
+
+def check_target_compatible(config: DSparkDraftConfig, target: PreTrainedModel) -> None:
+    """Raises `ValueError` naming both values when `target` cannot serve a draft with `config`."""
+    if not isinstance(target, PreTrainedModel) or target.get_output_embeddings() is None:
+        raise ValueError(
+            f"The target must be a transformers causal LM with an LM head, got {type(target).__name__}."
+        )
+    target_config = target.config.get_text_config()
+    vocab = target.get_output_embeddings().weight.shape[0]
+    checks = [
+        ("vocab_size", config.vocab_size, target_config.vocab_size),
+        ("LM-head rows", config.vocab_size, vocab),
+        ("hidden_size", config.hidden_size, target_config.hidden_size),
+    ]
+    if config.num_target_layers is not None:
+        checks.append(("num_target_layers", config.num_target_layers, target_config.num_hidden_layers))
+    for name, draft_value, target_value in checks:
+        if draft_value != target_value:
+            raise ValueError(
+                f"Draft and target do not match: the draft expects {name}={draft_value} but the target "
+                f"({type(target).__name__}) has {target_value}. Load the draft that was trained for this target."
+            )
+    if config.target_layer_ids[-1] > target_config.num_hidden_layers - 2:
+        raise ValueError(
+            f"Draft target_layer_ids={config.target_layer_ids} need layer {config.target_layer_ids[-1]} but the "
+            f"target has {target_config.num_hidden_layers} layers (usable ids: 0..{target_config.num_hidden_layers - 2})."
+        )
