@@ -12,14 +12,22 @@ from .modeling_dspark import (
     position_weights,
     select_target_features,
 )
+from . import generate_hook
+from .generation import DraftBlock, DSparkCandidateGenerator, sample_block
+from .stats import SpeculationStats
 from .targets import choose_mask_token_id, default_target_layer_ids, draft_config_from_target
 
 AutoConfig.register(DSparkDraftConfig.model_type, DSparkDraftConfig, exist_ok=True)
 AutoModel.register(DSparkDraftConfig, DSparkDraftModel, exist_ok=True)
+generate_hook.install()
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DSparkCandidateGenerator",
+    "DraftBlock",
+    "SpeculationStats",
+    "sample_block",
     "DSparkContextCache",
     "DSparkDraftConfig",
     "DSparkDraftModel",

@@ -83,16 +83,18 @@ class DSparkContextCache:
     def get_seq_length(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[-2]
 
-    def update(
-        self, layer_idx: int, keys: torch.Tensor | None, values: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Appends new context keys/values (may be None) and returns the full cached ones."""
-        if keys is not None:
-            if self.keys[layer_idx] is None:
-                self.keys[layer_idx], self.values[layer_idx] = keys, values
-            else:
-                self.keys[layer_idx] = torch.cat([self.keys[layer_idx], keys], dim=-2)
-                self.values[layer_idx] = torch.cat([self.values[layer_idx], values], dim=-2)
+    def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Appends new context keys/values of one layer."""
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = keys, values
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], keys], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], values], dim=-2)
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached keys, values of one layer, or None while the cache is empty."""
+        if self.keys[layer_idx] is None:
+            return None
         return self.keys[layer_idx], self.values[layer_idx]
 
     def crop(self, length: int) -> None:
@@ -183,9 +185,10 @@ class DSparkAttention(nn.Module):
         self.q_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def _keys_values(
+    def keys_values(
         self, states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """States `(batch, len, d)` → keys, values `(batch, kv_heads, len, head_dim)`."""
         batch, length, _ = states.shape
         keys = self.k_norm(self.k_proj(states).view(batch, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         values = self.v_proj(states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -194,26 +197,17 @@ class DSparkAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        context_states: torch.Tensor | None,
         block_rope: tuple[torch.Tensor, torch.Tensor],
-        context_rope: tuple[torch.Tensor, torch.Tensor] | None,
+        context: tuple[torch.Tensor, torch.Tensor] | None,
         attention_mask: torch.Tensor | None,
-        cache: DSparkContextCache | None,
     ) -> torch.Tensor:
         batch, q_len, _ = hidden_states.shape
         queries = self.q_norm(self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim))
         queries = apply_rotary(queries.transpose(1, 2), *block_rope)
-        block_keys, block_values = self._keys_values(hidden_states, block_rope)
-        context_keys = context_values = None
-        if context_states is not None and context_states.shape[1] > 0:
-            context_keys, context_values = self._keys_values(context_states, context_rope)
-        if cache is not None:
-            context_keys, context_values = cache.update(self.layer_idx, context_keys, context_values)
-        if context_keys is not None:
-            keys = torch.cat([context_keys, block_keys], dim=-2)
-            values = torch.cat([context_values, block_values], dim=-2)
-        else:
-            keys, values = block_keys, block_values
+        keys, values = self.keys_values(hidden_states, block_rope)
+        if context is not None:
+            keys = torch.cat([context[0], keys], dim=-2)
+            values = torch.cat([context[1], values], dim=-2)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)
@@ -254,9 +248,15 @@ class DSparkDecoderLayer(nn.Module):
         self.input_layernorm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, context_states: torch.Tensor | None, **attention_kwargs):
-        residual = hidden_states
-        hidden_states = residual + self.self_attn(self.input_layernorm(hidden_states), context_states, **attention_kwargs)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        block_rope: tuple[torch.Tensor, torch.Tensor],
+        context: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        attention = self.self_attn(self.input_layernorm(hidden_states), block_rope, context, attention_mask)
+        hidden_states = hidden_states + attention
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -390,6 +390,8 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         self.markov_head = head_classes[config.markov_head_type](config) if config.has_sequential_head else None
         self.confidence_head = DSparkConfidenceHead(config) if config.confidence_head else None
         self._shared_modules: tuple[nn.Module, nn.Module] | None = None
+        # How many drafted tokens generate() verifies per round (a dspark_hf.scheduling policy; None = whole block).
+        self.verification_policy = None
         self.last_generate_stats = None
         self.post_init()
 
@@ -482,35 +484,38 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             context_position_ids: `(batch, c)` sequence positions of those features.
             attention_mask: `(batch, 1, q, C + q)` boolean, True where attention is allowed, over
                 [all context (cached + new) ; block]. `None` lets every block position see all context and the block.
-            cache: a [`DSparkContextCache`] of earlier context; new context is appended to it.
-            use_cache: create a cache when none is given.
+            cache: a [`DSparkContextCache`] of earlier context; new context is appended to it in place.
+            use_cache: return the cache (the given one, or a new one holding this call's context).
             compute_logits: also return base logits through the LM head.
         """
-        if use_cache and cache is None:
-            cache = DSparkContextCache(self.config.num_hidden_layers)
-        hidden_states = self.embed(input_ids)
-        dtype = hidden_states.dtype
-        block_rope = self.rotary_emb(position_ids, dtype)
-        context_states = context_rope = None
         if target_hidden_states is not None and target_hidden_states.shape[1] > 0:
             if context_position_ids is None:
                 raise ValueError("context_position_ids must be given together with target_hidden_states.")
-            context_states = self.project_context(target_hidden_states)
-            context_rope = self.rotary_emb(context_position_ids, dtype)
+            if cache is None:
+                cache = DSparkContextCache(self.config.num_hidden_layers)
+            self.extend_context(cache, target_hidden_states, context_position_ids)
+        hidden_states = self.embed(input_ids)
+        block_rope = self.rotary_emb(position_ids, hidden_states.dtype)
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.bool()
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                context_states,
-                block_rope=block_rope,
-                context_rope=context_rope,
-                attention_mask=attention_mask,
-                cache=cache,
-            )
+        for i, layer in enumerate(self.layers):
+            context = cache.layer(i) if cache is not None else None
+            hidden_states = layer(hidden_states, block_rope, context, attention_mask)
         hidden_states = self.norm(hidden_states)
         logits = self.compute_logits(hidden_states) if compute_logits else None
-        return DSparkDraftOutput(logits=logits, hidden_states=hidden_states, cache=cache)
+        return DSparkDraftOutput(logits=logits, hidden_states=hidden_states, cache=cache if use_cache else None)
+
+    def extend_context(
+        self, cache: DSparkContextCache, target_hidden_states: torch.Tensor, context_position_ids: torch.LongTensor
+    ) -> None:
+        """Appends new context to `cache`: features `(batch, c, m·d)` at positions `(batch, c)`.
+
+        Every layer attends to the same projected context H_ctx, so its keys and values do not depend on the block.
+        """
+        context_states = self.project_context(target_hidden_states)
+        rope = self.rotary_emb(context_position_ids, context_states.dtype)
+        for i, layer in enumerate(self.layers):
+            cache.update(i, *layer.self_attn.keys_values(context_states, rope))
 
     def previous_token_features(self, prev_ids: torch.LongTensor) -> torch.Tensor | None:
         """W1[x_{k−1}] `(..., r)` for the confidence head, or None without a sequential head."""

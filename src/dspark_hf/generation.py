@@ -1,0 +1,207 @@
+"""DSpark drafting for `target.generate(input_ids, assistant_model=draft)`.
+
+[`DSparkCandidateGenerator`] follows transformers' `CandidateGenerator` protocol with `requires_model_outputs`: after
+each verification pass it receives the target's outputs, appends the hidden states of the newly verified tokens to
+the draft's context cache, runs the backbone once over anchor + γ−1 masks, samples left to right through the
+sequential head, scores each position with the confidence head and lets a verification policy choose how many
+tokens to send to the target. The hook that makes `generate()` pick it lives in `generate_hook.py`.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.logits_process import LogitsProcessorList
+
+from .modeling_dspark import DSparkContextCache, DSparkDraftModel
+from .stats import SpeculationStats
+
+
+@dataclass
+class DraftBlock:
+    """One drafted block.
+
+    Args:
+        tokens: `(batch, n)` drafted tokens x_1..x_n.
+        logits: `(batch, n, vocab)` float32 logits each token was sampled from (after logits processors).
+        confidence_logits: `(batch, n)` raw confidence-head logits, or None without a confidence head.
+        confidences: `(batch, n)` calibrated conditional survival probabilities c_k, or None.
+    """
+
+    tokens: torch.LongTensor
+    logits: torch.FloatTensor
+    confidence_logits: torch.FloatTensor | None
+    confidences: torch.FloatTensor | None
+
+
+@torch.no_grad()
+def sample_block(
+    draft: DSparkDraftModel,
+    hidden_states: torch.Tensor,
+    anchor_ids: torch.LongTensor,
+    prefix_ids: torch.LongTensor | None = None,
+    logits_processor: LogitsProcessorList | None = None,
+    do_sample: bool = False,
+) -> DraftBlock:
+    """Samples a block left to right: p_k = softmax(process(U_k + B_k(prefix))) (paper eq. 4).
+
+    Args:
+        hidden_states: `(batch, n, d)` backbone states of the first n block positions.
+        anchor_ids: `(batch,)` anchor tokens x_0.
+        prefix_ids: `(batch, len)` the sequence so far (ending with the anchor), given to `logits_processor`.
+        logits_processor: transformers processors/warpers applied to each position's logits before sampling, so
+            that every drafted token is sampled from exactly the distribution returned in `DraftBlock.logits`.
+        do_sample: sample (True) or take the argmax (False).
+    """
+    base_logits = draft.compute_logits(hidden_states).float()
+    head = draft.markov_head
+    prev, state = anchor_ids, None
+    tokens, logits, confidence_logits = [], [], []
+    for k in range(hidden_states.shape[1]):
+        step_logits = base_logits[:, k]
+        if head is not None:
+            bias, state = head.step(prev, hidden_states[:, k], state)
+            step_logits = step_logits + bias.float()
+        if draft.confidence_head is not None:
+            confidence_logits.append(draft.confidence_head(hidden_states[:, k], draft.previous_token_features(prev)))
+        if logits_processor:
+            sequence = prev.unsqueeze(-1) if prefix_ids is None else prefix_ids
+            step_logits = logits_processor(torch.cat([sequence, *[t.unsqueeze(-1) for t in tokens]], dim=-1), step_logits)
+        if do_sample:
+            prev = torch.multinomial(torch.softmax(step_logits, dim=-1), num_samples=1).squeeze(-1)
+        else:
+            prev = step_logits.argmax(dim=-1)
+        tokens.append(prev)
+        logits.append(step_logits)
+    raw = torch.stack(confidence_logits, dim=1).float() if confidence_logits else None
+    return DraftBlock(
+        tokens=torch.stack(tokens, dim=1),
+        logits=torch.stack(logits, dim=1),
+        confidence_logits=raw,
+        confidences=None if raw is None else draft.calibrated_confidence(raw),
+    )
+
+
+class DSparkCandidateGenerator(CandidateGenerator):
+    """Drafts candidates for transformers' assisted-decoding loop with a [`DSparkDraftModel`] (batch size 1).
+
+    The number of tokens verified each round is chosen by `draft.verification_policy` (see `dspark_hf.scheduling`);
+    with none set, the whole block is verified. Statistics of the call are kept in `draft.last_generate_stats`.
+    """
+
+    requires_model_outputs = True
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        draft: DSparkDraftModel,
+        input_ids: torch.LongTensor,
+        generation_config,
+        logits_processor: LogitsProcessorList | None = None,
+    ):
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"generate(assistant_model=DSparkDraftModel) drafts for one sequence at a time, got batch size "
+                f"{input_ids.shape[0]}. Loop over prompts, or use dspark_hf.DSparkEngine for batched speculative decoding."
+            )
+        draft.attach(target)
+        self.draft = draft
+        self.block_size = draft.config.block_size
+        self.mask_token_id = draft.config.mask_token_id
+        # Ask the target only for the layers the draft needs, unless the caller wants every hidden state back.
+        selected = [i + 1 for i in draft.config.target_layer_ids]
+        self.model_kwargs_overrides = {"output_hidden_states": True if generation_config.output_hidden_states else selected}
+        self.max_length = generation_config.max_length
+        self.do_sample = bool(generation_config.do_sample)
+        self.logits_processor = logits_processor
+        self.policy = getattr(draft, "verification_policy", None)
+        if self.policy is not None and draft.confidence_head is None:
+            raise ValueError(
+                f"The verification policy {type(self.policy).__name__} needs confidences but this draft has no "
+                "confidence head; set draft.verification_policy = None to verify whole blocks."
+            )
+        self.cache = DSparkContextCache(draft.config.num_hidden_layers)
+        self.context_length = 0
+        self.stats = SpeculationStats(block_size=self.block_size)
+        draft.last_generate_stats = self.stats
+        self._pending_round: tuple[int, list[float]] | None = None
+        self._verify_started = 0.0
+
+    def get_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        model_kwargs: dict | None = None,
+        model_outputs=None,
+        is_first_iteration: bool = False,
+        n_last_matches: int = 0,
+        **kwargs,
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        """Returns `input_ids` extended by the verified-length prefix of a drafted block, and its logits."""
+        if is_first_iteration:  # the target has not prefilled yet: propose nothing
+            return input_ids, None
+        started = time.perf_counter()
+        self._extend_context(input_ids, model_outputs)
+        budget = min(self.block_size, self.max_length - input_ids.shape[1] - 1)
+        length, block = 0, None
+        if budget > 0:
+            block = self._draft(input_ids, budget)
+            length = self._verification_length(block, budget)
+        confidences = [] if block is None or block.confidence_logits is None else block.confidence_logits[0, :length].tolist()
+        self._pending_round = (length, confidences)
+        self.stats.draft_time_s += time.perf_counter() - started
+        self._verify_started = time.perf_counter()
+        if length == 0:
+            return input_ids, None
+        return torch.cat([input_ids, block.tokens[:, :length]], dim=-1), block.logits[:, :length]
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+        """Records the round's outcome (called by transformers after each verification)."""
+        if self._pending_round is None:  # the prefill pass
+            return
+        self.stats.verify_time_s += time.perf_counter() - self._verify_started
+        proposed, confidence_logits = self._pending_round
+        self.stats.record_round(proposed, int(num_matches), confidence_logits)
+        self._pending_round = None
+
+    def _extend_context(self, input_ids: torch.LongTensor, model_outputs) -> None:
+        """Appends target features of every verified token that the draft has not seen (all but the anchor)."""
+        new = input_ids.shape[1] - 1 - self.context_length
+        if new <= 0:
+            return
+        hidden_states = getattr(model_outputs, "hidden_states", None)
+        if hidden_states is None or hidden_states[self.draft.config.target_layer_ids[0] + 1] is None:
+            raise ValueError("The target's outputs carry no hidden states; DSpark needs them to draft.")
+        available = hidden_states[self.draft.config.target_layer_ids[0] + 1].shape[1]
+        if available < new:
+            raise ValueError(
+                f"The target returned hidden states for {available} positions but {new} are new; chunked prefill is not "
+                "supported with a DSpark draft (unset prefill_chunk_size)."
+            )
+        features = torch.cat([hidden_states[i + 1][:, :new] for i in self.draft.config.target_layer_ids], dim=-1)
+        positions = torch.arange(self.context_length, self.context_length + new, device=input_ids.device)
+        self.draft.extend_context(self.cache, features.to(self.draft.device), positions.unsqueeze(0))
+        self.context_length += new
+
+    @torch.no_grad()
+    def _draft(self, input_ids: torch.LongTensor, budget: int) -> DraftBlock:
+        anchor_position = input_ids.shape[1] - 1
+        block_ids = torch.full((1, self.block_size), self.mask_token_id, dtype=torch.long, device=input_ids.device)
+        block_ids[:, 0] = input_ids[:, -1]
+        position_ids = torch.arange(anchor_position, anchor_position + self.block_size, device=input_ids.device)
+        hidden = self.draft(block_ids, position_ids.unsqueeze(0), cache=self.cache, compute_logits=False).hidden_states
+        return sample_block(
+            self.draft,
+            hidden[:, :budget],
+            input_ids[:, -1],
+            prefix_ids=input_ids,
+            logits_processor=self.logits_processor,
+            do_sample=self.do_sample,
+        )
+
+    def _verification_length(self, block: DraftBlock, budget: int) -> int:
+        if self.policy is None:
+            return budget
+        lengths = self.policy.select_lengths([block.confidences[0].tolist()], max_lengths=[budget])
+        return min(budget, int(lengths[0]))

@@ -1,0 +1,66 @@
+"""Per-call statistics of speculative decoding rounds."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpeculationStats:
+    """What happened in the drafting/verification rounds of one generation.
+
+    A round is one target verification pass after the prefill. `proposed[i]` tokens were sent for verification in
+    round `i`, `accepted[i]` of them survived; the target adds one more token (bonus or correction) every round.
+    `confidence_logits[i]` holds the raw confidence-head logits of the verified positions (for calibration).
+    """
+
+    block_size: int
+    proposed: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    confidence_logits: list[list[float]] = field(default_factory=list)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+
+    def record_round(self, proposed: int, accepted: int, confidence_logits: list[float] | None = None) -> None:
+        if not 0 <= accepted <= proposed:
+            raise ValueError(f"accepted ({accepted}) must lie in [0, proposed={proposed}].")
+        self.proposed.append(proposed)
+        self.accepted.append(accepted)
+        self.confidence_logits.append(list(confidence_logits or []))
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.proposed)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens gained per round, the target's bonus/correction token included."""
+        return (sum(self.accepted) + self.num_rounds) / self.num_rounds if self.num_rounds else 0.0
+
+    def conditional_acceptance(self) -> list[float | None]:
+        """P(position k accepted | positions < k accepted and k was proposed), k = 1..γ (paper Fig. 2)."""
+        reached = [0] * self.block_size
+        survived = [0] * self.block_size
+        for proposed, accepted in zip(self.proposed, self.accepted):
+            for k in range(min(proposed, accepted + 1)):
+                reached[k] += 1
+                survived[k] += int(k < accepted)
+        return [s / r if r else None for s, r in zip(survived, reached)]
+
+    def prefix_survival(self) -> list[float | None]:
+        """P(positions 1..k all accepted) over rounds that proposed at least k tokens, k = 1..γ."""
+        result = []
+        for k in range(1, self.block_size + 1):
+            rounds = [a for p, a in zip(self.proposed, self.accepted) if p >= k]
+            result.append(sum(a >= k for a in rounds) / len(rounds) if rounds else None)
+        return result
+
+    def as_dict(self) -> dict:
+        return {
+            "num_rounds": self.num_rounds,
+            "tau": self.tau,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "conditional_acceptance": self.conditional_acceptance(),
+            "prefix_survival": self.prefix_survival(),
+            "draft_time_s": self.draft_time_s,
+            "verify_time_s": self.verify_time_s,
+        }
