@@ -1,0 +1,750 @@
+"""Verification-length scheduling: the SPS cost table and its profiler, the policies behind one interface,
+the hardware-aware prefix scheduler (paper Algorithm 1, §3.2.2), its lagged production variant (§5.2) and a
+Monte-Carlo reproduction of the Appendix A counterexample.
+
+Vocabulary (paper notation, positions 1-based):
+
+- `confidences[r][j]` is the calibrated *conditional* confidence c_{r,j+1}: the probability that drafted token
+  j+1 of request r is accepted given that its prefix was. c_{r,k} is computed from x_{r,k-1}, never from x_{r,k}.
+- survival a_{r,k} = ∏_{i≤k} c_{r,i}, the probability that the first k drafted tokens are all accepted.
+- A verification length ℓ_r sends the anchor plus ℓ_r drafted tokens of request r to the target, so one forward
+  over R requests holds B = Σ_r (1 + ℓ_r) tokens and is expected to yield τ = Σ_r (1 + Σ_{k≤ℓ_r} a_{r,k}) tokens.
+- SPS(B) is the number of target forwards per second at B tokens; Θ = τ · SPS(B) is the expected token throughput.
+
+Losslessness: speculative decoding recovers the target distribution exactly only if the event ℓ_r ≥ k is decided
+without looking at x_{r,k} (the non-anticipating property). Every policy below states whether it has it.
+"""
+
+import bisect
+import copy
+import itertools
+import json
+import math
+import os
+import statistics
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Hashable, Sequence
+from typing import Any, Literal
+
+import torch
+from transformers import DynamicCache
+
+COST_TABLE_FORMAT = "dspark_hf.cost_table"
+COST_TABLE_VERSION = 1
+SMOOTHING_MODES = ("none", "monotone")
+POLICY_NAMES = ("prefix", "global", "lagged", "threshold", "full", "none")
+MAX_BRUTE_FORCE_CANDIDATES = 1_000_000
+
+Confidences = Sequence[Sequence[float]] | torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cost table
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _non_increasing_fit(values: list[float]) -> list[float]:
+    """Least-squares non-increasing fit (pool adjacent violators)."""
+    blocks: list[tuple[float, int]] = []
+    for value in values:
+        blocks.append((value, 1))
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            (mean2, n2), (mean1, n1) = blocks.pop(), blocks.pop()
+            blocks.append(((mean1 * n1 + mean2 * n2) / (n1 + n2), n1 + n2))
+    return [mean for mean, count in blocks for _ in range(count)]
+
+
+def _strictly_increasing_ints(values: Sequence[int], name: str) -> list[int]:
+    values = [int(v) for v in values]
+    if not values:
+        raise ValueError(f"`{name}` is empty: a cost table needs at least one profiled point.")
+    if values[0] < 1:
+        raise ValueError(f"`{name}` must be positive, got {values}.")
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"`{name}` must be strictly increasing (sorted, no duplicates), got {values}.")
+    return values
+
+
+class CostTable:
+    """Target forward steps per second, SPS(B), for a verification forward of B tokens (paper §3.2.2).
+
+    Between profiled batch sizes SPS is interpolated linearly. Below the smallest profiled B it is clamped to the
+    first value. Above the largest, the step time 1/SPS is extrapolated linearly through the last two points
+    (slope floored at 0, so SPS never rises; a one-point table stays constant): profile past the largest B you
+    schedule. Optionally the table holds one row per context-length bucket.
+
+    Args:
+        batch_tokens: profiled batch sizes B (tokens in one target forward), strictly increasing, ≥ 1.
+        steps_per_second: SPS at each B; a list of rows, one per context length, when `context_lengths` is given.
+        context_lengths: optional context-length buckets, strictly increasing. A lookup at context length L uses
+            the first bucket ≥ L (the longest one past the end); a lookup without a context length uses the first.
+        smooth: `"none"` keeps the measurements; `"monotone"` replaces each row by its least-squares non-increasing
+            fit (isotonic regression), so the cost of a forward never falls as B grows.
+        metadata: free-form JSON-serialisable description (device, dtype, shape, model, ...).
+    """
+
+    def __init__(
+        self,
+        batch_tokens: Sequence[int],
+        steps_per_second: Sequence[float] | Sequence[Sequence[float]],
+        context_lengths: Sequence[int] | None = None,
+        smooth: Literal["none", "monotone"] = "none",
+        metadata: dict[str, Any] | None = None,
+    ):
+        if smooth not in SMOOTHING_MODES:
+            raise ValueError(f"`smooth` must be one of {SMOOTHING_MODES}, got {smooth!r}.")
+        self.batch_tokens = _strictly_increasing_ints(batch_tokens, "batch_tokens")
+        self.context_lengths = None
+        raw_rows = [steps_per_second]
+        if context_lengths is not None:
+            self.context_lengths = _strictly_increasing_ints(context_lengths, "context_lengths")
+            raw_rows = list(steps_per_second)
+            if len(raw_rows) != len(self.context_lengths):
+                raise ValueError(
+                    f"{len(self.context_lengths)} context lengths but {len(raw_rows)} rows of steps_per_second."
+                )
+        self.raw_rows: list[list[float]] = []
+        for row in raw_rows:
+            row = [float(v) for v in row]
+            if len(row) != len(self.batch_tokens):
+                raise ValueError(
+                    f"{len(self.batch_tokens)} batch sizes but {len(row)} steps_per_second values."
+                )
+            if not all(math.isfinite(v) and v > 0 for v in row):
+                raise ValueError(f"steps_per_second values must be finite and positive, got {row}.")
+            self.raw_rows.append(row)
+        self.smooth = smooth
+        self.rows = [_non_increasing_fit(row) if smooth == "monotone" else list(row) for row in self.raw_rows]
+        self.metadata = dict(metadata or {})
+
+    @property
+    def steps_per_second(self) -> list[float] | list[list[float]]:
+        """The (smoothed) values, shaped like the constructor's `steps_per_second`."""
+        return self.rows[0] if self.context_lengths is None else self.rows
+
+    def _bucket(self, context_length: int | None) -> int:
+        if context_length is None or self.context_lengths is None:
+            return 0
+        return min(bisect.bisect_left(self.context_lengths, context_length), len(self.rows) - 1)
+
+    def sps(self, batch_tokens: float, context_length: int | None = None) -> float:
+        """SPS at `batch_tokens` tokens per forward (see the class docstring for interpolation and extrapolation)."""
+        if not batch_tokens >= 1:
+            raise ValueError(
+                f"A verification forward holds at least one token, got batch_tokens={batch_tokens}."
+            )
+        xs, ys = self.batch_tokens, self.rows[self._bucket(context_length)]
+        if batch_tokens <= xs[0]:
+            return ys[0]
+        if batch_tokens >= xs[-1]:
+            if len(xs) == 1:
+                return ys[-1]
+            slope = max((1.0 / ys[-1] - 1.0 / ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+            return 1.0 / (1.0 / ys[-1] + slope * (batch_tokens - xs[-1]))
+        i = bisect.bisect_right(xs, batch_tokens)
+        weight = (batch_tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + weight * (ys[i] - ys[i - 1])
+
+    def for_context(self, context_length: int) -> "CostTable":
+        """A single-row table holding the bucket that `sps(..., context_length)` would use."""
+        return CostTable(
+            self.batch_tokens,
+            self.raw_rows[self._bucket(context_length)],
+            smooth=self.smooth,
+            metadata=self.metadata,
+        )
+
+    def to_json(self) -> str:
+        """JSON text (see docs/scheduling.md); raw measurements are stored, smoothing is re-applied on load."""
+        data = {
+            "format": COST_TABLE_FORMAT,
+            "version": COST_TABLE_VERSION,
+            "batch_tokens": self.batch_tokens,
+            "steps_per_second": self.raw_rows[0] if self.context_lengths is None else self.raw_rows,
+            "smooth": self.smooth,
+            "metadata": self.metadata,
+        }
+        if self.context_lengths is not None:
+            data["context_lengths"] = self.context_lengths
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CostTable":
+        """Inverse of `to_json`."""
+        data = json.loads(text)
+        if data.get("format") != COST_TABLE_FORMAT:
+            raise ValueError(f"Not a {COST_TABLE_FORMAT} document (format={data.get('format')!r}).")
+        if data.get("version") != COST_TABLE_VERSION:
+            raise ValueError(
+                f"Unsupported cost table version {data.get('version')!r}, expected {COST_TABLE_VERSION}."
+            )
+        return cls(
+            data["batch_tokens"],
+            data["steps_per_second"],
+            context_lengths=data.get("context_lengths"),
+            smooth=data.get("smooth", "none"),
+            metadata=data.get("metadata"),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes `to_json()` to `path`."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CostTable":
+        """Reads a table written by `save`."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+    def __repr__(self) -> str:
+        buckets = "" if self.context_lengths is None else f", context_lengths={self.context_lengths}"
+        return (
+            f"CostTable(batch_tokens={self.batch_tokens}, steps_per_second={self.steps_per_second}{buckets}, "
+            f"smooth={self.smooth!r})"
+        )
+
+
+def _synchronize(device: torch.device) -> None:
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "synchronize"):
+        backend.synchronize()
+
+
+def _profile_context(
+    model: torch.nn.Module,
+    sizes: list[int],
+    context_length: int,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    shape: str,
+    generator: torch.Generator,
+) -> list[float]:
+    vocab_size = model.config.get_text_config().vocab_size
+    prompt = torch.randint(vocab_size, (1, context_length), generator=generator).to(device)
+    prefix = DynamicCache(config=model.config)
+    model(input_ids=prompt, cache=prefix, use_cache=True)
+    caches, inputs = {}, {}
+    for size in sizes:
+        requests, tokens = (1, size) if shape == "1xB" else (size, 1)
+        cache = prefix
+        if requests > 1:
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(requests)
+        caches[size] = cache
+        inputs[size] = torch.randint(vocab_size, (requests, tokens), generator=generator).to(device)
+
+    def timed_forward(size: int) -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=inputs[size], cache=caches[size], use_cache=True)
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        caches[size].crop(-inputs[size].shape[1])  # back to the prefilled context
+        return elapsed
+
+    for _ in range(warmup):
+        for size in sizes:
+            timed_forward(size)
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for repeat in range(repeats):
+        shift = repeat % len(sizes)  # rotate the order so slow phases of a shared machine hit every size
+        for size in sizes[shift:] + sizes[:shift]:
+            times[size].append(timed_forward(size))
+    return [1.0 / statistics.median(times[size]) for size in sizes]
+
+
+@torch.inference_mode()
+def profile_cost_table(
+    model: torch.nn.Module,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    context_length: int | Sequence[int] = 256,
+    repeats: int = 7,
+    warmup: int = 2,
+    device: str | torch.device | None = None,
+    shape: Literal["1xB", "Bx1"] = "1xB",
+    smooth: Literal["none", "monotone"] = "none",
+    seed: int = 0,
+) -> CostTable:
+    """Measures SPS(B) of a transformers causal LM for a verification forward of B new tokens.
+
+    The context (random tokens) is prefilled once into a `DynamicCache`; each timed forward appends B tokens and
+    the cache is cropped back afterwards, so every measurement sees exactly `context_length` cached tokens. The B
+    tokens are laid out as one request of B tokens (`shape="1xB"`, a single-request verification) or B requests
+    of one token (`shape="Bx1"`, the cache repeated over the batch). On a shared machine a single timing is
+    noise: every size gets `warmup` untimed forwards, then `repeats` rounds visit all sizes in a rotating order
+    (interleaved, so a slow phase hits every size alike), and the median time of each size is kept.
+
+    Args:
+        model: a causal LM whose forward takes `input_ids`, `cache` and `use_cache`; already on its device.
+        batch_sizes: the B values to profile.
+        context_length: cached tokens before the verified ones; a sequence profiles one row per length.
+        repeats, warmup: timed and untimed forwards per size.
+        device: where inputs are placed (defaults to `model.device`).
+        shape: `"1xB"` or `"Bx1"`, see above.
+        smooth: passed to `CostTable`.
+        seed: seed of the random token ids.
+    """
+    if shape not in ("1xB", "Bx1"):
+        raise ValueError(f"`shape` must be '1xB' or 'Bx1', got {shape!r}.")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"Need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    sizes = _strictly_increasing_ints(sorted(set(batch_sizes)), "batch_sizes")
+    contexts = [context_length] if isinstance(context_length, int) else list(context_length)
+    contexts = _strictly_increasing_ints(sorted(set(contexts)), "context_length")
+    device = torch.device(device) if device is not None else model.device
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        rows = [
+            _profile_context(model, sizes, c, repeats, warmup, device, shape, generator) for c in contexts
+        ]
+    finally:
+        model.train(was_training)
+    metadata = {
+        "model": getattr(model.config, "name_or_path", "") or type(model).__name__,
+        "device": str(device),
+        "dtype": str(getattr(model, "dtype", "")),
+        "shape": shape,
+        "context_lengths": contexts,
+        "repeats": repeats,
+        "warmup": warmup,
+        "statistic": "median",
+    }
+    if isinstance(context_length, int):
+        return CostTable(sizes, rows[0], smooth=smooth, metadata=metadata)
+    return CostTable(sizes, rows, context_lengths=contexts, smooth=smooth, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Survival, throughput and the greedy admission path
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _confidence_rows(confidences: Confidences) -> list[list[float]]:
+    if isinstance(confidences, torch.Tensor):
+        if confidences.dim() != 2:
+            raise ValueError(
+                f"A confidence tensor must be (requests, positions), got shape {tuple(confidences.shape)}."
+            )
+        rows = confidences.detach().to("cpu", torch.float64).tolist()
+    else:
+        rows = [[float(c) for c in row] for row in confidences]
+    for r, row in enumerate(rows):
+        for j, c in enumerate(row):
+            if not 0.0 <= c <= 1.0:  # also rejects NaN
+                raise ValueError(f"confidences[{r}][{j}] = {c} is not a probability in [0, 1].")
+    return rows
+
+
+def _caps(rows: list[list[float]], max_lengths: Sequence[int] | None) -> list[int]:
+    if max_lengths is None:
+        return [len(row) for row in rows]
+    if len(max_lengths) != len(rows):
+        raise ValueError(f"{len(rows)} requests but {len(max_lengths)} max_lengths.")
+    if any(int(m) < 0 for m in max_lengths):
+        raise ValueError(f"max_lengths must be non-negative, got {list(max_lengths)}.")
+    return [min(int(m), len(row)) for m, row in zip(max_lengths, rows, strict=True)]
+
+
+def _cumprod(row: Sequence[float]) -> list[float]:
+    return list(itertools.accumulate(row, lambda a, c: a * c))
+
+
+def survival_probabilities(confidences: Confidences) -> list[list[float]]:
+    """Prefix survival a_{r,k} = ∏_{i≤k} c_{r,i} of every request (Algorithm 1, line 2)."""
+    return [_cumprod(row) for row in _confidence_rows(confidences)]
+
+
+def expected_throughput(
+    survival: Sequence[Sequence[float]], lengths: Sequence[int], cost_table: CostTable
+) -> float:
+    """Θ = τ · SPS(B) with B = Σ_r (1 + ℓ_r) and τ = Σ_r (1 + Σ_{k≤ℓ_r} a_{r,k})."""
+    if len(lengths) != len(survival):
+        raise ValueError(f"{len(survival)} requests but {len(lengths)} lengths.")
+    if any(not 0 <= length <= len(row) for length, row in zip(lengths, survival, strict=True)):
+        raise ValueError(f"lengths {list(lengths)} exceed the drafted blocks.")
+    expected = sum(1.0 + sum(row[:length]) for row, length in zip(survival, lengths, strict=True))
+    return expected * cost_table.sps(len(survival) + sum(lengths))
+
+
+def _ranked_candidates(survival: list[list[float]], caps: list[int]) -> list[tuple[float, int, int]]:
+    """Candidates (a, k, r) with a > 0 and k ≤ cap, best first.
+
+    Ties in a are broken by position k, then request r. Survival never rises along a block, so request r's
+    position k always precedes its position k + 1: every prefix of the ranking is a set of per-request prefixes.
+    """
+    candidates = [
+        (a, k, r)
+        for r, (row, cap) in enumerate(zip(survival, caps, strict=True))
+        for k, a in enumerate(row[:cap], start=1)
+        if a > 0
+    ]
+    return sorted(candidates, key=lambda item: (-item[0], item[1], item[2]))
+
+
+def _lengths_from_ranking(ranked: list[tuple[float, int, int]], num_requests: int, count: int) -> list[int]:
+    lengths = [0] * num_requests
+    for _, k, r in ranked[:count]:
+        lengths[r] = k
+    return lengths
+
+
+def _greedy_lengths(
+    survival: list[list[float]], caps: list[int], cost_table: CostTable, early_stop: bool
+) -> list[int]:
+    """Walks the admission path of Algorithm 1; with `early_stop` it breaks at the first admission that does not
+    strictly raise Θ, without it returns the (earliest) argmax of Θ over the whole path."""
+    num_requests = len(survival)
+    if num_requests == 0:
+        return []
+    ranked = _ranked_candidates(survival, caps)
+    batch, expected = num_requests, float(num_requests)
+    best_theta, best_count = expected * cost_table.sps(batch), 0
+    for count, (a, _, _) in enumerate(ranked, start=1):
+        batch += 1
+        expected += a
+        theta = expected * cost_table.sps(batch)
+        if theta > best_theta:
+            best_theta, best_count = theta, count
+        elif early_stop:
+            break
+    return _lengths_from_ranking(ranked, num_requests, best_count)
+
+
+def brute_force_best_lengths(
+    survival: Sequence[Sequence[float]], cost_table: CostTable, max_lengths: Sequence[int] | None = None
+) -> list[int]:
+    """Exhaustive argmax of Θ over every (ℓ_1, ..., ℓ_R), first in lexicographic order on ties (tests, diagnostics).
+
+    Uses the same tokens as the schedulers would see, but it is a retrospective search: not lossless.
+    """
+    rows = [[float(a) for a in row] for row in survival]
+    caps = _caps(rows, max_lengths)
+    if math.prod(cap + 1 for cap in caps) > MAX_BRUTE_FORCE_CANDIDATES:
+        raise ValueError(f"Exhaustive search over caps {caps} is too large.")
+    best_lengths, best_theta = [0] * len(rows), -math.inf
+    for lengths in itertools.product(*(range(cap + 1) for cap in caps)):
+        theta = expected_throughput(rows, lengths, cost_table)
+        if theta > best_theta:
+            best_lengths, best_theta = list(lengths), theta
+    return best_lengths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Policies
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class VerificationPolicy(ABC):
+    """Chooses how many drafted tokens of each request the target verifies this step.
+
+    One interface for single-request generation (R = 1) and a batched engine (R requests). `lossless` tells
+    whether the policy is non-anticipating (ℓ_r ≥ k never depends on the drafted token x_{r,k}); only lossless
+    policies keep the output distributed exactly as the target's.
+    """
+
+    lossless: bool = True
+
+    def select_lengths(
+        self,
+        confidences: Confidences,
+        max_lengths: Sequence[int] | None = None,
+        request_ids: Sequence[Hashable] | None = None,
+    ) -> list[int]:
+        """Verification lengths ℓ_r, one per request.
+
+        Args:
+            confidences: `confidences[r][j]` is the calibrated conditional confidence c_{r,j+1} of request r's
+                drafted token j+1 (a list of per-request sequences, possibly ragged, or an `(R, γ)` tensor).
+            max_lengths: optional per-request caps (e.g. the room left before `max_length`); ℓ_r ≤ cap.
+            request_ids: stable ids of the requests, used only by stateful policies (`LaggedSchedulerPolicy`);
+                defaults to positions 0..R-1.
+        """
+        rows = _confidence_rows(confidences)
+        return self._select(rows, _caps(rows, max_lengths), request_ids)
+
+    @abstractmethod
+    def _select(
+        self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
+    ) -> list[int]:
+        """Lengths from validated confidence rows and caps."""
+
+
+class NoSpeculationPolicy(VerificationPolicy):
+    """Verifies nothing (ℓ_r = 0): plain decoding. Lossless trivially."""
+
+    def _select(
+        self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
+    ) -> list[int]:
+        return [0] * len(confidences)
+
+
+class FullBlockPolicy(VerificationPolicy):
+    """Verifies every drafted token (ℓ_r = γ, or the cap). Lossless: the length is fixed before drafting."""
+
+    def _select(
+        self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
+    ) -> list[int]:
+        return list(caps)
+
+
+class StaticThresholdPolicy(VerificationPolicy):
+    """Verifies the prefix up to just before the first position whose score falls below `threshold`.
+
+    The score is the conditional confidence c_k (`on="conditional"`, the quantity swept in the paper's Fig. 5;
+    threshold 0 is full-block verification) or the survival a_k (`on="survival"`). Lossless: position k is
+    admitted from c_1..c_k, which are computed from the tokens before x_k, deciding left to right.
+    """
+
+    def __init__(self, threshold: float, on: Literal["conditional", "survival"] = "conditional"):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"`threshold` must be in [0, 1], got {threshold}.")
+        if on not in ("conditional", "survival"):
+            raise ValueError(f"`on` must be 'conditional' or 'survival', got {on!r}.")
+        self.threshold = threshold
+        self.on = on
+
+    def _select(
+        self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
+    ) -> list[int]:
+        lengths = []
+        for row, cap in zip(confidences, caps, strict=True):
+            scores = row if self.on == "conditional" else _cumprod(row)
+            length = 0
+            while length < cap and scores[length] >= self.threshold:
+                length += 1
+            lengths.append(length)
+        return lengths
+
+
+class PrefixSchedulerPolicy(VerificationPolicy):
+    """Hardware-aware prefix scheduler, exactly Algorithm 1 of the paper.
+
+    Sorts all candidates (r, k) with a_{r,k} > 0 by survival, best first (ties: lower position, then lower
+    request index, so a request's positions are always admitted in prefix order), admits them one at a time
+    with B = R + admitted and τ* = R + Σ a, and stops at the first admission whose Θ = τ*·SPS(B) does not strictly
+    exceed the best so far. The result is the global optimum whenever Θ is unimodal along the path.
+
+    Lossless: the early stop makes the scheduler non-anticipating. Whether (r, k) is admitted depends only on the
+    candidates ranked before it, and none of those is computed from x_{r,k} (a_{r,k+1} ≤ a_{r,k} ranks after).
+    """
+
+    def __init__(self, cost_table: CostTable):
+        self.cost_table = cost_table
+
+    def _select(
+        self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
+    ) -> list[int]:
+        return _greedy_lengths([_cumprod(row) for row in confidences], caps, self.cost_table, early_stop=True)
+
+
+class GlobalSearchPolicy(VerificationPolicy):
+    """Algorithm 1 without the early stop: the argmax of Θ over the whole admission path.
+
+    NOT lossless. It sees a_{r,k+1}, which depends on x_{r,k}, before deciding whether to admit x_{r,k}, so it
+    favours tokens followed by confident continuations; Appendix A shows a (0.7, 0.3) target becoming
+    (0.85, 0.15) (see `appendix_a_simulation`). Use it for diagnostics only, or behind a causal barrier as in
+    `LaggedSchedulerPolicy`.
+    """
+
+    lossless = False
+
+    def __init__(self, cost_table: CostTable):
+        self.cost_table = cost_table
+
+    def _select(
+        self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
+    ) -> list[int]:
+        return _greedy_lengths(
+            [_cumprod(row) for row in confidences], caps, self.cost_table, early_stop=False
+        )
+
+
+class LaggedSchedulerPolicy(VerificationPolicy):
+    """The production variant of §5.2: a budget from stale confidences, filled by the current ranking.
+
+    Each call (1) computes the budget K, the number of drafted tokens to verify this step, by an unconstrained
+    global search (no early stop, robust to jagged SPS curves) over the confidences each request had `lag` calls
+    ago, with B counting all current requests; a request with fewer than `lag` past calls adds
+    `cold_start_length` tokens instead; (2) admits the K best current candidates by survival (same ranking and
+    ties as Algorithm 1, caps respected); (3) records the current confidences.
+
+    History is kept per request id: pass stable `request_ids` to `select_lengths` in a batched engine (positions
+    0..R-1 are used otherwise, which suits single-request generation). Call `observe` for steps that draft without
+    scheduling, `forget` when requests finish, `reset` between independent runs.
+
+    Lossless: K depends only on confidences from earlier steps, never on this step's tokens, and a current
+    candidate's rank depends only on candidates ranked before it, none of which is computed from x_{r,k}.
+    """
+
+    def __init__(self, cost_table: CostTable, lag: int = 2, cold_start_length: int = 0):
+        if lag < 1:
+            raise ValueError(f"`lag` must be >= 1 (lag 0 is the non-lossless global search), got {lag}.")
+        if cold_start_length < 0:
+            raise ValueError(f"`cold_start_length` must be >= 0, got {cold_start_length}.")
+        self.cost_table = cost_table
+        self.lag = lag
+        self.cold_start_length = cold_start_length
+        self._history: dict[Hashable, deque[list[float]]] = {}
+
+    def observe(self, request_ids: Sequence[Hashable], confidences: Confidences) -> None:
+        """Records one step of confidences for each request."""
+        rows = _confidence_rows(confidences)
+        if len(request_ids) != len(rows):
+            raise ValueError(f"{len(rows)} confidence rows but {len(request_ids)} request ids.")
+        for request_id, row in zip(request_ids, rows, strict=True):
+            self._history.setdefault(request_id, deque(maxlen=self.lag)).append(row)
+
+    def budget(self, request_ids: Sequence[Hashable]) -> int:
+        """Number of drafted tokens to verify in a step over these requests, from `lag`-step-old confidences."""
+        stale = [
+            self._history[rid][0] if len(self._history.get(rid, ())) == self.lag else []
+            for rid in request_ids
+        ]
+        cold = sum(len(self._history.get(rid, ())) < self.lag for rid in request_ids)
+        survival = [_cumprod(row) for row in stale]
+        lengths = _greedy_lengths(survival, [len(row) for row in stale], self.cost_table, early_stop=False)
+        return sum(lengths) + cold * self.cold_start_length
+
+    def forget(self, request_ids: Sequence[Hashable]) -> None:
+        """Drops the history of finished requests."""
+        for request_id in request_ids:
+            self._history.pop(request_id, None)
+
+    def reset(self) -> None:
+        """Drops all history."""
+        self._history.clear()
+
+    def _select(
+        self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
+    ) -> list[int]:
+        ids = list(range(len(confidences))) if request_ids is None else list(request_ids)
+        if len(set(ids)) != len(ids) or len(ids) != len(confidences):
+            raise ValueError(
+                f"Need one distinct request id per request, got {ids} for {len(confidences)} requests."
+            )
+        ranked = _ranked_candidates([_cumprod(row) for row in confidences], caps)
+        lengths = _lengths_from_ranking(ranked, len(confidences), self.budget(ids))
+        self.observe(ids, confidences)
+        return lengths
+
+
+def make_policy(name: str, cost_table: CostTable | None = None, **kwargs) -> VerificationPolicy:
+    """Builds a policy by name: `"prefix"`, `"global"`, `"lagged"` (these need `cost_table`), `"threshold"`
+    (needs `threshold=`), `"full"` or `"none"`. Extra keyword arguments go to the policy's constructor."""
+    if name not in POLICY_NAMES:
+        raise ValueError(f"Unknown verification policy {name!r}; choose one of {POLICY_NAMES}.")
+    if name in ("prefix", "global", "lagged"):
+        if cost_table is None:
+            raise ValueError(f"The {name!r} policy needs a cost table (see profile_cost_table).")
+        cls = {
+            "prefix": PrefixSchedulerPolicy,
+            "global": GlobalSearchPolicy,
+            "lagged": LaggedSchedulerPolicy,
+        }[name]
+        return cls(cost_table, **kwargs)
+    cls = {"threshold": StaticThresholdPolicy, "full": FullBlockPolicy, "none": NoSpeculationPolicy}[name]
+    return cls(**kwargs)
+
+
+def schedule_verification_lengths(
+    confidences: Confidences,
+    cost_table: CostTable | None = None,
+    policy: str | VerificationPolicy = "prefix",
+    max_lengths: Sequence[int] | None = None,
+    request_ids: Sequence[Hashable] | None = None,
+    **policy_kwargs,
+) -> list[int]:
+    """How many drafted tokens of each request to verify this step.
+
+    Args:
+        confidences: `confidences[r][j]` = calibrated conditional confidence c_{r,j+1} (ragged list or tensor).
+        cost_table: SPS(B) table, needed by `"prefix"` (Algorithm 1, the default) and `"global"`.
+        policy: a name from `POLICY_NAMES` or a `VerificationPolicy`. `"lagged"` keeps history across steps, so
+            it must be passed as one long-lived `LaggedSchedulerPolicy` instance, not by name.
+        max_lengths: optional per-request caps.
+        request_ids: stable request ids for stateful policies.
+        policy_kwargs: constructor arguments when `policy` is a name (e.g. `threshold=0.5`).
+
+    Example:
+        >>> table = CostTable([1, 2, 4, 8], [27.0, 24.0, 17.6, 15.0])
+        >>> schedule_verification_lengths([[0.9, 0.8, 0.3, 0.1]], table)
+        [2]
+    """
+    if isinstance(policy, str):
+        if policy == "lagged":
+            raise ValueError(
+                "The 'lagged' policy remembers confidences across steps: build LaggedSchedulerPolicy(cost_table) "
+                "once and pass the instance as `policy=` at every step."
+            )
+        policy = make_policy(policy, cost_table, **policy_kwargs)
+    elif policy_kwargs:
+        raise TypeError(f"policy_kwargs {sorted(policy_kwargs)} are only used when `policy` is a name.")
+    return policy.select_lengths(confidences, max_lengths, request_ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Appendix A
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def appendix_a_cost_table() -> CostTable:
+    """The capacity curve of the paper's counterexample: SPS(1) = 1.0, SPS(2) = 0.5, SPS(3) = 0.45."""
+    return CostTable([1, 2, 3], [1.0, 0.5, 0.45])
+
+
+def appendix_a_simulation(
+    policy: str | VerificationPolicy = "global", num_trials: int = 20_000, seed: int = 0, **policy_kwargs
+) -> torch.Tensor:
+    """Monte-Carlo distribution of the first emitted token in the paper's Appendix A counterexample.
+
+    One request, γ = 2, vocabulary {A, B}, target (0.7, 0.3), draft (0.5, 0.5), c_1 = 0.8, and c_2 = 0.9 after
+    x_1 = A, 0 after x_1 = B; cost table `appendix_a_cost_table()`. Each trial draws x_1 in the current round and
+    in `lag` earlier rounds (stateful policies see those rounds first), asks the policy for ℓ, then runs
+    speculative sampling on the first token: if ℓ ≥ 1, x_1 is accepted with probability min(1, p_t/p_d) and
+    otherwise replaced by a draw from norm(max(0, p_t − p_d)); if ℓ = 0 the target samples the token itself.
+
+    Returns a float64 tensor `[P(A), P(B)]`. A lossless policy gives (0.7, 0.3) up to sampling error, the global
+    search gives (0.85, 0.15). The policy is run on every distinct round history once and the trials are sampled
+    vectorized, so 10^5 trials take milliseconds.
+    """
+    target = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    draft = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    table = appendix_a_cost_table()
+
+    def fresh_policy() -> VerificationPolicy:
+        if isinstance(policy, VerificationPolicy):
+            return copy.deepcopy(policy)
+        return make_policy(policy, table, **policy_kwargs)
+
+    rounds = getattr(fresh_policy(), "lag", 0) + 1
+    decided = []  # ℓ of the last round for every history of first tokens; token i of round t is bit t of the code
+    for code in range(2**rounds):
+        scheduler = fresh_policy()
+        for t in range(rounds):
+            length = scheduler.select_lengths([[0.8, 0.9 if (code >> t) & 1 == 0 else 0.0]])[0]
+        decided.append(length)
+
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial(draft, num_trials * rounds, replacement=True, generator=generator).view(
+        num_trials, -1
+    )
+    codes = (draws << torch.arange(rounds)).sum(dim=1)
+    admitted = torch.tensor(decided)[codes] >= 1
+    token = draws[:, -1]
+    accepted = (
+        torch.rand(num_trials, generator=generator, dtype=torch.float64)
+        < (target / draft).clamp(max=1)[token]
+    )
+    residual = (target - draft).clamp(min=0)
+    resampled = torch.multinomial(
+        residual / residual.sum(), num_trials, replacement=True, generator=generator
+    )
+    fresh = torch.multinomial(target, num_trials, replacement=True, generator=generator)
+    output = torch.where(admitted, torch.where(accepted, token, resampled), fresh)
+    return torch.bincount(output, minlength=2).to(torch.float64) / num_trials

@@ -1,0 +1,499 @@
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dspark_hf.scheduling import (
+    CostTable,
+    FullBlockPolicy,
+    GlobalSearchPolicy,
+    LaggedSchedulerPolicy,
+    NoSpeculationPolicy,
+    PrefixSchedulerPolicy,
+    StaticThresholdPolicy,
+    appendix_a_cost_table,
+    appendix_a_simulation,
+    brute_force_best_lengths,
+    expected_throughput,
+    make_policy,
+    profile_cost_table,
+    schedule_verification_lengths,
+    survival_probabilities,
+)
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Strategies
+# ----------------------------------------------------------------------------------------------------------------------
+
+probability = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+positive_probability = st.floats(min_value=0.01, max_value=1.0, allow_nan=False)
+
+
+def confidence_rows(element=probability, max_requests=3, max_gamma=4):
+    return st.lists(st.lists(element, min_size=0, max_size=max_gamma), min_size=1, max_size=max_requests)
+
+
+@st.composite
+def smooth_tables(draw, max_batch: int) -> CostTable:
+    """Every integer B in 1..max_batch, either SPS concave decreasing or step time convex increasing.
+
+    With survival increments sorted descending, τ is concave along the admission path, so Θ = τ·SPS is
+    log-concave in the first case and τ/time is quasi-concave in the second: Θ is unimodal along the path.
+    """
+    linear = draw(st.floats(min_value=0.0, max_value=0.5))
+    quadratic = draw(st.floats(min_value=0.0, max_value=0.05))
+    batches = list(range(1, max_batch + 1))
+    if draw(st.booleans()):
+        top = 1.0 + linear * (max_batch - 1) + quadratic * (max_batch - 1) ** 2
+        values = [top - linear * (b - 1) - quadratic * (b - 1) ** 2 for b in batches]
+    else:
+        values = [1.0 / (1.0 + linear * (b - 1) + quadratic * (b - 1) ** 2) for b in batches]
+    return CostTable(batches, values)
+
+
+@st.composite
+def jagged_monotone_tables(draw, max_batch: int) -> CostTable:
+    """Arbitrary non-increasing SPS curves with cliffs and plateaus."""
+    drops = draw(
+        st.lists(st.sampled_from([0.0, 0.0, 0.01, 0.1, 0.3]), min_size=max_batch, max_size=max_batch)
+    )
+    values, value = [], 1.0
+    for drop in drops:
+        value *= 1.0 - drop
+        values.append(value)
+    return CostTable(list(range(1, max_batch + 1)), values)
+
+
+def theta(confidences, lengths, table):
+    return expected_throughput(survival_probabilities(confidences), lengths, table)
+
+
+def best_theta(confidences, table):
+    survival = survival_probabilities(confidences)
+    return expected_throughput(survival, brute_force_best_lengths(survival, table), table)
+
+
+def max_batch_for(rows):
+    return sum(1 + len(row) for row in rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CostTable
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_cost_table_interpolates_clamps_and_extrapolates():
+    table = CostTable([2, 4, 8], [20.0, 10.0, 8.0])
+    assert table.sps(2) == 20.0
+    assert table.sps(3) == pytest.approx(15.0)
+    assert table.sps(6) == pytest.approx(9.0)
+    assert table.sps(1) == 20.0  # clamped below the first point
+    # Above the last point the step time grows like the last segment: 1/10 → 1/8 over 4 tokens.
+    slope = (1 / 8 - 1 / 10) / 4
+    assert table.sps(12) == pytest.approx(1 / (1 / 8 + 4 * slope))
+    assert CostTable([4], [5.0]).sps(100) == 5.0
+    # A rising last segment must not make larger batches faster.
+    assert CostTable([1, 2], [5.0, 6.0]).sps(10) == pytest.approx(6.0)
+    with pytest.raises(ValueError):
+        table.sps(0)
+
+
+@pytest.mark.parametrize(
+    "batch_tokens, values",
+    [
+        ([], []),
+        ([1, 2], [1.0, 0.0]),
+        ([1, 2], [1.0, -3.0]),
+        ([1, 2], [1.0, float("nan")]),
+        ([1, 2], [1.0, float("inf")]),
+        ([2, 1], [1.0, 2.0]),
+        ([1, 1], [1.0, 2.0]),
+        ([0, 1], [1.0, 2.0]),
+        ([1, 2, 3], [1.0, 2.0]),
+    ],
+)
+def test_cost_table_rejects_bad_input(batch_tokens, values):
+    with pytest.raises(ValueError):
+        CostTable(batch_tokens, values)
+
+
+def test_cost_table_rejects_bad_options():
+    with pytest.raises(ValueError):
+        CostTable([1, 2], [2.0, 1.0], smooth="spline")
+    with pytest.raises(ValueError):
+        CostTable([1, 2], [[2.0, 1.0]], context_lengths=[64, 128])
+    with pytest.raises(ValueError):
+        CostTable([1, 2], [[2.0, 1.0], [2.0, 1.0]], context_lengths=[128, 64])
+
+
+def test_monotone_smoothing_is_isotonic_regression():
+    raw = [10.0, 8.0, 9.0, 5.0, 6.0, 7.0, 1.0]
+    table = CostTable(list(range(1, 8)), raw, smooth="monotone")
+    assert table.steps_per_second == pytest.approx([10.0, 8.5, 8.5, 6.0, 6.0, 6.0, 1.0])
+    assert table.raw_rows[0] == raw
+    assert CostTable(list(range(1, 8)), raw).steps_per_second == raw
+    # Already non-increasing curves are left alone.
+    assert CostTable([1, 2, 3], [3.0, 2.0, 2.0], smooth="monotone").steps_per_second == [3.0, 2.0, 2.0]
+
+
+@given(st.lists(st.floats(min_value=0.1, max_value=100.0), min_size=1, max_size=12))
+@FAST
+def test_monotone_smoothing_properties(values):
+    smoothed = CostTable(list(range(1, len(values) + 1)), values, smooth="monotone").steps_per_second
+    assert all(b <= a + 1e-9 for a, b in zip(smoothed, smoothed[1:], strict=False))
+    assert sum(smoothed) == pytest.approx(sum(values))  # PAV preserves the mean
+
+
+def test_cost_table_json_round_trip(tmp_path):
+    table = CostTable(
+        [1, 2, 4], [30.0, 31.0, 20.0], smooth="monotone", metadata={"device": "cpu", "shape": "1xB"}
+    )
+    again = CostTable.from_json(table.to_json())
+    assert again.batch_tokens == [1, 2, 4]
+    assert again.raw_rows == table.raw_rows and again.steps_per_second == table.steps_per_second
+    assert again.smooth == "monotone" and again.metadata == {"device": "cpu", "shape": "1xB"}
+    path = tmp_path / "cost_table.json"
+    table.save(path)
+    data = json.loads(path.read_text())
+    assert data["format"] == "dspark_hf.cost_table" and data["steps_per_second"] == [30.0, 31.0, 20.0]
+    assert CostTable.load(path).sps(3) == pytest.approx(table.sps(3))
+
+    bucketed = CostTable([1, 8], [[10.0, 5.0], [8.0, 2.0]], context_lengths=[128, 1024])
+    again = CostTable.from_json(bucketed.to_json())
+    assert again.context_lengths == [128, 1024] and again.steps_per_second == [[10.0, 5.0], [8.0, 2.0]]
+    with pytest.raises(ValueError):
+        CostTable.from_json(json.dumps({"format": "something-else"}))
+
+
+def test_cost_table_context_buckets():
+    table = CostTable([1, 8], [[10.0, 5.0], [8.0, 2.0]], context_lengths=[128, 1024])
+    assert table.sps(8) == 5.0  # no context length: first bucket
+    assert table.sps(8, context_length=100) == 5.0
+    assert table.sps(8, context_length=128) == 5.0
+    assert table.sps(8, context_length=129) == 2.0  # first bucket at or above
+    assert table.sps(8, context_length=5000) == 2.0  # past the end: longest bucket
+    assert table.for_context(500).steps_per_second == [8.0, 2.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Algorithm 1
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@given(data=st.data(), rows=confidence_rows())
+@FAST
+def test_prefix_scheduler_reaches_brute_force_optimum_when_theta_is_unimodal(data, rows):
+    table = data.draw(smooth_tables(max_batch_for(rows)))
+    lengths = PrefixSchedulerPolicy(table).select_lengths(rows)
+    assert theta(rows, lengths, table) == pytest.approx(best_theta(rows, table), rel=1e-9)
+
+
+@given(data=st.data(), rows=confidence_rows())
+@FAST
+def test_global_search_reaches_brute_force_optimum_on_any_monotone_curve(data, rows):
+    table = data.draw(jagged_monotone_tables(max_batch_for(rows)))
+    lengths = GlobalSearchPolicy(table).select_lengths(rows)
+    assert theta(rows, lengths, table) == pytest.approx(best_theta(rows, table), rel=1e-9)
+    # The early-stopping scheduler is never better than the global search.
+    prefix = PrefixSchedulerPolicy(table).select_lengths(rows)
+    assert theta(rows, prefix, table) <= theta(rows, lengths, table) + 1e-12
+
+
+# Θ along the path of [0.9, 0.9, 0.9]: 1.0, 1.9·0.6 = 1.14, 2.71·0.4 = 1.084, 3.439·0.39 = 1.341.
+STOP_TABLE = CostTable([1, 2, 3, 4], [1.0, 0.6, 0.4, 0.39])
+
+
+def test_prefix_scheduler_stops_at_first_non_improving_admission():
+    rows = [[0.9, 0.9, 0.9]]
+    assert PrefixSchedulerPolicy(STOP_TABLE).select_lengths(rows) == [1]
+    assert GlobalSearchPolicy(STOP_TABLE).select_lengths(rows) == [3]
+    assert brute_force_best_lengths(survival_probabilities(rows), STOP_TABLE) == [3]
+
+
+def test_prefix_scheduler_breaks_on_equal_throughput():
+    # Θ0 = 1·2 = 2, Θ1 = (1 + 1)·1 = 2: not a strict improvement, so nothing is admitted.
+    table = CostTable([1, 2, 3], [2.0, 1.0, 1.0])
+    assert PrefixSchedulerPolicy(table).select_lengths([[1.0, 1.0]]) == [0]
+    assert PrefixSchedulerPolicy(table).select_lengths([[1.0, 1.0]], max_lengths=[5]) == [0]
+
+
+def test_prefix_scheduler_with_several_requests_counts_every_request_in_batch():
+    # R = 2, B starts at 2. Survivals: r0 = [0.9, 0.45], r1 = [0.8, 0.08]; ranking 0.9, 0.8, 0.45, 0.08.
+    rows = [[0.9, 0.5], [0.8, 0.1]]
+    table = CostTable([2, 3, 4, 5, 6], [10.0, 9.0, 8.0, 5.0, 4.0])
+    # Θ: 2·10 = 20, 2.9·9 = 26.1, 3.7·8 = 29.6, 4.15·5 = 20.75 → stop with (1, 1).
+    assert PrefixSchedulerPolicy(table).select_lengths(rows) == [1, 1]
+    assert theta(rows, [1, 1], table) == pytest.approx(3.7 * 8)
+
+
+def test_ties_are_broken_deterministically_in_prefix_order():
+    table = CostTable([1, 2, 3, 4, 5, 6, 7], [7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    # Two requests, B = 2 + k after k admissions: Θ_k = (2 + k)(6 − k) = 12, 15, 16, 15 → two admissions; the
+    # equal survivals 1.0 go by position first: (r0, 1), (r1, 1).
+    assert PrefixSchedulerPolicy(table).select_lengths([[1.0, 1.0], [1.0, 1.0]]) == [1, 1]
+    # Within a request equal survivals are admitted in prefix order: a length, never a hole.
+    assert GlobalSearchPolicy(CostTable([1], [1.0])).select_lengths([[1.0, 1.0, 1.0]]) == [3]
+    # Across requests at equal position, the lower request index goes first.
+    table3 = CostTable([2, 3, 4], [1.0, 0.9, 0.5])  # Θ: 2, 2.5·0.9 = 2.25, 3·0.5 = 1.5 → one admission
+    assert PrefixSchedulerPolicy(table3).select_lengths([[0.5], [0.5]]) == [1, 0]
+
+
+def test_empty_candidates():
+    table = CostTable([1, 8], [10.0, 9.0])
+    for policy in [
+        PrefixSchedulerPolicy(table),
+        GlobalSearchPolicy(table),
+        LaggedSchedulerPolicy(table, lag=1),
+    ]:
+        assert policy.select_lengths([]) == []
+        assert policy.select_lengths([[]]) == [0]  # γ = 0
+        assert policy.select_lengths([[0.0, 0.9], [0.0]]) == [0, 0]  # zero survival is never a candidate
+        assert policy.select_lengths(torch.zeros(2, 0)) == [0, 0]
+    assert FullBlockPolicy().select_lengths([[], [0.3]]) == [0, 1]
+
+
+def test_max_lengths_cap_every_policy():
+    table = CostTable([1, 16], [10.0, 9.9])
+    rows = [[0.99] * 5, [0.99] * 5]
+    caps = [2, 0]
+    assert PrefixSchedulerPolicy(table).select_lengths(rows) == [5, 5]
+    assert PrefixSchedulerPolicy(table).select_lengths(rows, max_lengths=caps) == [2, 0]
+    assert GlobalSearchPolicy(table).select_lengths(rows, max_lengths=caps) == [2, 0]
+    assert FullBlockPolicy().select_lengths(rows, max_lengths=caps) == [2, 0]
+    assert FullBlockPolicy().select_lengths(rows, max_lengths=[9, 9]) == [5, 5]
+    assert StaticThresholdPolicy(0.5).select_lengths(rows, max_lengths=caps) == [2, 0]
+    assert LaggedSchedulerPolicy(table, lag=1, cold_start_length=10).select_lengths(
+        rows, max_lengths=caps
+    ) == [2, 0]
+    with pytest.raises(ValueError):
+        FullBlockPolicy().select_lengths(rows, max_lengths=[1])
+    with pytest.raises(ValueError):
+        FullBlockPolicy().select_lengths(rows, max_lengths=[1, -1])
+
+
+def test_invalid_confidences_are_rejected():
+    with pytest.raises(ValueError):
+        FullBlockPolicy().select_lengths([[0.5, 1.5]])
+    with pytest.raises(ValueError):
+        FullBlockPolicy().select_lengths([[float("nan")]])
+    with pytest.raises(ValueError):
+        FullBlockPolicy().select_lengths(torch.ones(3))
+
+
+def test_tensor_and_list_inputs_agree():
+    torch.manual_seed(0)
+    confidences = torch.rand(4, 6)
+    table = CostTable([1, 4, 8, 16, 32], [30.0, 27.0, 22.0, 14.0, 8.0])
+    policy = PrefixSchedulerPolicy(table)
+    assert policy.select_lengths(confidences) == policy.select_lengths(confidences.tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Other policies and the entry point
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_static_threshold_uses_conditional_confidence_by_default():
+    rows = [[0.9, 0.8, 0.95, 0.2, 0.99], [0.3, 0.9]]
+    assert StaticThresholdPolicy(0.7).select_lengths(rows) == [3, 0]
+    # Threshold 0 is full-block verification (paper Fig. 5), and "falls below" is strict.
+    assert StaticThresholdPolicy(0.0).select_lengths(rows) == [5, 2]
+    assert StaticThresholdPolicy(0.0).select_lengths([[0.0, 0.5]]) == [2]
+    assert StaticThresholdPolicy(0.7).select_lengths([[0.7, 0.7, 0.69]]) == [2]
+    # On survival: 0.9, 0.72, 0.684, ... → stops before 0.684.
+    assert StaticThresholdPolicy(0.7, on="survival").select_lengths(rows) == [2, 0]
+    with pytest.raises(ValueError):
+        StaticThresholdPolicy(1.5)
+
+
+def test_no_speculation_and_full_block():
+    rows = [[0.1, 0.2], [0.9]]
+    assert NoSpeculationPolicy().select_lengths(rows) == [0, 0]
+    assert FullBlockPolicy().select_lengths(rows) == [2, 1]
+
+
+def test_lagged_policy_uses_stale_budget_and_current_ranking():
+    table = CostTable([1, 2, 3, 4], [1.0, 0.6, 0.4, 0.39])  # global search on [0.9]*3 admits 3 tokens
+    policy = LaggedSchedulerPolicy(table, lag=2)
+    assert policy.budget([7]) == 0  # cold request, cold_start_length=0
+    assert policy.select_lengths([[0.9, 0.9, 0.9]], request_ids=[7]) == [0]
+    assert policy.select_lengths([[0.1, 0.1, 0.1]], request_ids=[7]) == [0]
+    # Budget from two calls ago ([0.9]*3 → 3 tokens), although the current confidences would not pay.
+    assert policy.budget([7]) == 3
+    assert policy.select_lengths([[0.2, 0.1, 0.1]], request_ids=[7]) == [3]
+    # Budget from [0.1]*3: Θ0 = 1 beats every admission.
+    assert policy.select_lengths([[0.9, 0.9, 0.9]], request_ids=[7]) == [0]
+    # Several requests: the stale budget is shared out by the current global ranking.
+    policy = LaggedSchedulerPolicy(CostTable([1, 8], [10.0, 9.9]), lag=1)
+    policy.observe(["a", "b"], [[0.9, 0.9], [0.9, 0.9]])
+    assert policy.budget(["a", "b"]) == 4
+    assert policy.select_lengths([[0.99, 0.99, 0.99], [0.5, 0.5, 0.5]], request_ids=["a", "b"]) == [3, 1]
+    policy.forget(["a"])
+    assert policy.budget(["a", "b"]) == 3  # "a" is cold again, "b" contributes its 3 stale tokens
+    policy.reset()
+    assert policy.budget(["b"]) == 0
+    with pytest.raises(ValueError):
+        LaggedSchedulerPolicy(table, lag=0)
+    with pytest.raises(ValueError):
+        policy.select_lengths([[0.5], [0.5]], request_ids=["x", "x"])
+
+
+def test_schedule_verification_lengths_entry_point():
+    table = CostTable([1, 2, 4, 8], [27.0, 24.0, 17.6, 15.0])
+    rows = [[0.9, 0.8, 0.3, 0.1]]
+    assert schedule_verification_lengths(rows, table) == [2]
+    assert schedule_verification_lengths(rows, table, policy="full") == [4]
+    assert schedule_verification_lengths(rows, policy="none") == [0]
+    assert schedule_verification_lengths(rows, policy="threshold", threshold=0.5) == [2]
+    assert schedule_verification_lengths(rows, table, policy=GlobalSearchPolicy(table), max_lengths=[1]) == [
+        1
+    ]
+    with pytest.raises(ValueError):
+        schedule_verification_lengths(rows, policy="prefix")  # no cost table
+    with pytest.raises(ValueError):
+        schedule_verification_lengths(rows, table, policy="lagged")
+    with pytest.raises(ValueError):
+        schedule_verification_lengths(rows, table, policy="fastest")
+    with pytest.raises(TypeError):
+        schedule_verification_lengths(rows, table, policy=FullBlockPolicy(), threshold=0.5)
+    assert isinstance(make_policy("lagged", table, lag=3), LaggedSchedulerPolicy)
+    assert not make_policy("global", table).lossless and make_policy("prefix", table).lossless
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losslessness: non-anticipation, and the Appendix A counterexample
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@given(
+    data=st.data(),
+    rows=confidence_rows(max_requests=3, max_gamma=5).filter(lambda rows: any(rows)),
+    policy_name=st.sampled_from(["prefix", "lagged", "threshold", "full", "none"]),
+)
+@FAST
+def test_lossless_policies_are_non_anticipating(data, rows, policy_name):
+    """Whether ℓ_r ≥ k must not change when everything computed from x_{r,k} (c_{r,k+1}, ...) changes."""
+    table = data.draw(jagged_monotone_tables(max_batch_for(rows) + 1))
+    r = data.draw(st.sampled_from([i for i, row in enumerate(rows) if row]))
+    k = data.draw(st.integers(min_value=1, max_value=len(rows[r])))
+    altered = [list(row) for row in rows]
+    altered[r][k:] = data.draw(st.lists(probability, min_size=len(rows[r]) - k, max_size=len(rows[r]) - k))
+    history = data.draw(
+        confidence_rows(max_requests=len(rows), max_gamma=5).map(lambda h: (h * 3)[: len(rows)])
+    )
+    kwargs = {"threshold": data.draw(probability)} if policy_name == "threshold" else {}
+    results = []
+    for current in (rows, altered):
+        policy = make_policy(policy_name, table, **kwargs)
+        if policy_name == "lagged":
+            policy.observe(list(range(len(rows))), history)
+            policy.observe(list(range(len(rows))), history)
+        results.append(policy.select_lengths(current)[r] >= k)
+    assert results[0] == results[1]
+
+
+def test_global_search_is_anticipating():
+    """The same check fails for the global search: Appendix A's x_1 decides whether x_1 is admitted."""
+    table = appendix_a_cost_table()
+    assert GlobalSearchPolicy(table).select_lengths([[0.8, 0.9]]) == [2]  # Θ2 = 2.52 · 0.45 = 1.134 > 1
+    assert GlobalSearchPolicy(table).select_lengths([[0.8, 0.0]]) == [0]
+    assert PrefixSchedulerPolicy(table).select_lengths([[0.8, 0.9]]) == [0]  # Θ1 = 0.9 < Θ0 = 1: stop
+    assert PrefixSchedulerPolicy(table).select_lengths([[0.8, 0.0]]) == [0]
+
+
+APPENDIX_TRIALS = 40_000
+
+
+def assert_distribution(frequencies, expected_a, trials=APPENDIX_TRIALS, standard_errors=5.0):
+    bound = standard_errors * math.sqrt(expected_a * (1 - expected_a) / trials)  # 5 SE ≈ 0.011 at 40k trials
+    assert frequencies.sum().item() == pytest.approx(1.0)
+    assert abs(frequencies[0].item() - expected_a) < bound, (frequencies.tolist(), expected_a, bound)
+
+
+def test_appendix_a_global_search_is_biased():
+    assert_distribution(appendix_a_simulation("global", APPENDIX_TRIALS, seed=1), 0.85)
+
+
+@pytest.mark.parametrize(
+    "policy, kwargs",
+    [("prefix", {}), ("lagged", {}), ("full", {}), ("none", {}), ("threshold", {"threshold": 0.85})],
+)
+def test_appendix_a_lossless_policies_recover_target(policy, kwargs):
+    assert_distribution(appendix_a_simulation(policy, APPENDIX_TRIALS, seed=2, **kwargs), 0.7)
+
+
+def test_appendix_a_lagged_policy_admits_sometimes():
+    """The lagged run is not trivially lossless: it does speculate, in about half of the rounds (stale x_1 = A)."""
+    policy = LaggedSchedulerPolicy(appendix_a_cost_table(), lag=2)
+    admitted = []
+    for stale in ([0.8, 0.9], [0.8, 0.0]):
+        for current in ([0.8, 0.9], [0.8, 0.0]):
+            policy.reset()
+            policy.select_lengths([stale])
+            policy.select_lengths([[0.8, 0.0]])
+            admitted.append(policy.select_lengths([current])[0] >= 1)
+    assert admitted == [True, True, False, False]
+    policy.reset()
+    assert_distribution(appendix_a_simulation(policy, APPENDIX_TRIALS, seed=3), 0.7)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Profiler
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("shape", ["1xB", "Bx1"])
+def test_profile_cost_table_on_tiny_llama(tiny_llama, shape):
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((tuple(kwargs["input_ids"].shape), kwargs["cache"].get_seq_length()))
+
+    tiny_llama.train()
+    handle = tiny_llama.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        table = profile_cost_table(
+            tiny_llama, batch_sizes=(4, 1, 2), context_length=12, repeats=3, warmup=1, shape=shape
+        )
+    finally:
+        handle.remove()
+    assert table.batch_tokens == [1, 2, 4]
+    assert all(math.isfinite(v) and v > 0 for v in table.steps_per_second)
+    assert table.metadata["shape"] == shape and table.metadata["context_lengths"] == [12]
+    # One prefill, then (warmup + repeats) forwards per size, each on top of exactly the prefilled context.
+    assert seen[0] == ((1, 12), 0)
+    timed = seen[1:]
+    assert len(timed) == 4 * 3
+    assert all(length == 12 for _, length in timed)
+    expected_shapes = {(1, b) for b in (1, 2, 4)} if shape == "1xB" else {(b, 1) for b in (1, 2, 4)}
+    assert {shape_ for shape_, _ in timed} == expected_shapes
+    assert tiny_llama.training  # the profiler switches to eval mode and restores the caller's mode
+
+
+def test_profile_cost_table_context_buckets(tiny_llama):
+    table = profile_cost_table(tiny_llama, batch_sizes=(1, 2), context_length=(16, 8), repeats=2, warmup=0)
+    assert table.context_lengths == [8, 16]
+    assert all(v > 0 for row in table.steps_per_second for v in row)
+    with pytest.raises(ValueError):
+        profile_cost_table(tiny_llama, batch_sizes=(1,), shape="2x2")
