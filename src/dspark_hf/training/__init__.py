@@ -1,0 +1,60 @@
+"""Training DSpark drafts the transformers way: data preparation, collator, losses and `DSparkTrainer`."""
+
+from .collator import DSparkBlockBatch, DSparkDataCollator, build_blocks, sample_anchor_positions
+from .data import (
+    build_training_dataset,
+    conversation_features,
+    default_sampling_settings,
+    load_prompts,
+    load_training_dataset,
+    normalize_prompt,
+    read_jsonl,
+    regenerate_responses,
+    tokenize_conversations,
+)
+from .losses import (
+    DSparkLossOutput,
+    DSparkMetricAccumulator,
+    confidence_bce,
+    cross_entropy_per_position,
+    dspark_loss,
+    expected_acceptance_length,
+    total_variation,
+)
+from .trainer import (
+    DSparkTrainer,
+    DSparkTrainingArguments,
+    DSparkTrainingOutput,
+    compute_dspark_loss,
+    run_target,
+    unwrap_draft,
+)
+
+__all__ = [
+    "DSparkBlockBatch",
+    "DSparkDataCollator",
+    "DSparkLossOutput",
+    "DSparkMetricAccumulator",
+    "DSparkTrainer",
+    "DSparkTrainingArguments",
+    "DSparkTrainingOutput",
+    "build_blocks",
+    "build_training_dataset",
+    "compute_dspark_loss",
+    "confidence_bce",
+    "conversation_features",
+    "cross_entropy_per_position",
+    "default_sampling_settings",
+    "dspark_loss",
+    "expected_acceptance_length",
+    "load_prompts",
+    "load_training_dataset",
+    "normalize_prompt",
+    "read_jsonl",
+    "regenerate_responses",
+    "run_target",
+    "sample_anchor_positions",
+    "tokenize_conversations",
+    "total_variation",
+    "unwrap_draft",
+]

@@ -1,0 +1,356 @@
+"""DSparkTrainer: training forward == inference forward, frozen target, checkpoints, resume, eval, PEFT, CLI."""
+
+import json
+import os
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dspark_hf import DSparkDraftModel
+from dspark_hf.training import (
+    DSparkDataCollator,
+    DSparkTrainer,
+    DSparkTrainingArguments,
+    compute_dspark_loss,
+    run_target,
+)
+
+VOCAB = 96
+MASK = VOCAB - 1
+BLOCK = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models run far faster on one thread, especially on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_target(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_draft(target, seed: int = 1, **overrides) -> DSparkDraftModel:
+    torch.manual_seed(seed)
+    settings = dict(
+        block_size=BLOCK, num_hidden_layers=2, markov_rank=8, mask_token_id=MASK, target_layer_ids=[0, 2]
+    )
+    settings.update(overrides)
+    draft = DSparkDraftModel.from_target(target, **settings)
+    if draft.markov_head is not None:  # zero-initialised: give the Markov term something to do
+        torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.5)
+    return draft
+
+
+def make_dataset(num: int = 8, seed: int = 0) -> datasets.Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(num):
+        length = 10 + (i * 3) % 9
+        prompt = 3 + i % 4
+        ids = torch.randint(1, VOCAB - 1, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "loss_mask": [0] * prompt + [1] * (length - prompt)})
+    return datasets.Dataset.from_list(rows)
+
+
+def training_args(tmp_path, **overrides) -> DSparkTrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        num_anchors=4,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=7,
+    )
+    settings.update(overrides)
+    return DSparkTrainingArguments(**settings)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_target()
+
+
+# -- training forward == inference forward ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["markov", "rnn", "none"])
+def test_training_block_logits_match_per_block_inference(target, head):
+    draft = make_draft(target, markov_head_type=head).eval()
+    collator = DSparkDataCollator(pad_token_id=0)
+    batch = collator([make_dataset()[i] for i in (1, 4)])  # different lengths: the shorter row is padded
+    with torch.no_grad():
+        loss, output, blocks = compute_dspark_loss(
+            draft,
+            target,
+            batch["input_ids"],
+            batch["loss_mask"],
+            batch["attention_mask"],
+            num_anchors=5,
+            generator=torch.Generator().manual_seed(0),
+        )
+        features, _ = run_target(
+            target, batch["input_ids"], batch["attention_mask"], draft.config.target_layer_ids
+        )
+        checked = 0
+        for b in range(batch["input_ids"].shape[0]):
+            for i in range(blocks.anchors.shape[1]):
+                if not blocks.anchor_valid[b, i]:
+                    continue
+                p = int(blocks.anchors[b, i])
+                block_ids = torch.tensor([[int(batch["input_ids"][b, p])] + [MASK] * (BLOCK - 1)])
+                single = draft(
+                    input_ids=block_ids,
+                    position_ids=torch.arange(p, p + BLOCK).unsqueeze(0),
+                    target_hidden_states=features[b : b + 1, :p],
+                    context_position_ids=torch.arange(p).unsqueeze(0),
+                )
+                prev = blocks.prev_ids[b : b + 1, i]
+                expected = draft.sequential_logits(single.logits, single.hidden_states, prev)
+                torch.testing.assert_close(output.logits[b, i], expected[0], atol=1e-5, rtol=1e-5)
+                conf = draft.confidence_logits(single.hidden_states, prev)
+                torch.testing.assert_close(output.confidence_logits[b, i], conf[0], atol=1e-5, rtol=1e-5)
+                checked += 1
+    assert checked >= 6
+    assert torch.isfinite(loss.loss)
+
+
+def test_target_logits_are_the_targets_own(target):
+    draft = make_draft(target)
+    batch = DSparkDataCollator(pad_token_id=0)([make_dataset()[2]])
+    captured = {}
+
+    def spy(logits, target_logits, *args, **kwargs):
+        captured["target"] = target_logits
+        from dspark_hf.training.losses import dspark_loss
+
+        return dspark_loss(logits, target_logits, *args, **kwargs)
+
+    import dspark_hf.training.trainer as trainer_module
+
+    original = trainer_module.dspark_loss
+    trainer_module.dspark_loss = spy
+    try:
+        with torch.no_grad():
+            _, _, blocks = compute_dspark_loss(
+                draft, target, batch["input_ids"], batch["loss_mask"], num_anchors=3
+            )
+    finally:
+        trainer_module.dspark_loss = original
+    full = target(batch["input_ids"]).logits  # (1, L, V)
+    for i in range(blocks.anchors.shape[1]):
+        for k in range(BLOCK):
+            if blocks.valid[0, i, k]:
+                position = int(blocks.anchors[0, i]) + k  # logits at p+k−1 (0-based k) predict label x_{p+k}
+                torch.testing.assert_close(
+                    captured["target"][0, i, k], full[0, position], atol=1e-5, rtol=1e-5
+                )
+
+
+# -- training ----------------------------------------------------------------------------------------------------------
+
+
+def test_train_freezes_target_and_logs_metrics(tmp_path):
+    target = make_target()
+    draft = make_draft(target)
+    before_target = {k: v.clone() for k, v in target.state_dict().items()}
+    before_draft = {k: v.clone() for k, v in draft.state_dict().items()}
+    trainer = DSparkTrainer(
+        model=draft,
+        args=training_args(tmp_path, max_steps=3),
+        target_model=target,
+        train_dataset=make_dataset(),
+        eval_dataset=make_dataset(4, seed=1),
+    )
+    assert all(not p.requires_grad for p in target.parameters())
+    optimized = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in target.parameters()}
+    trainer.train()
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, before_target[key]), key
+    assert any(not torch.equal(v, before_draft[k]) for k, v in draft.state_dict().items())
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for name in ("ce", "tv", "confidence_error", "expected_tau", "acceptance_1", f"acceptance_{BLOCK}"):
+        assert name in logs[0], name
+    assert 1.0 <= logs[0]["expected_tau"] <= 1 + BLOCK
+    metrics = trainer.evaluate()
+    for name in (
+        "eval_loss",
+        "eval_ce",
+        "eval_tv",
+        "eval_confidence_error",
+        "eval_expected_tau",
+        "eval_acceptance_1",
+    ):
+        assert name in metrics and metrics[name] == metrics[name], name
+    # Held-out anchors are fixed: evaluating twice gives the same numbers.
+    again = trainer.evaluate()
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+
+
+def test_checkpoints_hold_only_the_draft_and_resume_exactly(tmp_path):
+    dataset = make_dataset(12)
+
+    def run(output_dir, resume=None, max_steps=6):
+        target = make_target()
+        # A resumed run starts from other weights: they must come from the checkpoint.
+        draft = make_draft(target, seed=1 if resume is None else 99)
+        trainer = DSparkTrainer(
+            model=draft,
+            args=training_args(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=3),
+            target_model=target,
+            train_dataset=dataset,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return {h["step"]: (h["loss"], h["tv"]) for h in trainer.state.log_history if "loss" in h}
+
+    full = run(tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    weights = load_file(checkpoint / "model.safetensors")
+    assert not any(k.startswith(("embed_tokens", "lm_head", "model.")) for k in weights)
+    assert set(weights) == set(make_draft(make_target()).state_dict())
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["model_type"] == "dspark"
+    # The saved draft reloads onto the target.
+    reloaded = DSparkDraftModel.from_pretrained(checkpoint, target_model=make_target())
+    assert reloaded.config.block_size == BLOCK
+
+    resumed = run(tmp_path / "a", resume=str(checkpoint))
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # steps 1–3 come from the checkpoint's log history
+    for step in (4, 5, 6):
+        assert resumed[step][0] == pytest.approx(full[step][0], rel=1e-6, abs=1e-7), step
+        assert resumed[step][1] == pytest.approx(full[step][1], rel=1e-6, abs=1e-7), step
+
+
+def test_gradient_accumulation_and_bf16(tmp_path):
+    target = make_target().to(torch.bfloat16)
+    draft = make_draft(target).float()
+    trainer = DSparkTrainer(
+        model=draft,
+        args=training_args(tmp_path, max_steps=2, bf16=True, gradient_accumulation_steps=2),
+        target_model=target,
+        train_dataset=make_dataset(),
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(x == x and x < 1e3 for x in losses)
+    assert draft.fc.weight.dtype == torch.float32
+
+
+# -- PEFT ------------------------------------------------------------------------------------------------------------
+
+
+def test_peft_lora_trains_saves_and_loads(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    target = make_target()
+    base = make_draft(target)
+    base.save_pretrained(tmp_path / "base")
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer = DSparkTrainer(
+        model=model,
+        args=training_args(tmp_path / "run", max_steps=3, learning_rate=5e-2),
+        target_model=target,
+        train_dataset=make_dataset(),
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+
+    batch = DSparkDataCollator(pad_token_id=0)([make_dataset()[i] for i in (0, 3)])
+
+    def block_logits(model):
+        with torch.no_grad():
+            _, output, _ = compute_dspark_loss(
+                model,
+                target,
+                batch["input_ids"],
+                batch["loss_mask"],
+                batch["attention_mask"],
+                num_anchors=3,
+                generator=torch.Generator().manual_seed(0),
+            )
+        return output.logits
+
+    model.eval()
+    adapted = block_logits(model)
+    fresh_base = DSparkDraftModel.from_pretrained(tmp_path / "base", target_model=target)
+    for key, value in fresh_base.state_dict().items():
+        assert torch.equal(value, base_state[key]), key  # the base draft itself never changed
+    plain = block_logits(fresh_base)
+    loaded = PeftModel.from_pretrained(fresh_base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(block_logits(loaded), adapted, atol=1e-5, rtol=1e-5)
+    assert (plain - adapted).abs().max() > 1e-4  # the adapter learned something
+
+
+# -- CLI -------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_train(tmp_path):
+    from dspark_hf.cli import main
+
+    target = make_target()
+    target.save_pretrained(tmp_path / "target")
+    make_dataset(8).save_to_disk(str(tmp_path / "data"))
+    config = {
+        "block_size": BLOCK,
+        "num_draft_layers": 1,
+        "markov_rank": 8,
+        "mask_token_id": MASK,
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "num_anchors": 3,
+        "report_to": "none",
+        "eval_fraction": 0.25,
+        "training_args": {"use_cpu": True, "disable_tqdm": True, "save_strategy": "no"},
+    }
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    # The target folder has no tokenizer: not needed for an already tokenized dataset.
+    trainer = main(
+        [
+            "train",
+            "--config",
+            str(tmp_path / "train.json"),
+            "--target",
+            str(tmp_path / "target"),
+            "--data",
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--learning-rate",
+            "1e-3",
+        ]
+    )
+    assert trainer.state.global_step == 2
+    assert trainer.args.learning_rate == 1e-3
+    assert trainer.eval_dataset is not None and len(trainer.eval_dataset) == 2
+    saved = DSparkDraftModel.from_pretrained(tmp_path / "out", target_model=target)
+    assert saved.config.num_hidden_layers == 1 and saved.config.block_size == BLOCK
+    assert os.path.exists(tmp_path / "out" / "model.safetensors")
