@@ -308,6 +308,9 @@ def test_peft_lora_trains_saves_and_loads(tmp_path):
     loaded = PeftModel.from_pretrained(fresh_base, tmp_path / "adapter").eval()
     torch.testing.assert_close(block_logits(loaded), adapted, atol=1e-5, rtol=1e-5)
     assert (plain - adapted).abs().max() > 1e-4  # the adapter learned something
+    merged = loaded.merge_and_unload()
+    assert isinstance(merged, DSparkDraftModel)
+    torch.testing.assert_close(block_logits(merged), adapted, atol=1e-5, rtol=1e-5)
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------------
