@@ -353,3 +353,17 @@ def test_build_blocks_masks_positions_per_block():
     assert blocks.labels[0, 0].tolist() == [12, 13, 14]
     assert blocks.prev_ids[0, 0].tolist() == [11, 12, 13]
     assert blocks.target_positions[0, 2].tolist() == [8, 9, 9]
+
+
+def test_regenerate_skips_prompts_longer_than_max_prompt_tokens(tmp_path, target, tokenizer):
+    prompts = load_prompts([{"turns": ["w1"]}, {"turns": [" ".join(["w2"] * 30)]}])
+    rows = regenerate_responses(
+        target,
+        tokenizer,
+        prompts,
+        tmp_path / "r.jsonl",
+        max_new_tokens=2,
+        max_prompt_tokens=10,
+        progress=False,
+    )
+    assert [r["id"] for r in rows] == [prompts[0]["id"]]

@@ -240,6 +240,9 @@ def _add_prepare_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=2048, help="Truncate tokenized conversations.")
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, help="Skip longer prompts (default: max-length − 64)."
+    )
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--top-k", type=int)
@@ -283,6 +286,7 @@ def _run_prepare_data(args: argparse.Namespace):
         generation_kwargs=generation,
         seed=args.seed,
         progress=not args.no_progress,
+        **({"max_prompt_tokens": args.max_prompt_tokens} if args.max_prompt_tokens else {}),
     )
     print(f"Saved {len(dataset)} tokenized conversations to {args.output}", file=sys.stderr)
     return dataset

@@ -218,6 +218,11 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="Regenerating responses", unit="prompt")
 
 
+def _prompt_tokens(tokenizer, messages: list[dict]) -> int:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 @torch.no_grad()
 def _generate_batch(
     target,
@@ -273,6 +278,7 @@ def regenerate_responses(
     generation_kwargs: dict | None = None,
     seed: int = 0,
     sort_by_length: bool = True,
+    max_prompt_tokens: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Answers every prompt with the target and appends the conversations to `output_path` (JSONL).
@@ -289,7 +295,9 @@ def regenerate_responses(
         generation_kwargs: sampling settings overriding the target's `generation_config`
             (see [`default_sampling_settings`]).
         seed: seeds torch before each batch (reproducible sampling for a given batch composition).
-        sort_by_length: batch prompts of similar length together (less padding).
+        sort_by_length: batch prompts of similar (token) length together (less padding).
+        max_prompt_tokens: skip prompts whose first templated turn is longer than this (their answers would be
+            truncated away later anyway, and they dominate the cost of a batch). Skipped prompts are not written.
         progress: show a tqdm bar.
 
     Returns:
@@ -300,8 +308,17 @@ def regenerate_responses(
     output_path.parent.mkdir(parents=True, exist_ok=True)
     done = {row["id"]: row for row in read_jsonl(output_path)} if output_path.exists() else {}
     pending = [p for p in prompts if p["id"] not in done]
-    if sort_by_length:
-        pending.sort(key=lambda p: len(p.get("system") or "") + len(p["turns"][0]))
+    if sort_by_length or max_prompt_tokens is not None:
+        lengths = {p["id"]: _prompt_tokens(tokenizer, _messages(p, [], 0)) for p in pending}
+        if max_prompt_tokens is not None:
+            too_long = [p for p in pending if lengths[p["id"]] > max_prompt_tokens]
+            if too_long:
+                logger.warning("Skipping %d prompts longer than %d tokens.", len(too_long), max_prompt_tokens)
+                skipped = {p["id"] for p in too_long}
+                pending = [p for p in pending if p["id"] not in skipped]
+                prompts = [p for p in prompts if p["id"] not in skipped]
+        if sort_by_length:
+            pending.sort(key=lambda p: lengths[p["id"]])
     settings = default_sampling_settings(target, **(generation_kwargs or {}))
     eos_ids = _eos_ids(target, tokenizer)
     logger.info(
@@ -474,8 +491,10 @@ def build_training_dataset(
 
     The raw conversations go to `responses_path` (default: `<output_dir>.responses.jsonl`, next to the dataset),
     which also makes the generation resumable. Returns the dataset (`datasets.load_from_disk(output_dir)` reloads it).
-    `regenerate_kwargs` go to [`regenerate_responses`].
+    `regenerate_kwargs` go to [`regenerate_responses`]; prompts longer than `max_length − 64` tokens are skipped
+    unless `max_prompt_tokens` says otherwise (their answers would be truncated away).
     """
+    regenerate_kwargs.setdefault("max_prompt_tokens", max(max_length - 64, 1))
     output_dir = Path(output_dir)
     if responses_path is None:
         responses_path = output_dir.with_name(output_dir.name + ".responses.jsonl")
