@@ -14,6 +14,17 @@ from .modeling_dspark import (
 )
 from . import generate_hook
 from .generation import DraftBlock, DSparkCandidateGenerator, sample_block
+from .scheduling import (
+    CostTable,
+    FullBlockPolicy,
+    LaggedSchedulerPolicy,
+    NoSpeculationPolicy,
+    PrefixSchedulerPolicy,
+    StaticThresholdPolicy,
+    VerificationPolicy,
+    profile_cost_table,
+    schedule_verification_lengths,
+)
 from .stats import SpeculationStats
 from .targets import choose_mask_token_id, default_target_layer_ids, draft_config_from_target
 
@@ -24,6 +35,15 @@ generate_hook.install()
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CostTable",
+    "FullBlockPolicy",
+    "LaggedSchedulerPolicy",
+    "NoSpeculationPolicy",
+    "PrefixSchedulerPolicy",
+    "StaticThresholdPolicy",
+    "VerificationPolicy",
+    "profile_cost_table",
+    "schedule_verification_lengths",
     "DSparkCandidateGenerator",
     "DraftBlock",
     "SpeculationStats",

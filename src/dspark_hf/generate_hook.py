@@ -1,9 +1,10 @@
 """The hook that makes `target.generate(..., assistant_model=draft)` use DSpark drafting.
 
 transformers 5.x picks its candidate generator in `GenerationMixin._get_candidate_generator`, a fixed if/elif chain
-with no third-party entry. On import we wrap that method once (and `_validate_generation_mode`, to reject decoding
-modes DSpark cannot serve). Both wrappers hand every call that does not involve a [`DSparkDraftModel`] to the
-original method unchanged, so other assistants and prompt lookup behave exactly as before.
+with no third-party entry. On import we wrap that method once, plus `_validate_generation_mode` (to reject decoding
+modes DSpark cannot serve) and `_assisted_decoding` (to end the output exactly where plain decoding would stop: the
+loop checks stopping criteria only after appending a whole round). Every wrapper hands calls that do not involve a
+[`DSparkDraftModel`] to the original method unchanged, so other assistants and prompt lookup behave as before.
 """
 
 import functools
@@ -12,6 +13,7 @@ import inspect
 import transformers
 from packaging import version
 from transformers.generation.configuration_utils import GenerationMode
+from transformers.generation.stopping_criteria import MaxTimeCriteria
 from transformers.generation.utils import GenerationMixin
 from transformers.utils import logging
 
@@ -62,12 +64,56 @@ def _wrap_validate_generation_mode(original):
     return _validate_generation_mode
 
 
+def _first_stop(sequences, stopping_criteria, start: int) -> int | None:
+    """Smallest length ≥ `start` at which a (time-independent) stopping criterion fires, if any."""
+    criteria = [c for c in stopping_criteria if not isinstance(c, MaxTimeCriteria)]
+    for length in range(start, sequences.shape[1]):
+        if any(bool(c(sequences[:, :length], None).any()) for c in criteria):
+            return length
+    return None
+
+
+def _truncate(output, length: int, prompt_length: int):
+    """Cuts a generate() result (tensor or ModelOutput with per-token tuples) to `length` tokens."""
+    if not hasattr(output, "sequences"):
+        return output[:, :length]
+    output.sequences = output.sequences[:, :length]
+    for name in ("scores", "logits", "attentions", "hidden_states"):
+        value = getattr(output, name, None)
+        if value is not None:
+            setattr(output, name, value[: length - prompt_length])
+    return output
+
+
+def _wrap_assisted_decoding(original):
+    @functools.wraps(original)
+    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, *args, **kwargs):
+        draft = kwargs.get("assistant_model")
+        output = original(self, input_ids, logits_processor, stopping_criteria, *args, **kwargs)
+        if not _is_dspark(draft):
+            return output
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        # Criteria were checked only at round ends, so any earlier position may be where plain decoding stops.
+        stop = _first_stop(sequences, stopping_criteria, input_ids.shape[1] + 1)
+        return output if stop is None else _truncate(output, stop, input_ids.shape[1])
+
+    _assisted_decoding.__dspark_original__ = original
+    return _assisted_decoding
+
+
+_WRAPPERS = {
+    "_get_candidate_generator": _wrap_get_candidate_generator,
+    "_validate_generation_mode": _wrap_validate_generation_mode,
+    "_assisted_decoding": _wrap_assisted_decoding,
+}
+
+
 def install() -> bool:
     """Installs the wrappers once; returns whether DSpark drafting is available in `generate()`."""
     current = version.parse(transformers.__version__)
     method = getattr(GenerationMixin, "_get_candidate_generator", None)
-    validate = getattr(GenerationMixin, "_validate_generation_mode", None)
-    if method is None or validate is None or not _EXPECTED_PARAMETERS <= set(inspect.signature(method).parameters):
+    missing = [name for name in _WRAPPERS if not hasattr(GenerationMixin, name)]
+    if missing or not _EXPECTED_PARAMETERS <= set(inspect.signature(method).parameters):
         logger.warning(
             "transformers %s changed its assisted-generation internals: generate(assistant_model=DSparkDraftModel) is "
             "unavailable. Install transformers>=5.24,<6.",
@@ -76,16 +122,16 @@ def install() -> bool:
         return False
     if not TESTED_TRANSFORMERS[0] <= current < TESTED_TRANSFORMERS[1]:
         logger.warning("dspark_hf's generate() hook is tested with transformers>=5.24,<6, found %s.", current)
-    if not hasattr(method, "__dspark_original__"):
-        GenerationMixin._get_candidate_generator = _wrap_get_candidate_generator(method)
-    if not hasattr(validate, "__dspark_original__"):
-        GenerationMixin._validate_generation_mode = _wrap_validate_generation_mode(validate)
+    for name, wrap in _WRAPPERS.items():
+        current_method = getattr(GenerationMixin, name)
+        if not hasattr(current_method, "__dspark_original__"):
+            setattr(GenerationMixin, name, wrap(current_method))
     return True
 
 
 def uninstall() -> None:
     """Restores transformers' original methods."""
-    for name in ("_get_candidate_generator", "_validate_generation_mode"):
+    for name in _WRAPPERS:
         method = getattr(GenerationMixin, name)
         if hasattr(method, "__dspark_original__"):
             setattr(GenerationMixin, name, method.__dspark_original__)

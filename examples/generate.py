@@ -1,0 +1,59 @@
+"""Generate with a DSpark draft through `target.generate(assistant_model=draft)` and compare with plain decoding.
+
+    python examples/generate.py                                  # SmolLM2 target, fresh draft
+    python examples/generate.py --draft outputs/draft --sample   # a saved draft, sampling
+"""
+
+import argparse
+import time
+
+import torch
+
+import dspark_hf  # noqa: F401  (installs the generate() hook)
+from dspark_hf import DSparkDraftModel, StaticThresholdPolicy
+from dspark_hf.cli import load_target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--draft", help="A saved draft (either layout); default: a fresh draft for the target.")
+    parser.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true", help="Sample (temperature 0.7) instead of greedy decoding.")
+    parser.add_argument("--threshold", type=float, help="Verify only up to the first confidence below this value.")
+    args = parser.parse_args()
+
+    target, tokenizer = load_target(args.target, dtype="bfloat16")
+    if args.draft:
+        draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype)
+    else:
+        draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, block_size=8)
+    if args.threshold is not None:
+        draft.verification_policy = StaticThresholdPolicy(args.threshold)
+
+    input_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    settings = dict(max_new_tokens=args.max_new_tokens, attention_mask=torch.ones_like(input_ids),
+                    pad_token_id=tokenizer.eos_token_id)
+    settings.update(do_sample=True, temperature=0.7) if args.sample else settings.update(do_sample=False)
+
+    started = time.perf_counter()
+    plain = target.generate(input_ids, **settings)
+    plain_s = time.perf_counter() - started
+    started = time.perf_counter()
+    speculative = target.generate(input_ids, assistant_model=draft, **settings)
+    speculative_s = time.perf_counter() - started
+
+    stats = draft.last_generate_stats
+    print(tokenizer.decode(speculative[0, input_ids.shape[1]:], skip_special_tokens=True))
+    if not args.sample:
+        print(f"\nidentical to plain greedy decoding: {torch.equal(plain, speculative)}")
+    print(f"rounds {stats.num_rounds}, τ {stats.tau:.2f}, conditional acceptance {stats.conditional_acceptance()}")
+    print(f"plain {plain_s:.2f}s, DSpark {speculative_s:.2f}s (draft {stats.draft_time_s:.2f}s, "
+          f"verify {stats.verify_time_s:.2f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`dspark-hf demo`: SmolLM2-135M-Instruct with the built-in default draft, against plain `generate`."""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from .modeling_dspark import DSparkDraftModel
+
+# Where a trained default draft ships inside the package (bf16 safetensors, calibrated).
+DEFAULT_DRAFT_DIR = Path(__file__).parent / "default_draft"
+
+DEMO_PROMPTS = {
+    "math": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Reason step by step.",
+    "code": "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "chat": "Give me three tips for staying focused while studying.",
+}
+
+
+def load_default_draft(target, tokenizer) -> tuple[DSparkDraftModel, str]:
+    """The shipped default draft for SmolLM2 if present, else a fresh (untrained) one; returns (draft, description)."""
+    if (DEFAULT_DRAFT_DIR / "config.json").exists():
+        draft = DSparkDraftModel.from_pretrained(DEFAULT_DRAFT_DIR, target_model=target, dtype=target.dtype)
+        return draft.eval(), f"built-in draft {DEFAULT_DRAFT_DIR.name}"
+    torch.manual_seed(0)
+    draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, block_size=8).eval()
+    return draft, "a fresh, untrained draft (no trained default draft ships yet: expect τ ≈ 1 and no speed-up)"
+
+
+def _timed_generate(target, input_ids, **kwargs) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    return output, time.perf_counter() - started
+
+
+def run_demo(max_new_tokens: int = 64, dtype: str = "bfloat16") -> list[dict]:
+    """Generates for one prompt per domain with and without the draft; prints and returns the measurements."""
+    from .cli import load_target
+
+    target, tokenizer = load_target("smollm2", dtype=dtype)
+    draft, description = load_default_draft(target, tokenizer)
+    print(f"target: SmolLM2-135M-Instruct ({target.dtype}); draft: {description}\n")
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+    _timed_generate(target, tokenizer("warm up", return_tensors="pt").input_ids, max_new_tokens=4)
+    results = []
+    for domain, prompt in DEMO_PROMPTS.items():
+        input_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        plain, plain_s = _timed_generate(target, input_ids, **kwargs)
+        speculative, speculative_s = _timed_generate(target, input_ids, assistant_model=draft, **kwargs)
+        stats = draft.last_generate_stats
+        identical = torch.equal(plain, speculative)
+        new_tokens = speculative.shape[1] - input_ids.shape[1]
+        acceptance = ", ".join("-" if a is None else f"{a:.2f}" for a in stats.conditional_acceptance())
+        print(f"[{domain}] {prompt}\n  answer: {tokenizer.decode(speculative[0, input_ids.shape[1]:], skip_special_tokens=True)!r}")
+        print(
+            f"  identical to plain generate: {identical} | τ = {stats.tau:.2f} | per-position acceptance: {acceptance}\n"
+            f"  plain {new_tokens / plain_s:.1f} tok/s, DSpark {new_tokens / speculative_s:.1f} tok/s, "
+            f"speed-up ×{plain_s / speculative_s:.2f}\n"
+        )
+        results.append({"domain": domain, "identical": identical, "tau": stats.tau, "speedup": plain_s / speculative_s})
+    if not all(r["identical"] for r in results):
+        raise SystemExit("DSpark output differed from plain generate: this is a bug, please report it.")
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", help="Target and draft dtype (bfloat16 is fastest on CPU).")
+
+
+def run(args: argparse.Namespace) -> None:
+    run_demo(max_new_tokens=args.max_new_tokens, dtype=args.dtype)

