@@ -12,7 +12,12 @@ from transformers.generation.streamers import BaseStreamer
 import dspark_hf.generate_hook as hook
 from dspark_hf import DSparkDraftModel
 from dspark_hf.generation import DSparkCandidateGenerator, sample_block
-from dspark_hf.scheduling import CostTable, LaggedSchedulerPolicy, PrefixSchedulerPolicy, StaticThresholdPolicy
+from dspark_hf.scheduling import (
+    CostTable,
+    LaggedSchedulerPolicy,
+    PrefixSchedulerPolicy,
+    StaticThresholdPolicy,
+)
 
 VOCAB = 32
 HEADS = ["markov", "rnn", "none"]
@@ -89,7 +94,7 @@ def test_greedy_output_identical_to_plain_generate(
 def test_trained_drafts_are_accepted(targets, trained_drafts):
     """Guards the property test above: trained drafts really produce accepted rounds."""
     taus = []
-    for (family, head), draft in trained_drafts.items():
+    for (family, _head), draft in trained_drafts.items():
         draft.config.block_size = 8
         for seed in range(3):
             prompt = torch.randint(0, VOCAB - 1, (1, 5), generator=torch.Generator().manual_seed(seed))
@@ -188,7 +193,7 @@ def test_return_dict_with_hidden_states_and_scores(targets):
     reference, speculative = greedy_pair(target, draft, torch.tensor([[1, 2, 3, 4]]), **kwargs)
     assert torch.equal(reference.sequences, speculative.sequences)
     assert len(speculative.scores) == len(reference.scores) == 10
-    for a, b in zip(reference.scores, speculative.scores):
+    for a, b in zip(reference.scores, speculative.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # Every layer comes back (the draft did not narrow the selection the user asked for).
     assert all(h is not None for step in speculative.hidden_states for h in step)

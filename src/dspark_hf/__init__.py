@@ -2,7 +2,9 @@
 
 from transformers import AutoConfig, AutoModel
 
+from . import generate_hook
 from .configuration_dspark import DSparkDraftConfig
+from .generation import DraftBlock, DSparkCandidateGenerator, sample_block
 from .modeling_dspark import (
     DSparkContextCache,
     DSparkDraftModel,
@@ -12,8 +14,6 @@ from .modeling_dspark import (
     position_weights,
     select_target_features,
 )
-from . import generate_hook
-from .generation import DraftBlock, DSparkCandidateGenerator, sample_block
 from .scheduling import (
     CostTable,
     FullBlockPolicy,

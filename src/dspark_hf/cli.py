@@ -468,5 +468,26 @@ register_command(
 )
 
 
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .demo import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace):
+    from .demo import run
+
+    return run(args)
+
+
+register_command(
+    "demo",
+    "SmolLM2-135M-Instruct with the built-in draft: answers, τ, acceptance and speed-up over plain generate.",
+    _add_demo_arguments,
+    _run_demo,
+)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

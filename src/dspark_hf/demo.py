@@ -29,6 +29,21 @@ def load_default_draft(target, tokenizer) -> tuple[DSparkDraftModel, str]:
     return draft, "a fresh, untrained draft (no trained default draft ships yet: expect τ ≈ 1 and no speed-up)"
 
 
+def describe_divergence(target, plain: torch.Tensor, speculative: torch.Tensor) -> tuple[str, bool]:
+    """Where two greedy outputs first differ and whether it is a floating-point tie of the target.
+
+    In bf16 the target's multi-token verification pass and its one-token decoding steps round differently, so
+    two candidates whose logits are within a rounding step of each other can swap. Returns (text, is_tie).
+    """
+    position = int((plain[0, : speculative.shape[1]] != speculative[0, : plain.shape[1]]).nonzero()[0])
+    with torch.no_grad():
+        logits = target(plain[:, :position]).logits[0, -1].float()
+    a, b = int(plain[0, position]), int(speculative[0, position])
+    gap = abs(float(logits[a] - logits[b]))
+    tie = gap <= 2 * torch.finfo(target.dtype).eps * float(logits.abs().max())
+    return f"first differs at token {position}: target logits {float(logits[a]):.3f} vs {float(logits[b]):.3f}", tie
+
+
 def _timed_generate(target, input_ids, **kwargs) -> tuple[torch.Tensor, float]:
     started = time.perf_counter()
     with torch.no_grad():
@@ -54,17 +69,24 @@ def run_demo(max_new_tokens: int = 64, dtype: str = "bfloat16") -> list[dict]:
         speculative, speculative_s = _timed_generate(target, input_ids, assistant_model=draft, **kwargs)
         stats = draft.last_generate_stats
         identical = torch.equal(plain, speculative)
+        divergence, tie = ("", True) if identical else describe_divergence(target, plain, speculative)
         new_tokens = speculative.shape[1] - input_ids.shape[1]
         acceptance = ", ".join("-" if a is None else f"{a:.2f}" for a in stats.conditional_acceptance())
         print(f"[{domain}] {prompt}\n  answer: {tokenizer.decode(speculative[0, input_ids.shape[1]:], skip_special_tokens=True)!r}")
+        verdict = "yes" if identical else f"no, {divergence} ({'a rounding tie' if tie else 'NOT a rounding tie'})"
         print(
-            f"  identical to plain generate: {identical} | τ = {stats.tau:.2f} | per-position acceptance: {acceptance}\n"
+            f"  identical to plain generate: {verdict}\n  τ = {stats.tau:.2f} | per-position acceptance: {acceptance}\n"
             f"  plain {new_tokens / plain_s:.1f} tok/s, DSpark {new_tokens / speculative_s:.1f} tok/s, "
             f"speed-up ×{plain_s / speculative_s:.2f}\n"
         )
-        results.append({"domain": domain, "identical": identical, "tau": stats.tau, "speedup": plain_s / speculative_s})
+        results.append({"domain": domain, "identical": identical, "tie": tie, "tau": stats.tau,
+                        "speedup": plain_s / speculative_s})
+    if not all(r["identical"] or r["tie"] for r in results):
+        raise SystemExit("DSpark output differed from plain generate beyond rounding: this is a bug, please report it.")
     if not all(r["identical"] for r in results):
-        raise SystemExit("DSpark output differed from plain generate: this is a bug, please report it.")
+        print(f"Note: in {target.dtype} the target's multi-token verification pass rounds differently from its one-token "
+              "steps, so logits tied within rounding can resolve differently; float32 (--dtype float32) rounds 65,000× "
+              "finer and matched plain decoding in every test.")
     return results
 
 

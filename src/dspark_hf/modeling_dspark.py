@@ -99,7 +99,7 @@ class DSparkContextCache:
 
     def crop(self, length: int) -> None:
         """Keeps the first `length` context positions."""
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             if k is not None:
                 self.keys[i], self.values[i] = k[..., :length, :], v[..., :length, :]
 

@@ -39,17 +39,17 @@ class SpeculationStats:
         """P(position k accepted | positions < k accepted and k was proposed), k = 1..γ (paper Fig. 2)."""
         reached = [0] * self.block_size
         survived = [0] * self.block_size
-        for proposed, accepted in zip(self.proposed, self.accepted):
+        for proposed, accepted in zip(self.proposed, self.accepted, strict=True):
             for k in range(min(proposed, accepted + 1)):
                 reached[k] += 1
                 survived[k] += int(k < accepted)
-        return [s / r if r else None for s, r in zip(survived, reached)]
+        return [s / r if r else None for s, r in zip(survived, reached, strict=True)]
 
     def prefix_survival(self) -> list[float | None]:
         """P(positions 1..k all accepted) over rounds that proposed at least k tokens, k = 1..γ."""
         result = []
         for k in range(1, self.block_size + 1):
-            rounds = [a for p, a in zip(self.proposed, self.accepted) if p >= k]
+            rounds = [a for p, a in zip(self.proposed, self.accepted, strict=True) if p >= k]
             result.append(sum(a >= k for a in rounds) / len(rounds) if rounds else None)
         return result
 
