@@ -248,7 +248,7 @@ def test_build_training_dataset_round_trip(tmp_path, target, tokenizer):
 def test_cli_prepare_data(tmp_path, target, tokenizer):
     import datasets
 
-    from dspark_hf.cli import main
+    from dspark_hf.cli import run_command
 
     model_dir = tmp_path / "target"
     target.save_pretrained(model_dir)
@@ -261,7 +261,7 @@ def test_cli_prepare_data(tmp_path, target, tokenizer):
     config.write_text(
         json.dumps({"max_new_tokens": 2, "batch_size": 4, "num_prompts": 3, "no_progress": True})
     )
-    main(
+    run_command(
         [
             "prepare-data",
             "--config",

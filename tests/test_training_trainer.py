@@ -317,7 +317,7 @@ def test_peft_lora_trains_saves_and_loads(tmp_path):
 
 
 def test_cli_train(tmp_path):
-    from dspark_hf.cli import main
+    from dspark_hf.cli import run_command
 
     target = make_target()
     target.save_pretrained(tmp_path / "target")
@@ -336,7 +336,7 @@ def test_cli_train(tmp_path):
     }
     (tmp_path / "train.json").write_text(json.dumps(config))
     # The target folder has no tokenizer: not needed for an already tokenized dataset.
-    trainer = main(
+    trainer = run_command(
         [
             "train",
             "--config",

@@ -19,7 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMMANDS", "Command", "build_parser", "load_config", "load_target", "main", "register_command"]
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "build_parser",
+    "load_config",
+    "load_target",
+    "main",
+    "register_command",
+    "run_command",
+]
 
 
 @dataclass
@@ -90,8 +99,8 @@ def _apply_config(sub: argparse.ArgumentParser, config: dict) -> None:
     sub.set_defaults(**defaults)
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """Entry point of `dspark-hf`; returns the subcommand's result (for programmatic use)."""
+def run_command(argv: list[str] | None = None) -> Any:
+    """Parses `argv` like `dspark-hf` and returns the subcommand's result (e.g. the trainer of `train`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_command", None) is None:
@@ -101,6 +110,12 @@ def main(argv: list[str] | None = None) -> Any:
         _apply_config(parser._dspark_subparsers[args.command], load_config(args.config))
         args = parser.parse_args(argv)
     return args._command.run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dspark-hf` console script; returns the exit status (results: [`run_command`])."""
+    run_command(argv)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -466,7 +481,6 @@ register_command(
     _add_train_arguments,
     _run_train,
 )
-
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
