@@ -113,9 +113,12 @@ def run_command(argv: list[str] | None = None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `dspark-hf` console script; returns the exit status (results: [`run_command`])."""
-    run_command(argv)
-    return 0
+    """Entry point of the `dspark-hf` console script; returns the exit status (results: [`run_command`]).
+
+    A subcommand that returns an `int` sets the exit status; any other result means success.
+    """
+    result = run_command(argv)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
