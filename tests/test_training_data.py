@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import make_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from dspark_hf.training import (
     DSparkDataCollator,
@@ -22,11 +22,6 @@ from dspark_hf.training import (
 )
 
 VOCAB = 64
-SPECIALS = ["<pad>", "<unk>", "<s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<mask>"]
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,24 +31,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    words = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
-    vocab = {token: i for i, token in enumerate(SPECIALS + words)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        eos_token="<|end|>",
-        bos_token="<s>",
-        mask_token="<mask>",
-        extra_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
-    )
-    tokenizer.chat_template = TEMPLATE
-    return tokenizer
 
 
 @pytest.fixture(scope="module")

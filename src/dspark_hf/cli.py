@@ -506,5 +506,51 @@ register_command(
 )
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_target_arguments(parser)
+    parser.add_argument("--draft", help="Saved draft (either layout).")
+    parser.add_argument("--prompts-dir", default="../shared/data/eval", help="Folder of <dataset>.jsonl prompt files.")
+    parser.add_argument("--datasets", nargs="*", help="Dataset names (default: every .jsonl in --prompts-dir).")
+    parser.add_argument("--limit", type=int, default=10, help="Prompts per dataset.")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--sample", action="store_true", help="Sample at --temperature instead of greedy decoding.")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="0 skips the prompt-lookup baseline.")
+    parser.add_argument("--no-plain", action="store_true", help="Skip the plain-generate baseline.")
+    parser.add_argument("--out", required=False, help="Output folder (per-dataset JSON, summary.json, table.md).")
+
+
+def _run_eval(args: argparse.Namespace):
+    import torch
+
+    from .evaluation import domain_summaries, evaluate, load_prompt_sets, markdown_table
+    from .modeling_dspark import DSparkDraftModel
+
+    _require(args, "target", "draft", "out")
+    target, tokenizer = load_target(args.target, args.gguf_file, args.target_dtype, args.tokenizer)
+    draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype).eval()
+    torch.manual_seed(0)
+    summaries = evaluate(
+        target, tokenizer, draft, load_prompt_sets(args.prompts_dir, args.datasets, args.limit), output_dir=args.out,
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+        compare_plain=not args.no_plain, prompt_lookup_num_tokens=args.prompt_lookup_tokens or None,
+    )
+    out = Path(args.out)
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    report = {"datasets": summaries, "domains": domain_summaries(summaries), "settings": settings}
+    (out / "summary.json").write_text(json.dumps(report, indent=2))
+    (out / "table.md").write_text(markdown_table(summaries))
+    print(markdown_table(summaries))
+    return report
+
+
+register_command(
+    "eval",
+    "τ, per-position acceptance and speed of a draft against plain generate and prompt lookup on JSONL prompt sets.",
+    _add_eval_arguments,
+    _run_eval,
+)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -26,6 +26,20 @@ class SpeculationStats:
         self.accepted.append(accepted)
         self.confidence_logits.append(list(confidence_logits or []))
 
+    @classmethod
+    def merge(cls, parts: "list[SpeculationStats]") -> "SpeculationStats":
+        """The rounds of several calls as one record (the largest block size among them)."""
+        if not parts:
+            raise ValueError("merge needs at least one SpeculationStats.")
+        merged = cls(block_size=max(p.block_size for p in parts))
+        for part in parts:
+            merged.proposed += part.proposed
+            merged.accepted += part.accepted
+            merged.confidence_logits += part.confidence_logits
+            merged.draft_time_s += part.draft_time_s
+            merged.verify_time_s += part.verify_time_s
+        return merged
+
     @property
     def num_rounds(self) -> int:
         return len(self.proposed)

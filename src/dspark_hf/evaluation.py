@@ -1,0 +1,251 @@
+"""Evaluation harness: τ, acceptance and wall-clock speed of a draft on JSONL prompt sets.
+
+For every prompt (every turn of multi-turn prompts, answered in order with the target's own answers as history)
+the harness runs `target.generate(assistant_model=draft)` and, in the same loop, plain `generate` and
+transformers' prompt-lookup decoding, so speeds are compared under the same machine load. Results are kept per
+dataset and per domain (math / code / chat), written as JSON + markdown, and each finished dataset is saved at
+once so an interrupted run resumes where it stopped.
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .stats import SpeculationStats
+
+DATASET_DOMAINS = {
+    "gsm8k": "math",
+    "math500": "math",
+    "humaneval": "code",
+    "mbpp": "code",
+    "mt-bench": "chat",
+    "alpacaeval": "chat",
+}
+
+
+def load_prompt_sets(directory: str | Path, datasets: list[str] | None = None, limit: int | None = None) -> dict:
+    """`{dataset: [turns, ...]}` from `<directory>/<dataset>.jsonl` files with a `turns` list per line."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"Prompt folder {directory} does not exist (expected e.g. ../shared/data/eval).")
+    names = datasets or sorted(p.stem for p in directory.glob("*.jsonl"))
+    sets = {}
+    for name in names:
+        path = directory / f"{name}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found; available: {sorted(p.stem for p in directory.glob('*.jsonl'))}.")
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for i, row in enumerate(rows):
+            if not isinstance(row.get("turns"), list) or not row["turns"]:
+                raise ValueError(f"{path}:{i + 1} has no non-empty `turns` list.")
+        sets[name] = [row["turns"] for row in rows[:limit]]
+    return sets
+
+
+@dataclass
+class DatasetResult:
+    """Measurements of one dataset. Times are summed over all turns; speeds are generated tokens per second."""
+
+    dataset: str
+    domain: str
+    prompts: int
+    turns: int
+    new_tokens: int
+    stats: SpeculationStats
+    dspark_s: float
+    plain_s: float | None = None
+    prompt_lookup_s: float | None = None
+    prompt_lookup_tokens: int | None = None
+    greedy_identical: bool | None = None
+    mean_confidence: list[float | None] = field(default_factory=list)
+
+    @property
+    def dspark_tokens_per_s(self) -> float:
+        return self.new_tokens / self.dspark_s
+
+    @property
+    def plain_tokens_per_s(self) -> float | None:
+        return None if self.plain_s is None else self.new_tokens / self.plain_s
+
+    @property
+    def prompt_lookup_tokens_per_s(self) -> float | None:
+        if self.prompt_lookup_s is None:
+            return None
+        return self.prompt_lookup_tokens / self.prompt_lookup_s
+
+    def summary(self) -> dict:
+        plain, lookup = self.plain_tokens_per_s, self.prompt_lookup_tokens_per_s
+        return {
+            "dataset": self.dataset,
+            "domain": self.domain,
+            "prompts": self.prompts,
+            "turns": self.turns,
+            "new_tokens": self.new_tokens,
+            "rounds": self.stats.num_rounds,
+            "tau": self.stats.tau,
+            "conditional_acceptance": self.stats.conditional_acceptance(),
+            "prefix_survival": self.stats.prefix_survival(),
+            "mean_confidence": self.mean_confidence,
+            "dspark_tokens_per_s": self.dspark_tokens_per_s,
+            "plain_tokens_per_s": plain,
+            "prompt_lookup_tokens_per_s": lookup,
+            "speedup_vs_plain": None if plain is None else self.dspark_tokens_per_s / plain,
+            "speedup_vs_prompt_lookup": None if lookup is None else self.dspark_tokens_per_s / lookup,
+            "greedy_identical": self.greedy_identical,
+            "draft_time_s": self.stats.draft_time_s,
+            "verify_time_s": self.stats.verify_time_s,
+        }
+
+
+def mean_confidence_by_position(stats: SpeculationStats, draft) -> list[float | None]:
+    """Mean calibrated confidence c_k of the verified positions, k = 1..γ."""
+    sums, counts = [0.0] * stats.block_size, [0] * stats.block_size
+    for logits in stats.confidence_logits:
+        if logits:
+            values = draft.calibrated_confidence(torch.tensor(logits), positions=slice(0, len(logits)))
+            for k, value in enumerate(values.tolist()):
+                sums[k] += value
+                counts[k] += 1
+    return [s / c if c else None for s, c in zip(sums, counts, strict=True)]
+
+
+def _timed_generate(target, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    output = target.generate(input_ids, **kwargs)
+    return output, time.perf_counter() - started
+
+
+def evaluate_dataset(
+    target,
+    tokenizer,
+    draft,
+    name: str,
+    conversations: list[list[str]],
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    compare_plain: bool = True,
+    prompt_lookup_num_tokens: int | None = 10,
+    progress: bool = True,
+) -> DatasetResult:
+    """Runs every turn of `conversations` with the draft (and the baselines) and aggregates the rounds."""
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.eos_token_id}
+    if do_sample:
+        settings.update(temperature=temperature, top_k=0, top_p=1.0)
+    iterator = conversations
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(conversations, desc=name, unit="prompt")
+    parts, new_tokens, turns, dspark_s = [], 0, 0, 0.0
+    plain_s = 0.0 if compare_plain else None
+    lookup_s, lookup_tokens = (0.0, 0) if prompt_lookup_num_tokens else (None, None)
+    identical = True if compare_plain and not do_sample else None
+    for conversation in iterator:
+        messages = []
+        for turn in conversation:
+            messages.append({"role": "user", "content": turn})
+            input_ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )["input_ids"].to(target.device)
+            kwargs = {**settings, "attention_mask": torch.ones_like(input_ids)}
+            with torch.no_grad():
+                output, seconds = _timed_generate(target, input_ids, assistant_model=draft, **kwargs)
+                parts.append(draft.last_generate_stats)
+                if compare_plain:
+                    plain, plain_seconds = _timed_generate(target, input_ids, **kwargs)
+                    plain_s += plain_seconds
+                    if identical is not None:
+                        identical = identical and torch.equal(plain, output)
+                if prompt_lookup_num_tokens:
+                    lookup, lookup_seconds = _timed_generate(
+                        target, input_ids, prompt_lookup_num_tokens=prompt_lookup_num_tokens, **kwargs
+                    )
+                    lookup_s += lookup_seconds
+                    lookup_tokens += lookup.shape[1] - input_ids.shape[1]
+            dspark_s += seconds
+            new_tokens += output.shape[1] - input_ids.shape[1]
+            turns += 1
+            answer = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+            messages.append({"role": "assistant", "content": answer})
+    stats = SpeculationStats.merge(parts)
+    return DatasetResult(
+        dataset=name,
+        domain=DATASET_DOMAINS.get(name, "other"),
+        prompts=len(conversations),
+        turns=turns,
+        new_tokens=new_tokens,
+        stats=stats,
+        dspark_s=dspark_s,
+        plain_s=plain_s,
+        prompt_lookup_s=lookup_s,
+        prompt_lookup_tokens=lookup_tokens,
+        greedy_identical=identical,
+        mean_confidence=mean_confidence_by_position(stats, draft),
+    )
+
+
+def evaluate(
+    target,
+    tokenizer,
+    draft,
+    prompt_sets: dict[str, list[list[str]]],
+    output_dir: str | Path | None = None,
+    **kwargs,
+) -> list[dict]:
+    """Evaluates every dataset; with `output_dir`, saves `<dataset>.json` as each finishes and skips those present."""
+    summaries = []
+    for name, conversations in prompt_sets.items():
+        path = None if output_dir is None else Path(output_dir) / f"{name}.json"
+        if path is not None and path.exists():
+            summaries.append(json.loads(path.read_text()))
+            continue
+        result = evaluate_dataset(target, tokenizer, draft, name, conversations, **kwargs)
+        summary = result.summary()
+        summary["rounds_detail"] = asdict(result.stats)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary, indent=2))
+        summaries.append(summary)
+    return summaries
+
+
+def domain_summaries(summaries: list[dict]) -> list[dict]:
+    """Per domain: τ over all rounds of its datasets, and speeds over all their tokens."""
+    domains = {}
+    for summary in summaries:
+        domains.setdefault(summary["domain"], []).append(summary)
+    result = []
+    for domain, rows in sorted(domains.items()):
+        stats = SpeculationStats.merge([SpeculationStats(**row["rounds_detail"]) for row in rows])
+        tokens = sum(r["new_tokens"] for r in rows)
+        dspark_s = sum(r["new_tokens"] / r["dspark_tokens_per_s"] for r in rows)
+        entry = {"domain": domain, "datasets": [r["dataset"] for r in rows], "tau": stats.tau,
+                 "conditional_acceptance": stats.conditional_acceptance(), "dspark_tokens_per_s": tokens / dspark_s}
+        if all(r["plain_tokens_per_s"] for r in rows):
+            plain_s = sum(r["new_tokens"] / r["plain_tokens_per_s"] for r in rows)
+            entry["speedup_vs_plain"] = plain_s / dspark_s
+        result.append(entry)
+    return result
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """A Table-1 style markdown table of the per-dataset summaries."""
+
+    def fmt(value, digits=2):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| dataset | domain | turns | τ | DSpark tok/s | plain tok/s | prompt lookup tok/s | × plain | × lookup | greedy identical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s['dataset']} | {s['domain']} | {s['turns']} | {fmt(s['tau'])} | {fmt(s['dspark_tokens_per_s'], 1)} | "
+            f"{fmt(s['plain_tokens_per_s'], 1)} | {fmt(s['prompt_lookup_tokens_per_s'], 1)} | "
+            f"{fmt(s['speedup_vs_plain'])} | {fmt(s['speedup_vs_prompt_lookup'])} | {s['greedy_identical']} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,106 @@
+"""Evaluation harness: metric arithmetic on hand-made rounds, prompt loading, an end-to-end run on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_target, make_tokenizer
+
+from dspark_hf import DSparkDraftModel, SpeculationStats
+from dspark_hf.evaluation import domain_summaries, evaluate, load_prompt_sets, markdown_table
+
+
+def hand_made_stats() -> SpeculationStats:
+    """γ = 3; rounds (proposed, accepted): (3,3) (3,1) (3,0) (2,2) (0,0)."""
+    stats = SpeculationStats(block_size=3)
+    for proposed, accepted in [(3, 3), (3, 1), (3, 0), (2, 2), (0, 0)]:
+        stats.record_round(proposed, accepted)
+    return stats
+
+
+def test_tau_counts_the_bonus_token():
+    assert hand_made_stats().tau == pytest.approx((3 + 1 + 0 + 2 + 0 + 5) / 5)
+
+
+def test_conditional_acceptance_vs_prefix_survival():
+    stats = hand_made_stats()
+    # Position 1 reached in the 4 rounds that proposed ≥ 1: accepted in 3.
+    # Position 2 reached only where position 1 survived and ≥ 2 proposed: rounds 1, 2, 4 → accepted in 1 and 4.
+    # Position 3 reached where 1-2 survived and 3 proposed: round 1 only → accepted.
+    assert stats.conditional_acceptance() == pytest.approx([3 / 4, 2 / 3, 1.0])
+    # Unconditional survival: P(first k all accepted) over rounds that proposed ≥ k.
+    assert stats.prefix_survival() == pytest.approx([3 / 4, 2 / 4, 1 / 3])
+
+
+def test_merge_concatenates_rounds():
+    a, b = hand_made_stats(), SpeculationStats(block_size=4)
+    b.record_round(4, 4)
+    b.draft_time_s = 1.5
+    merged = SpeculationStats.merge([a, b])
+    assert merged.block_size == 4 and merged.num_rounds == 6 and merged.draft_time_s == 1.5
+    assert merged.tau == pytest.approx((6 + 4 + 6) / 6)
+    with pytest.raises(ValueError):
+        SpeculationStats.merge([])
+
+
+def test_record_round_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="accepted"):
+        SpeculationStats(block_size=2).record_round(1, 2)
+
+
+def test_load_prompt_sets(tmp_path):
+    (tmp_path / "gsm8k.jsonl").write_text('{"turns": ["a"]}\n{"turns": ["b"]}\n')
+    (tmp_path / "mt-bench.jsonl").write_text('{"turns": ["x", "y"]}\n')
+    assert load_prompt_sets(tmp_path, limit=1) == {"gsm8k": [["a"]], "mt-bench": [["x", "y"]]}
+    with pytest.raises(FileNotFoundError, match="available"):
+        load_prompt_sets(tmp_path, ["humaneval"])
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match="turns"):
+        load_prompt_sets(tmp_path, ["bad"])
+
+
+def test_evaluate_end_to_end_and_resume(tmp_path):
+    torch.set_num_threads(1)
+    tokenizer = make_tokenizer(64)
+    target = make_target("llama", vocab_size=64)
+    target.generation_config.eos_token_id = None
+    draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, block_size=4, num_hidden_layers=1).eval()
+    prompts = {"gsm8k": [["w1 w2 w3"]], "mt-bench": [["w4 w5", "w6"]]}
+    summaries = evaluate(target, tokenizer, draft, prompts, output_dir=tmp_path, max_new_tokens=12,
+                         prompt_lookup_num_tokens=3, progress=False)
+    math, chat = summaries
+    assert (math["domain"], chat["domain"]) == ("math", "chat")
+    assert chat["turns"] == 2 and chat["new_tokens"] == 24
+    assert math["greedy_identical"] is True and chat["greedy_identical"] is True
+    # The prefill gives 1 of the 12 tokens; every round gives its accepted tokens plus one.
+    assert math["rounds"] * math["tau"] == pytest.approx(11)
+    assert math["plain_tokens_per_s"] > 0 and math["prompt_lookup_tokens_per_s"] > 0
+    saved = json.loads((tmp_path / "gsm8k.json").read_text())
+    assert saved["tau"] == math["tau"]
+    # A second call reads the finished datasets instead of recomputing them.
+    (tmp_path / "gsm8k.json").write_text(json.dumps({**saved, "tau": 99.0}))
+    again = evaluate(target, tokenizer, draft, prompts, output_dir=tmp_path, max_new_tokens=12, progress=False)
+    assert again[0]["tau"] == 99.0
+    domains = {d["domain"]: d for d in domain_summaries(summaries)}
+    assert domains["chat"]["tau"] == pytest.approx(chat["tau"]) and "speedup_vs_plain" in domains["math"]
+    table = markdown_table(summaries)
+    assert table.count("\n") == 4 and "| gsm8k | math | 1 |" in table
+
+
+def test_eval_cli(tmp_path):
+    from dspark_hf.cli import run_command
+
+    tokenizer = make_tokenizer(64)
+    target = make_target("llama", vocab_size=64)
+    target.save_pretrained(tmp_path / "target")
+    tokenizer.save_pretrained(tmp_path / "target")
+    DSparkDraftModel.from_target(target, tokenizer=tokenizer, block_size=3).save_pretrained(tmp_path / "draft")
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "humaneval.jsonl").write_text('{"turns": ["w1 w2"]}\n{"turns": ["w3"]}\n')
+    report = run_command([
+        "eval", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
+        "--prompts-dir", str(tmp_path / "prompts"), "--limit", "1", "--max-new-tokens", "6", "--out", str(tmp_path / "out"),
+    ])
+    assert report["datasets"][0]["turns"] == 1 and report["domains"][0]["domain"] == "code"
+    assert (tmp_path / "out" / "table.md").read_text().startswith("| dataset |")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]["limit"] == 1
