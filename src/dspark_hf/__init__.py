@@ -3,6 +3,14 @@
 from transformers import AutoConfig, AutoModel
 
 from . import generate_hook
+from .calibration import (
+    CalibrationData,
+    apply_calibration,
+    calibration_metrics,
+    collect_calibration_rounds,
+    fit_sequential_temperature_scaling,
+    threshold_sweep,
+)
 from .configuration_dspark import DSparkDraftConfig
 from .generation import DraftBlock, DSparkCandidateGenerator, sample_block
 from .modeling_dspark import (
@@ -35,6 +43,12 @@ generate_hook.install()
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CalibrationData",
+    "apply_calibration",
+    "calibration_metrics",
+    "collect_calibration_rounds",
+    "fit_sequential_temperature_scaling",
+    "threshold_sweep",
     "CostTable",
     "FullBlockPolicy",
     "LaggedSchedulerPolicy",

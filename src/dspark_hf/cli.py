@@ -552,5 +552,164 @@ register_command(
 )
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# calibrate / profile
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_target_arguments(parser)
+    parser.add_argument("--draft", help="Saved draft to calibrate (either layout).")
+    parser.add_argument("--draft-dtype", default="auto", help="dtype of the draft (auto: as saved); the copy keeps it.")
+    parser.add_argument(
+        "--prompts", help="Held-out prompts JSONL (`turns`/`messages`/`prompt`): neither training nor benchmark prompts."
+    )
+    parser.add_argument("--limit", type=int, default=100, help="Use at most this many prompts.")
+    parser.add_argument("--shuffle", action="store_true", help="Shuffle prompts (with --seed) before --limit.")
+    parser.add_argument("--rounds", help="Refit on rounds saved by an earlier run (calibration_rounds.json).")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding (calibrate as you serve).")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.25, help="Share of prompts held out for the reported metrics (0: in-sample)."
+    )
+    parser.add_argument("--num-bins", type=int, default=15, help="Equal-width bins of ECE and the STS objective.")
+    parser.add_argument("--grid", help="MIN,MAX,POINTS of the log-spaced temperature grid (default 0.05,20,261).")
+    parser.add_argument("--thresholds", type=float, nargs="+", help="Thresholds of the sweep (default 0, 0.1, …, 0.9).")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads.")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", help="Output folder: calibrated draft, rounds, metrics.json, report.md, PNGs.")
+
+
+def _chat_messages(prompt: dict) -> list[dict]:
+    system = [{"role": "system", "content": prompt["system"]}] if prompt["system"] else []
+    return system + [{"role": "user", "content": prompt["turns"][0]}]
+
+
+def _run_calibrate(args: argparse.Namespace):
+    _require(args, "draft", "out")
+    if not args.rounds:
+        _require(args, "target", "prompts")
+    import numpy as np
+    import torch
+
+    from . import calibration
+    from .modeling_dspark import DSparkDraftModel
+    from .training.data import load_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target, tokenizer = None, None
+    if args.target:
+        target, tokenizer = load_target(args.target, args.gguf_file, args.target_dtype, args.tokenizer)
+    draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=_torch_dtype(args.draft_dtype)).eval()
+    if args.rounds:
+        data = calibration.CalibrationData.load(args.rounds)
+    else:
+        prompts = load_prompts(args.prompts, limit=args.limit, shuffle=args.shuffle, seed=args.seed)
+        data = calibration.collect_calibration_rounds(
+            target, draft, [_chat_messages(p) for p in prompts], tokenizer, max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            progress=not args.no_progress,
+        )
+        data.metadata.update(prompts=str(args.prompts), draft=str(args.draft))
+        data.save(out / "calibration_rounds.json")
+    if data.block_size != draft.config.block_size:
+        raise SystemExit(f"The rounds have block size {data.block_size} but the draft's is {draft.config.block_size}.")
+    grid = calibration.DEFAULT_TEMPERATURE_GRID
+    if args.grid:
+        low, high, points = (float(v) for v in _csv(args.grid))
+        grid = np.geomspace(low, high, int(points))
+    fit_data, test_data = data.split(args.test_fraction, args.seed)
+    if not fit_data.num_rounds:
+        raise SystemExit("No rounds to fit on: give more prompts or a smaller --test-fraction.")
+    temperatures = calibration.fit_sequential_temperature_scaling(fit_data, grid, args.num_bins)
+    report = calibration.calibration_report(
+        fit_data, test_data, temperatures, args.num_bins, args.thresholds or calibration.DEFAULT_THRESHOLDS
+    )
+    report["settings"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    calibration.apply_calibration(draft, temperatures)
+    draft.save_pretrained(out / "draft")
+    (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    markdown = calibration.report_markdown(report)
+    (out / "report.md").write_text(markdown, encoding="utf-8")
+    evaluation = test_data if report["evaluation_split"] == "test" else fit_data
+    try:
+        for kind in ("survival", "conditional"):
+            calibration.plot_reliability_diagram(
+                evaluation, temperatures, out / f"reliability_{kind}.png", kind=kind, num_bins=min(args.num_bins, 10)
+            )
+        calibration.plot_threshold_sweep(report["threshold_sweep"]["calibrated"], out / "threshold_sweep.png")
+    except ImportError as error:
+        print(f"Note: no plots ({error}).", file=sys.stderr)
+    print(markdown)
+    print(f"Calibrated draft saved to {out / 'draft'}", file=sys.stderr)
+    return report
+
+
+def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", help="Target causal LM: Hub id, local folder, .gguf file, or 'smollm2'.")
+    parser.add_argument("--gguf-file", help="GGUF file name inside --target (a folder or Hub repo).")
+    parser.add_argument("--dtype", default="bfloat16", help="Target dtype: profile the one you decode in.")
+    parser.add_argument("--device", help="Device to profile on (default: where the target loads).")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="Tokens per forward B.")
+    parser.add_argument(
+        "--context-length", type=int, nargs="+", default=[256], help="Cached context; several give one row per length."
+    )
+    parser.add_argument("--shape", choices=["1xB", "Bx1"], default="1xB", help="One request of B tokens, or B of one.")
+    parser.add_argument("--repeats", type=int, default=7, help="Timed forwards per size (interleaved; median kept).")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--smooth", choices=["none", "monotone"], default="none")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads.")
+    parser.add_argument("--out", help="Cost table JSON to write (load with CostTable.load).")
+    parser.add_argument("--plot", help="Also plot the table to this PNG.")
+
+
+def _run_profile(args: argparse.Namespace):
+    _require(args, "target", "out")
+    import torch
+
+    from .scheduling import profile_cost_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, _ = load_target(args.target, args.gguf_file, args.dtype, require_tokenizer=False)
+    if args.device:
+        target.to(args.device)
+    contexts = args.context_length
+    table = profile_cost_table(
+        target, args.batch_sizes, contexts[0] if len(contexts) == 1 else contexts, repeats=args.repeats,
+        warmup=args.warmup, device=args.device, shape=args.shape, smooth=args.smooth, seed=args.seed,
+    )
+    table.metadata["threads"] = torch.get_num_threads()
+    table.save(args.out)
+    if args.plot:
+        from .calibration import plot_cost_table
+
+        plot_cost_table(table, args.plot)
+    print(table)
+    return table
+
+
+register_command(
+    "calibrate",
+    "Fit the confidence head's Sequential Temperature Scaling on held-out prompts; save a calibrated draft and a report.",
+    _add_calibrate_arguments,
+    _run_calibrate,
+)
+register_command(
+    "profile",
+    "Profile the target's SPS cost table (forwards per second at B tokens) for the prefix scheduler.",
+    _add_profile_arguments,
+    _run_profile,
+)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

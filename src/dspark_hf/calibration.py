@@ -1,0 +1,751 @@
+"""Confidence calibration (paper §3.2.1, §4.3.3).
+
+- [`collect_calibration_rounds`] runs `target.generate(..., assistant_model=draft)` with full-block verification
+  on held-out prompts and records, for every round, the raw confidence logits of the verified positions and how
+  many of them were accepted ([`CalibrationData`]).
+- [`fit_sequential_temperature_scaling`] fits one temperature per block position (Sequential Temperature Scaling);
+  [`apply_calibration`] stores them in `draft.config.calibration_temperatures`, where generation and the
+  scheduler pick them up through `DSparkDraftModel.calibrated_confidence`.
+- [`calibration_metrics`] reports ECE, AUROC and Brier score per position, of the conditional confidence c_k and
+  of the prefix survival a_k = ∏_{i≤k} c_i; [`threshold_sweep`] replays a static confidence threshold on the
+  recorded rounds (Fig. 5); the `plot_*` helpers draw the reliability diagram (Fig. 6), the sweep and a cost table.
+
+Positions are 1-based in names and docs (k = 1..γ) and 0-based in arrays.
+"""
+
+import json
+import math
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.utils import logging
+
+from .modeling_dspark import DSparkDraftModel
+from .scheduling import CostTable, StaticThresholdPolicy
+from .stats import SpeculationStats
+
+CALIBRATION_DATA_FORMAT = "dspark_hf.calibration_data"
+CALIBRATION_DATA_VERSION = 1
+# Equal-width confidence bins for ECE and reliability diagrams (Guo et al., 2017 use 15).
+DEFAULT_NUM_BINS = 15
+# 261 temperatures from 0.05 to 20, log-spaced in steps of 10^0.01 (≈2.3%), including exactly 1.0.
+DEFAULT_TEMPERATURE_GRID = tuple(float(10.0 ** (e / 100)) for e in range(-130, 131))
+DEFAULT_THRESHOLDS = tuple(i / 10 for i in range(10))
+# Cap on grid × samples evaluated at once by the grid search (memory bound).
+_GRID_CHUNK_ELEMENTS = 4_000_000
+
+logger = logging.get_logger(__name__)
+
+ConfidenceKind = Literal["conditional", "survival"]
+Prompt = torch.Tensor | str | Sequence[Mapping[str, str]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CalibrationRound:
+    """One verification round: `proposed` drafted tokens were verified and the first `accepted` survived.
+
+    `confidence_logits[k]` is the raw confidence logit of drafted token k+1. Token k+1 ≤ `accepted` was accepted,
+    token `accepted`+1 (if verified) was rejected, later ones were never reached. `prompt_index` names the prompt.
+    """
+
+    proposed: int
+    accepted: int
+    confidence_logits: list[float]
+    prompt_index: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.accepted <= self.proposed:
+            raise ValueError(f"accepted ({self.accepted}) must lie in [0, proposed={self.proposed}].")
+        if len(self.confidence_logits) != self.proposed:
+            raise ValueError(
+                f"A round that verified {self.proposed} tokens needs {self.proposed} confidence logits, got "
+                f"{len(self.confidence_logits)}."
+            )
+
+
+@dataclass
+class CalibrationData:
+    """Recorded rounds of full-block verification, the input of STS, the metrics and the threshold sweep."""
+
+    block_size: int
+    rounds: list[CalibrationRound] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}.")
+        for r in self.rounds:
+            self._check(r)
+
+    def _check(self, round_: CalibrationRound) -> None:
+        if round_.proposed > self.block_size:
+            raise ValueError(f"A round verified {round_.proposed} tokens but block_size is {self.block_size}.")
+
+    def add_round(self, round_: CalibrationRound) -> None:
+        self._check(round_)
+        self.rounds.append(round_)
+
+    def add_stats(self, stats: SpeculationStats, prompt_index: int = 0) -> None:
+        """Appends the rounds of one `generate()` call (`draft.last_generate_stats`)."""
+        if stats.block_size != self.block_size:
+            raise ValueError(f"Stats of block size {stats.block_size} added to data of block size {self.block_size}.")
+        for proposed, accepted, logits in zip(stats.proposed, stats.accepted, stats.confidence_logits, strict=True):
+            if proposed and not logits:
+                raise ValueError("The rounds carry no confidence logits: the draft has no confidence head to calibrate.")
+            self.add_round(CalibrationRound(proposed, accepted, list(logits), prompt_index))
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.rounds)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`(logits (N, γ) with NaN where not verified, proposed (N,), accepted (N,))` as float64/int64 arrays."""
+        logits = np.full((len(self.rounds), self.block_size), np.nan)
+        for i, r in enumerate(self.rounds):
+            logits[i, : r.proposed] = r.confidence_logits
+        proposed = np.array([r.proposed for r in self.rounds], dtype=np.int64)
+        accepted = np.array([r.accepted for r in self.rounds], dtype=np.int64)
+        return logits, proposed, accepted
+
+    def split(self, test_fraction: float, seed: int = 0) -> tuple["CalibrationData", "CalibrationData"]:
+        """`(fit, test)` split by prompt (rounds of one prompt are correlated), `test_fraction` of the prompts."""
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}.")
+        prompts = sorted({r.prompt_index for r in self.rounds})
+        random.Random(seed).shuffle(prompts)
+        test = set(prompts[: round(test_fraction * len(prompts))])
+        parts = (
+            [r for r in self.rounds if r.prompt_index not in test],
+            [r for r in self.rounds if r.prompt_index in test],
+        )
+        return tuple(CalibrationData(self.block_size, rounds, dict(self.metadata)) for rounds in parts)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": CALIBRATION_DATA_FORMAT,
+                "version": CALIBRATION_DATA_VERSION,
+                "block_size": self.block_size,
+                "metadata": self.metadata,
+                "rounds": [asdict(r) for r in self.rounds],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "CalibrationData":
+        data = json.loads(text)
+        if data.get("format") != CALIBRATION_DATA_FORMAT:
+            raise ValueError(f"Not a {CALIBRATION_DATA_FORMAT} document (format={data.get('format')!r}).")
+        if data.get("version") != CALIBRATION_DATA_VERSION:
+            raise ValueError(f"Unsupported calibration data version {data.get('version')!r}.")
+        rounds = [CalibrationRound(**r) for r in data["rounds"]]
+        return cls(data["block_size"], rounds, data.get("metadata", {}))
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationData":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+
+def _prompt_ids(prompt: Prompt, tokenizer, device: torch.device) -> torch.LongTensor:
+    if isinstance(prompt, torch.Tensor):
+        ids = prompt.long()
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(f"A token-id prompt must be a non-empty (length,) or (1, length) tensor, got {tuple(ids.shape)}.")
+        return ids.to(device)
+    if tokenizer is None:
+        raise ValueError("Text prompts need the target's tokenizer (tokenizer=...); or pass token-id tensors.")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return encoded["input_ids"].to(device)
+
+
+@torch.no_grad()
+def collect_calibration_rounds(
+    target: PreTrainedModel,
+    draft: DSparkDraftModel,
+    prompts: Sequence[Prompt],
+    tokenizer=None,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+    generation_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> CalibrationData:
+    """Generates for every prompt with full-block verification and records each round's outcome.
+
+    The draft's `verification_policy` is set to None for the duration, so every round verifies the whole drafted
+    block (less only near `max_length`); it is restored afterwards. Calibrate in the decoding mode you serve:
+    greedy acceptance (draft token = target argmax) and sampled acceptance (min(1, p_t/p_d)) differ.
+
+    Args:
+        prompts: token-id tensors (`(length,)` or `(1, length)`), user messages (str) or chat message lists; text
+            is rendered with `tokenizer`'s chat template (generation prompt added).
+        do_sample, temperature, top_p, top_k: decoding settings (unset ones keep the target's generation config).
+        seed: seeds `torch` before generating (matters when sampling).
+        generation_kwargs: any other `generate()` arguments.
+        progress: show a progress bar.
+    """
+    if draft.confidence_head is None:
+        raise ValueError("This draft has no confidence head (confidence_head=False): there is nothing to calibrate.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+    kwargs.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None})
+    if tokenizer is not None and tokenizer.eos_token_id is not None and target.generation_config.pad_token_id is None:
+        kwargs["pad_token_id"] = tokenizer.eos_token_id
+    kwargs.update(generation_kwargs or {})
+    data = CalibrationData(
+        draft.config.block_size,
+        metadata={
+            "target": getattr(target.config, "name_or_path", "") or type(target).__name__,
+            "draft": getattr(draft.config, "name_or_path", ""),
+            "num_prompts": len(prompts),
+            "seed": seed,
+            "generation": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))},
+        },
+    )
+    policy = draft.verification_policy
+    draft.verification_policy = None
+    torch.manual_seed(seed)
+    try:
+        for index, prompt in enumerate(tqdm(prompts, desc="calibration rounds", disable=not progress)):
+            input_ids = _prompt_ids(prompt, tokenizer, target.device)
+            target.generate(input_ids, attention_mask=torch.ones_like(input_ids), assistant_model=draft, **kwargs)
+            data.add_stats(draft.last_generate_stats, prompt_index=index)
+    finally:
+        draft.verification_policy = policy
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _binary_inputs(confidences, outcomes) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(confidences, dtype=np.float64).ravel()
+    y = np.asarray(outcomes, dtype=np.float64).ravel()
+    if p.shape != y.shape:
+        raise ValueError(f"{p.size} confidences but {y.size} outcomes.")
+    if p.size == 0:
+        raise ValueError("No samples: calibration metrics need at least one (confidence, outcome) pair.")
+    if not np.all((p >= 0) & (p <= 1)):
+        raise ValueError("Confidences must be probabilities in [0, 1].")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError("Outcomes must be 0/1 (or booleans).")
+    return p, y
+
+
+def _bin_index(p: np.ndarray, num_bins: int) -> np.ndarray:
+    """Equal-width bins [0, 1/M), …, [(M−1)/M, 1]: confidence 1.0 falls in the last bin."""
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
+    return np.minimum((p * num_bins).astype(np.int64), num_bins - 1)
+
+
+def expected_calibration_error(confidences, outcomes, num_bins: int = DEFAULT_NUM_BINS) -> float:
+    """ECE = Σ_b (n_b/N)·|accuracy_b − mean confidence_b| over `num_bins` equal-width bins (Naeini et al., 2015)."""
+    p, y = _binary_inputs(confidences, outcomes)
+    bins = _bin_index(p, num_bins)
+    gap = np.bincount(bins, weights=p, minlength=num_bins) - np.bincount(bins, weights=y, minlength=num_bins)
+    return float(np.abs(gap).sum() / p.size)
+
+
+def reliability_bins(confidences, outcomes, num_bins: int = DEFAULT_NUM_BINS) -> dict[str, list]:
+    """Per equal-width bin: `count`, `mean_confidence` and `accuracy` (None for empty bins), and the bin `edges`."""
+    p, y = _binary_inputs(confidences, outcomes)
+    bins = _bin_index(p, num_bins)
+    counts = np.bincount(bins, minlength=num_bins)
+    sum_p = np.bincount(bins, weights=p, minlength=num_bins)
+    sum_y = np.bincount(bins, weights=y, minlength=num_bins)
+    return {
+        "edges": [b / num_bins for b in range(num_bins + 1)],
+        "count": counts.tolist(),
+        "mean_confidence": [float(s / c) if c else None for s, c in zip(sum_p, counts, strict=True)],
+        "accuracy": [float(s / c) if c else None for s, c in zip(sum_y, counts, strict=True)],
+    }
+
+
+def auroc(confidences, outcomes) -> float | None:
+    """Area under the ROC curve (Mann–Whitney; ties count ½); None when only one class occurs."""
+    p, y = _binary_inputs(confidences, outcomes)
+    positives, negatives = int(y.sum()), int(y.size - y.sum())
+    if positives == 0 or negatives == 0:
+        return None
+    order = np.argsort(p, kind="mergesort")
+    sorted_p = p[order]
+    ranks = np.empty(p.size)
+    # Average rank (1-based) of each group of tied confidences.
+    starts = np.flatnonzero(np.r_[True, sorted_p[1:] != sorted_p[:-1]])
+    ends = np.r_[starts[1:], p.size]
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2
+    return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def brier_score(confidences, outcomes) -> float:
+    """Mean squared error between confidence and the 0/1 outcome."""
+    p, y = _binary_inputs(confidences, outcomes)
+    return float(np.mean((p - y) ** 2))
+
+
+def _temperatures(data: CalibrationData, temperatures: Sequence[float] | None) -> np.ndarray:
+    if temperatures is None:
+        return np.ones(data.block_size)
+    t = np.asarray(temperatures, dtype=np.float64)
+    if t.shape != (data.block_size,):
+        raise ValueError(f"Need {data.block_size} temperatures (one per block position), got {len(t)}.")
+    if not np.all(np.isfinite(t) & (t > 0)):
+        raise ValueError(f"Temperatures must be finite and > 0, got {t.tolist()}.")
+    return t
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free σ
+
+
+def position_samples(
+    data: CalibrationData, kind: ConfidenceKind = "survival", temperatures: Sequence[float] | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per position k: `(confidences, outcomes)` with c_i = σ(z_i / T_i) (T = 1 when `temperatures` is None).
+
+    - `"conditional"`: c_k against "token k accepted", over rounds where token k was verified and its prefix
+      survived (rounds that rejected an earlier token never reached k and are left out).
+    - `"survival"`: a_k = ∏_{i≤k} c_i against "tokens 1..k all accepted", over rounds that verified ≥ k tokens.
+    """
+    if kind not in ("conditional", "survival"):
+        raise ValueError(f"kind must be 'conditional' or 'survival', got {kind!r}.")
+    logits, proposed, accepted = data.arrays()
+    c = _sigmoid(logits / _temperatures(data, temperatures))
+    scores = c if kind == "conditional" else np.cumprod(np.nan_to_num(c, nan=1.0), axis=1)
+    samples = []
+    for k in range(data.block_size):
+        rows = proposed > k
+        if kind == "conditional":
+            rows &= accepted >= k
+        samples.append((scores[rows, k], (accepted[rows] > k).astype(np.float64)))
+    return samples
+
+
+def _summary(p: np.ndarray, y: np.ndarray, num_bins: int) -> dict[str, Any]:
+    if p.size == 0:
+        return {"count": 0, "mean_confidence": None, "accuracy": None, "ece": None, "auroc": None, "brier": None}
+    return {
+        "count": int(p.size),
+        "mean_confidence": float(p.mean()),
+        "accuracy": float(y.mean()),
+        "ece": expected_calibration_error(p, y, num_bins),
+        "auroc": auroc(p, y),
+        "brier": brier_score(p, y),
+    }
+
+
+def calibration_metrics(
+    data: CalibrationData, temperatures: Sequence[float] | None = None, num_bins: int = DEFAULT_NUM_BINS
+) -> dict[str, Any]:
+    """ECE, AUROC and Brier score per position, of the conditional confidence and of the prefix survival.
+
+    Returns `{"num_bins", "temperatures", "positions": [{"position": k, "conditional": {...}, "survival": {...}}],
+    "mean": {"conditional": {...}, "survival": {...}}}`; each inner dict holds `count`, `mean_confidence`,
+    `accuracy` (observed rate), `ece`, `auroc`, `brier` (None where there are no samples or, for AUROC, one class).
+    `mean` is the unweighted mean over positions that have a value.
+    """
+    kinds = ("conditional", "survival")
+    per_kind = {kind: position_samples(data, kind, temperatures) for kind in kinds}
+    positions = [
+        {"position": k + 1, **{kind: _summary(*per_kind[kind][k], num_bins) for kind in kinds}}
+        for k in range(data.block_size)
+    ]
+    mean = {}
+    for kind in kinds:
+        mean[kind] = {}
+        for metric in ("ece", "auroc", "brier"):
+            values = [p[kind][metric] for p in positions if p[kind][metric] is not None]
+            mean[kind][metric] = float(np.mean(values)) if values else None
+    return {
+        "num_bins": num_bins,
+        "temperatures": _temperatures(data, temperatures).tolist(),
+        "positions": positions,
+        "mean": mean,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequential Temperature Scaling
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _grid_ece(candidates: np.ndarray, y: np.ndarray, num_bins: int) -> np.ndarray:
+    """ECE of every row of `candidates` `(G, n)` against outcomes `y` `(n,)`."""
+    grid_size, n = candidates.shape
+    bins = _bin_index(candidates, num_bins) + num_bins * np.arange(grid_size)[:, None]
+    size = grid_size * num_bins
+    gap = np.bincount(bins.ravel(), weights=candidates.ravel(), minlength=size) - np.bincount(
+        bins.ravel(), weights=np.broadcast_to(y, candidates.shape).ravel(), minlength=size
+    )
+    return np.abs(gap.reshape(grid_size, num_bins)).sum(axis=1) / n
+
+
+def fit_sequential_temperature_scaling(
+    data: CalibrationData,
+    grid: Sequence[float] = DEFAULT_TEMPERATURE_GRID,
+    num_bins: int = DEFAULT_NUM_BINS,
+) -> list[float]:
+    """Sequential Temperature Scaling (paper §3.2.1): one temperature per block position.
+
+    For k = 1..γ in order, a 1-D search over `grid` picks the T_k minimising the ECE of the prefix survival
+    ∏_{i≤k} σ(z_i / T_i) against "tokens 1..k all accepted" (rounds that verified ≥ k tokens), with T_1..T_{k−1}
+    fixed at their fitted values. Ties go to the temperature closest to 1 (a temperature on the grid's edge is
+    logged as a warning). Positions that no round verified get T = 1. Temperature scaling keeps the order of
+    the confidences at each position, so their (conditional) AUROC is unchanged.
+    """
+    grid = np.asarray(grid, dtype=np.float64).ravel()
+    if grid.size == 0 or not np.all(np.isfinite(grid) & (grid > 0)):
+        raise ValueError("The temperature grid must be a non-empty sequence of finite, positive values.")
+    preference = np.argsort(np.abs(np.log(grid)), kind="stable")  # closest to T = 1 first
+    grid = grid[preference]
+    logits, proposed, accepted = data.arrays()
+    survival = np.ones(len(proposed))
+    temperatures = []
+    for k in range(data.block_size):
+        rows = proposed > k
+        if not rows.any():
+            temperatures.append(1.0)
+            continue
+        z, y, prefix = logits[rows, k], (accepted[rows] > k).astype(np.float64), survival[rows]
+        chunk = max(1, _GRID_CHUNK_ELEMENTS // z.size)
+        ece = np.concatenate(
+            [
+                _grid_ece(prefix * _sigmoid(z / grid[i : i + chunk, None]), y, num_bins)
+                for i in range(0, grid.size, chunk)
+            ]
+        )
+        best = float(grid[int(np.argmin(ece))])
+        if best in (grid.min(), grid.max()):
+            logger.warning(f"STS: T_{k + 1} = {best:g} lies on the edge of the temperature grid; consider widening it.")
+        temperatures.append(best)
+        survival[rows] = prefix * _sigmoid(z / best)
+    return temperatures
+
+
+def apply_calibration(draft: DSparkDraftModel, temperatures: Sequence[float]) -> DSparkDraftModel:
+    """Stores STS temperatures in `draft.config.calibration_temperatures` (saved and loaded with the draft).
+
+    Generation then divides each confidence logit by its position's temperature (`draft.calibrated_confidence`),
+    so verification policies and the scheduler see calibrated confidences.
+    """
+    values = [float(t) for t in temperatures]
+    if len(values) != draft.config.block_size:
+        raise ValueError(f"Need {draft.config.block_size} temperatures (one per block position), got {len(values)}.")
+    if not all(math.isfinite(t) and t > 0 for t in values):
+        raise ValueError(f"Temperatures must be finite and > 0, got {values}.")
+    draft.config.calibration_temperatures = values
+    return draft
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Static threshold sweep (Fig. 5)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def threshold_sweep(
+    data: CalibrationData,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    temperatures: Sequence[float] | None = None,
+) -> list[dict[str, float]]:
+    """Replays `StaticThresholdPolicy(threshold)` on the recorded rounds (those that verified ≥ 1 token).
+
+    Each round is truncated before its first conditional confidence c_k < threshold (c_k = σ(z_k / T_k), T = 1
+    when `temperatures` is None). With full-block collection the outcome of every kept position is known: a
+    truncated round of length ℓ accepts min(accepted, ℓ) tokens. The replay is per round: it does not model how
+    a different truncation would change later rounds. Per threshold: `tokens_per_step` (verified drafted tokens
+    per round), `accepted_per_step`, `rejected_per_step` (verified but not accepted: the rejected token and
+    those after it), `acceptance_rate` (accepted / verified; None when nothing is verified) and `tau`
+    (accepted + 1 per round, the target's bonus/correction token included).
+    """
+    logits, proposed, accepted = data.arrays()
+    rows = proposed > 0
+    if not rows.any():
+        raise ValueError("No round verified any token: nothing to sweep.")
+    confidences = _sigmoid(logits[rows] / _temperatures(data, temperatures))
+    rows_list = [c[:n].tolist() for c, n in zip(confidences, proposed[rows], strict=True)]
+    accepted = accepted[rows]
+    sweep = []
+    for threshold in thresholds:
+        lengths = np.array(StaticThresholdPolicy(threshold).select_lengths(rows_list))
+        kept = np.minimum(accepted, lengths)
+        verified = int(lengths.sum())
+        sweep.append(
+            {
+                "threshold": float(threshold),
+                "rounds": int(rows.sum()),
+                "tokens_per_step": float(lengths.mean()),
+                "accepted_per_step": float(kept.mean()),
+                "rejected_per_step": float((lengths - kept).mean()),
+                "acceptance_rate": float(kept.sum() / verified) if verified else None,
+                "tau": float(kept.mean() + 1.0),
+            }
+        )
+    return sweep
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def calibration_report(
+    fit_data: CalibrationData,
+    test_data: CalibrationData | None,
+    temperatures: Sequence[float],
+    num_bins: int = DEFAULT_NUM_BINS,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> dict[str, Any]:
+    """Metrics before (T = 1) and after calibration on the fit rounds and, when given and non-empty, on held-out
+    test rounds, plus the threshold sweep (raw and calibrated confidences) on the evaluation rounds (test if
+    available, else fit)."""
+    splits = {"fit": fit_data}
+    if test_data is not None and test_data.num_rounds:
+        splits["test"] = test_data
+    evaluation = "test" if "test" in splits else "fit"
+    return {
+        "temperatures": [float(t) for t in temperatures],
+        "num_bins": num_bins,
+        "evaluation_split": evaluation,
+        "splits": {
+            name: {
+                "rounds": data.num_rounds,
+                "prompts": len({r.prompt_index for r in data.rounds}),
+                "before": calibration_metrics(data, None, num_bins),
+                "after": calibration_metrics(data, temperatures, num_bins),
+            }
+            for name, data in splits.items()
+        },
+        "threshold_sweep": {
+            "raw": threshold_sweep(splits[evaluation], thresholds),
+            "calibrated": threshold_sweep(splits[evaluation], thresholds, temperatures),
+        },
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """Markdown summary of a [`calibration_report`]."""
+    evaluation = report["evaluation_split"]
+    split = report["splits"][evaluation]
+    counts = ", ".join(f"{name}: {s['rounds']} rounds from {s['prompts']} prompts" for name, s in report["splits"].items())
+    lines = [
+        "# Confidence calibration (Sequential Temperature Scaling)",
+        "",
+        f"Rounds — {counts}. Temperatures fitted on the fit split; metrics below on the **{evaluation}** split. "
+        f"ECE over {report['num_bins']} equal-width bins. Survival a_k = ∏_{{i≤k}} c_i against \"tokens 1..k all "
+        "accepted\" (what STS calibrates and the scheduler uses); conditional c_k against \"token k accepted\" over "
+        "rounds whose first k−1 tokens were accepted.",
+        "",
+        "| k | T_k | n (survival) | survival ECE before → after | AUROC | Brier before → after | n (conditional) | "
+        "conditional ECE before → after |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, (before, after) in enumerate(zip(split["before"]["positions"], split["after"]["positions"], strict=True)):
+        sb, sa, cb, ca = before["survival"], after["survival"], before["conditional"], after["conditional"]
+        lines.append(
+            f"| {k + 1} | {report['temperatures'][k]:.3f} | {sb['count']} | {_percent(sb['ece'])} → {_percent(sa['ece'])} "
+            f"| {_number(sb['auroc'])} | {_number(sb['brier'])} → {_number(sa['brier'])} | {cb['count']} | "
+            f"{_percent(cb['ece'])} → {_percent(ca['ece'])} |"
+        )
+    mb, ma = split["before"]["mean"], split["after"]["mean"]
+    lines += [
+        "",
+        f"Mean over positions: survival ECE {_percent(mb['survival']['ece'])} → {_percent(ma['survival']['ece'])}, "
+        f"conditional ECE {_percent(mb['conditional']['ece'])} → {_percent(ma['conditional']['ece'])}, "
+        f"survival Brier {_number(mb['survival']['brier'])} → {_number(ma['survival']['brier'])}.",
+        "",
+        "## Static threshold sweep (calibrated c_k, replayed on the recorded rounds)",
+        "",
+        "| threshold | tokens / step | accepted | rejected | acceptance rate | τ |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in report["threshold_sweep"]["calibrated"]:
+        lines.append(
+            f"| {s['threshold']:.2f} | {s['tokens_per_step']:.2f} | {s['accepted_per_step']:.2f} | "
+            f"{s['rejected_per_step']:.2f} | {_percent(s['acceptance_rate'])} | {s['tau']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plots (need matplotlib: pip install "dspark_hf[plots]")
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError('Plots need matplotlib: pip install matplotlib (or "dspark_hf[plots]").') from error
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_reliability_diagram(
+    data: CalibrationData,
+    temperatures: Sequence[float] | None,
+    path: str | os.PathLike,
+    kind: ConfidenceKind = "survival",
+    positions: Sequence[int] | None = None,
+    num_bins: int = 10,
+) -> None:
+    """Reliability diagram (paper Fig. 6): observed rate against mean confidence per equal-width bin.
+
+    One panel per position (1-based `positions`; default every position with samples, at most 4 per row), with
+    the raw confidences ("before", T = 1) and the calibrated ones ("after", `temperatures`; omitted when None),
+    ECE and AUROC in the title, and the sample counts per bin as a shaded background histogram.
+    """
+    before = position_samples(data, kind)
+    after = position_samples(data, kind, temperatures) if temperatures is not None else None
+    if positions is None:
+        positions = [k + 1 for k, (p, _) in enumerate(before) if p.size]
+    if not positions:
+        raise ValueError("No position has samples to plot.")
+    if any(not 1 <= k <= data.block_size for k in positions):
+        raise ValueError(f"positions must lie in 1..{data.block_size}, got {list(positions)}.")
+    columns = min(4, len(positions))
+    rows = math.ceil(len(positions) / columns)
+    figure = _figure(3.2 * columns, 3.2 * rows)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    centers = (np.arange(num_bins) + 0.5) / num_bins
+    for ax, k in zip(axes, positions, strict=False):
+        p, y = before[k - 1]
+        ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1, label="Perfect calibration")
+        if p.size == 0:
+            ax.set_title(f"Position {k}: no samples", fontsize=9)
+            continue
+        histogram = ax.twinx()
+        counts = reliability_bins(p if after is None else after[k - 1][0], y, num_bins)["count"]
+        histogram.bar(centers, counts, width=1 / num_bins, color="tab:blue", alpha=0.12)
+        histogram.set_yticks([])
+        ax.set_zorder(histogram.get_zorder() + 1)
+        ax.patch.set_visible(False)
+        title = f"Position {k}\nECE {100 * expected_calibration_error(p, y, num_bins):.1f}%"
+        series = [("Before calibration", p, "tab:red")]
+        if after is not None:
+            series.append(("After calibration", after[k - 1][0], "tab:green"))
+            title += f" → {100 * expected_calibration_error(after[k - 1][0], y, num_bins):.1f}%"
+        area = auroc(p, y)
+        title += f", AUC {area:.3f}" if area is not None else ""
+        for label, scores, color in series:
+            stats = reliability_bins(scores, y, num_bins)
+            points = [(c, a) for c, a in zip(stats["mean_confidence"], stats["accuracy"], strict=True) if c is not None]
+            ax.plot(*zip(*points, strict=True), marker="o", ms=3, color=color, label=label)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Predicted acceptance", ylabel="Observed acceptance")
+        ax.set_title(title, fontsize=9)
+    for ax in axes[len(positions) :]:
+        ax.set_visible(False)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
+    quantity = "prefix survival ∏ c_i" if kind == "survival" else "conditional confidence c_k"
+    figure.suptitle(f"Reliability diagram of the {quantity} ({num_bins} bins)", fontsize=10)
+    figure.savefig(path, dpi=120)
+
+
+def plot_threshold_sweep(sweep: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str | None = None) -> None:
+    """Confidence-threshold sweep (paper Fig. 5): accepted and rejected verified tokens per step (stacked bars)
+    and the acceptance rate (line), from [`threshold_sweep`]."""
+    figure = _figure(6.0, 3.6)
+    ax = figure.subplots()
+    x = np.arange(len(sweep))
+    accepted = [s["accepted_per_step"] for s in sweep]
+    rejected = [s["rejected_per_step"] for s in sweep]
+    ax.bar(x, accepted, color="tab:blue", label="Accepted tokens")
+    ax.bar(x, rejected, bottom=accepted, color="white", edgecolor="tab:blue", hatch="//", label="Rejected tokens")
+    ax.set(xticks=x, xlabel="Confidence threshold", ylabel="Avg. tokens per step")
+    ax.set_xticklabels([f"{s['threshold']:.2f}".rstrip("0").rstrip(".") for s in sweep])
+    rate_ax = ax.twinx()
+    rates = [np.nan if s["acceptance_rate"] is None else 100 * s["acceptance_rate"] for s in sweep]
+    rate_ax.plot(x, rates, color="tab:orange", marker="o", label="Acceptance rate")
+    for i in (0, len(sweep) - 1):
+        if not np.isnan(rates[i]):
+            rate_ax.annotate(f"{rates[i]:.1f}%", (x[i], rates[i]), textcoords="offset points", xytext=(0, 6),
+                             ha="center", fontsize=8)
+    rate_ax.set(ylim=(0, 110), ylabel="Acceptance rate (%)")
+    handles = ax.get_legend_handles_labels()[0] + rate_ax.get_legend_handles_labels()[0]
+    figure.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8)
+    ax.set_title(title or "Static confidence-threshold sweep", fontsize=10)
+    figure.savefig(path, dpi=120)
+
+
+def plot_cost_table(tables: CostTable | Mapping[str, CostTable], path: str | os.PathLike, title: str | None = None) -> None:
+    """Plots SPS(B) (left) and the forward time relative to B = 1 (right) of one or several labelled cost tables;
+    raw measurements as markers, the smoothed curve as a line when the table is smoothed."""
+    if isinstance(tables, CostTable):
+        tables = {tables.metadata.get("shape", "table"): tables}
+    figure = _figure(9.0, 3.6)
+    sps_ax, cost_ax = figure.subplots(1, 2)
+    for label, table in tables.items():
+        for row, raw, context in zip(table.rows, table.raw_rows, table.context_lengths or [None], strict=True):
+            name = label if context is None else f"{label}, context {context}"
+            line = sps_ax.plot(table.batch_tokens, raw, marker="o", ls="-" if table.smooth == "none" else ":", label=name)[0]
+            if table.smooth != "none":
+                sps_ax.plot(table.batch_tokens, row, color=line.get_color(), label=f"{name} ({table.smooth})")
+            cost_ax.plot(table.batch_tokens, [raw[0] / v for v in raw], marker="o", color=line.get_color(), label=name)
+    sps_ax.set(xscale="log", xlabel="B (tokens per target forward)", ylabel="SPS (forwards / s)")
+    cost_ax.set(xscale="log", xlabel="B (tokens per target forward)", ylabel="forward time / time at B = 1")
+    ticks = sorted({b for table in tables.values() for b in table.batch_tokens})
+    for ax in (sps_ax, cost_ax):
+        ax.set_xticks(ticks, labels=[str(b) for b in ticks])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.suptitle(title or "Target cost table", fontsize=10)
+    figure.savefig(path, dpi=120)
+
+
+__all__ = [
+    "CalibrationData",
+    "CalibrationRound",
+    "DEFAULT_NUM_BINS",
+    "DEFAULT_TEMPERATURE_GRID",
+    "DEFAULT_THRESHOLDS",
+    "apply_calibration",
+    "auroc",
+    "brier_score",
+    "calibration_metrics",
+    "calibration_report",
+    "collect_calibration_rounds",
+    "expected_calibration_error",
+    "fit_sequential_temperature_scaling",
+    "plot_cost_table",
+    "plot_reliability_diagram",
+    "plot_threshold_sweep",
+    "position_samples",
+    "reliability_bins",
+    "report_markdown",
+    "threshold_sweep",
+]
