@@ -12,6 +12,7 @@ from .calibration import (
     threshold_sweep,
 )
 from .configuration_dspark import DSparkDraftConfig
+from .engine import DSparkEngine, EngineRequest, EngineStats, SamplingParams
 from .generation import DraftBlock, DSparkCandidateGenerator, sample_block
 from .modeling_dspark import (
     DSparkContextCache,
@@ -58,6 +59,10 @@ __all__ = [
     "VerificationPolicy",
     "profile_cost_table",
     "schedule_verification_lengths",
+    "DSparkEngine",
+    "EngineRequest",
+    "EngineStats",
+    "SamplingParams",
     "DSparkCandidateGenerator",
     "DraftBlock",
     "SpeculationStats",

@@ -711,5 +711,30 @@ register_command(
 )
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# serve
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from .serve import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_serve(args: argparse.Namespace):
+    from .serve import run
+
+    return run(args)
+
+
+register_command(
+    "serve",
+    "OpenAI-compatible chat completions (POST /v1/chat/completions, GET /v1/models) over the batched DSpark engine.",
+    _add_serve_arguments,
+    _run_serve,
+)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

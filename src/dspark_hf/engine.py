@@ -1,0 +1,893 @@
+"""Batched DSpark speculative decoding with load-aware verification (paper §3.2.2 and §5).
+
+[`DSparkEngine`] serves many requests at once. Each round over the R active requests:
+
+1. **Draft.** One batched backbone pass over R blocks (anchor + γ−1 masks), each block attending to its own
+   request's context through the attention mask; tokens are then sampled left to right through the sequential head
+   ([`sample_block`]), each from exactly the distribution that is kept for rejection sampling.
+2. **Schedule.** The verification policy picks per-request lengths ℓ_r from the calibrated confidences and the
+   load (Algorithm 1 with a cost table, its lagged §5.2 variant, a static threshold, the full block, ...).
+3. **Verify.** ONE target pass over R rows of 1 + ℓ_r tokens (anchor + drafted prefix), right-padded to
+   Q = 1 + max ℓ_r, with per-row position ids and a 2-D attention mask over the whole KV cache.
+4. **Accept.** Standard speculative sampling per row: accept x_k with probability min(1, p(x_k)/q(x_k)); at the
+   first rejection resample from norm(max(0, p − q)); if all ℓ_r survive add a bonus token from p. Greedy rows use
+   one-hot p and q, which makes this exactly an argmax comparison.
+5. **Bookkeeping.** The target features of the verified tokens (anchor + accepted drafts) of this same pass extend
+   the draft's context; rejected and padded positions become holes in the attention mask.
+
+KV layout. All rows share one physical layout: the target's `DynamicCache`, the draft's `DSparkContextCache` and a
+boolean `valid` mask, all `(R, ..., P)`. Slot j of a row holds the same token in both caches. Every round appends Q
+slots to every row; slots of padding and of rejected tokens stay in the caches but are False in `valid`, and since
+the mask is passed with every forward, no later query ever attends to them ("holes"). Causality is by physical
+slot and RoPE positions are logical (per-row position ids), so holes change nothing but memory. Holes are
+removed by compaction (a stable per-row gather of the valid slots, right-aligned) once the fullest row wastes more
+than `compact_threshold` of the width. Requests joining are prefilled in their own batched pass and concatenated
+(left-padded to the common width); finished requests are dropped by row selection.
+"""
+
+import dataclasses
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.utils import logging
+
+from .generation import DraftBlock, sample_block
+from .modeling_dspark import DSparkContextCache, DSparkDraftModel, select_target_features
+from .scheduling import CostTable, FullBlockPolicy, NoSpeculationPolicy, VerificationPolicy, make_policy
+from .stats import SpeculationStats
+
+logger = logging.get_logger(__name__)
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded.
+
+    Args:
+        max_new_tokens: most tokens to generate (≥ 1).
+        do_sample: sample (True) or take the argmax (False; temperature, top_k and top_p are then ignored).
+        temperature: divides the logits before sampling (> 0 when sampling).
+        top_k: keep the k most likely tokens (0 disables), applied after the temperature.
+        top_p: keep the smallest set of tokens with cumulative probability ≥ top_p (1 disables), applied last.
+        stop_token_ids: generation stops after emitting one of these; it ends `token_ids` but not `text`.
+        stop: stop strings (need the engine's tokenizer). Generation stops once the text contains one; `text` is cut
+            before it and `token_ids` end with the token that completed it.
+    """
+
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: Sequence[int] = ()
+    stop: Sequence[str] | str = ()
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.")
+        if self.do_sample and not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r} (use do_sample=False).")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}.")
+
+
+class EngineRequest:
+    """A request submitted to a [`DSparkEngine`].
+
+    The engine fills it in while it runs: `token_ids` (generated tokens), `text` (their decoded text, empty without
+    a tokenizer), `finish_reason` (`None` while running, then one of "stop", "length", "cancelled", "error"),
+    `error`, per-request speculation `stats` and `perf_counter` timestamps. Read them after [`wait`].
+
+    Args:
+        callback: called by the engine thread as `callback(request, new_token_ids, new_text)` once per round that
+            produced tokens; the last call has `request.finished` True (a cancelled request gets a call with no
+            tokens). The concatenated arguments are exactly `token_ids` and `text`.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        block_size: int,
+        callback: Callable[["EngineRequest", list[int], str], None] | None = None,
+    ):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.callback = callback
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.stats = SpeculationStats(block_size=block_size)
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self._done = threading.Event()
+        self._cancel_requested = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens; the last one is the anchor of the next round."""
+        return len(self.prompt_token_ids) + len(self.token_ids)
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_new_tokens - len(self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second from arrival to finish (the per-user speed)."""
+        if self.finish_time is None or self.finish_time <= self.arrival_time:
+            return 0.0
+        return len(self.token_ids) / (self.finish_time - self.arrival_time)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the request finished (or `timeout` seconds passed); returns whether it finished."""
+        return self._done.wait(timeout)
+
+    def __repr__(self) -> str:
+        return (
+            f"EngineRequest(id={self.request_id!r}, prompt={len(self.prompt_token_ids)} tokens, "
+            f"generated={len(self.token_ids)}, finish_reason={self.finish_reason!r})"
+        )
+
+
+@dataclass
+class EngineStats:
+    """Counters of a [`DSparkEngine`] since construction (or [`DSparkEngine.reset_stats`]).
+
+    A round is one target verification pass over all active requests; `request_rounds` counts (request, round)
+    pairs, so `verified_draft_tokens / request_rounds` is the mean verification budget ℓ per request and round.
+    """
+
+    rounds: int = 0
+    prefills: int = 0
+    request_rounds: int = 0
+    verified_draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    target_tokens: int = 0
+    padded_target_tokens: int = 0
+    generated_tokens: int = 0
+    finished_requests: int = 0
+    compactions: int = 0
+    busy_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of engine work (time spent inside `step`)."""
+        return self.generated_tokens / self.busy_time_s if self.busy_time_s > 0 else 0.0
+
+    @property
+    def mean_verification_budget(self) -> float:
+        """Mean ℓ_r: drafted tokens sent for verification per request and round."""
+        return self.verified_draft_tokens / self.request_rounds if self.request_rounds else 0.0
+
+    @property
+    def mean_batch_tokens(self) -> float:
+        """Mean B = Σ_r (1 + ℓ_r) per verification pass."""
+        return self.target_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def mean_active_requests(self) -> float:
+        return self.request_rounds / self.rounds if self.rounds else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens gained per request and round, the bonus/correction token included."""
+        return (self.accepted_draft_tokens + self.request_rounds) / self.request_rounds if self.request_rounds else 0.0
+
+    def as_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.update(
+            tokens_per_second=self.tokens_per_second,
+            mean_verification_budget=self.mean_verification_budget,
+            mean_batch_tokens=self.mean_batch_tokens,
+            mean_active_requests=self.mean_active_requests,
+            tau=self.tau,
+        )
+        return data
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def warp_logits(
+    logits: torch.Tensor,
+    greedy: torch.BoolTensor,
+    temperature: torch.Tensor,
+    top_k: torch.LongTensor,
+    top_p: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row sampling distribution as float32 logits (softmax gives the exact distribution a token is drawn from).
+
+    Args:
+        logits: `(..., V)`.
+        greedy, temperature, top_k, top_p: per-row parameters, broadcastable to `logits.shape[:-1]`. Sampling rows
+            get temperature, then top-k, then top-p (transformers' warper order and semantics); greedy rows become
+            one-hot at the argmax (−inf elsewhere), so greedy decoding is speculative sampling with one-hot p and q.
+    """
+    logits = logits.float()
+    shape = logits.shape[:-1]
+    greedy, temperature, top_k, top_p = (t.expand(shape) for t in (greedy, temperature, top_k, top_p))
+    warped = logits / temperature.unsqueeze(-1)
+    if bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k.clamp(max=logits.shape[-1]), logits.shape[-1])
+        kth = warped.sort(dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
+        warped = warped.masked_fill(warped < kth, -math.inf)
+    if bool((top_p < 1).any()):
+        sorted_logits, order = warped.sort(dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p).unsqueeze(-1)
+        remove[..., -1] = False
+        warped = warped.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+    one_hot = torch.full_like(logits, -math.inf).scatter(-1, logits.argmax(dim=-1, keepdim=True), 0.0)
+    return torch.where(greedy.unsqueeze(-1), one_hot, warped)
+
+
+class RequestSamplingWarper(LogitsProcessor):
+    """[`warp_logits`] as a transformers logits processor over a batch of requests (one row each)."""
+
+    def __init__(self, params: Sequence[SamplingParams], device: torch.device):
+        self.greedy = torch.tensor([not p.do_sample for p in params], device=device)
+        self.temperature = torch.tensor([p.temperature if p.do_sample else 1.0 for p in params], device=device)
+        self.top_k = torch.tensor([p.top_k if p.do_sample else 0 for p in params], device=device)
+        self.top_p = torch.tensor([p.top_p if p.do_sample else 1.0 for p in params], device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return warp_logits(scores, self.greedy, self.temperature, self.top_k, self.top_p)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Target logits `(R, Q, V)` → sampling probabilities `(R, Q, V)` of every row and position."""
+        params = (t.unsqueeze(-1) for t in (self.greedy, self.temperature, self.top_k, self.top_p))
+        return torch.softmax(warp_logits(logits, *params), dim=-1)
+
+
+def speculative_accept(
+    target_probs: torch.Tensor, block: DraftBlock | None, lengths: torch.LongTensor
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Standard speculative sampling, one row per request.
+
+    Args:
+        target_probs: `(R, Q, V)` target distributions p after the anchor and after each drafted token.
+        block: drafted tokens `(R, n)` with the logits they were sampled from, or None when nothing was drafted.
+        lengths: `(R,)` verification lengths ℓ_r ≤ min(n, Q − 1).
+
+    Returns:
+        `accepted (R,)`, the number m_r of leading drafted tokens kept, and `next_tokens (R,)`: a draw from
+        norm(max(0, p − q)) at the first rejection, or from p after the last accepted token.
+    """
+    rows = torch.arange(target_probs.shape[0], device=target_probs.device)
+    longest = int(lengths.max()) if lengths.numel() else 0
+    accepted = torch.zeros_like(lengths)
+    if longest > 0:
+        drafted = block.tokens[:, :longest]
+        draft_probs = torch.softmax(block.logits[:, :longest].float(), dim=-1)
+        p = target_probs[:, :longest].gather(-1, drafted.unsqueeze(-1)).squeeze(-1)
+        q = draft_probs.gather(-1, drafted.unsqueeze(-1)).squeeze(-1)
+        # u < p/q, written without the division (q > 0: every drafted token was sampled from q).
+        keep = torch.rand_like(q) * q < p
+        keep &= torch.arange(longest, device=lengths.device) < lengths.unsqueeze(-1)
+        accepted = keep.long().cumprod(dim=-1).sum(dim=-1)
+        rejected = accepted < lengths
+        p_next = target_probs[rows, accepted]
+        residual = (p_next - draft_probs[rows, accepted.clamp(max=longest - 1)]).clamp(min=0)
+        use_residual = rejected & (residual.sum(dim=-1) > 0)  # an all-zero residual is only float noise when p ≈ q
+        next_probs = torch.where(use_residual.unsqueeze(-1), residual, p_next)
+    else:
+        next_probs = target_probs[rows, accepted]
+    return accepted, torch.multinomial(next_probs, num_samples=1).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ragged KV layout
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _RaggedKV:
+    """Target KV cache, draft context cache and slot validity of the active rows, sharing one physical layout.
+
+    Tensors are `(R, heads, P, head_dim)`; `valid` is `(R, P)`. Slot j of a row holds the same token in both caches.
+    """
+
+    def __init__(self, cache: DynamicCache, draft_cache: DSparkContextCache | None, valid: torch.BoolTensor):
+        self.cache = cache
+        self.draft_cache = draft_cache
+        self.valid = valid
+
+    @property
+    def width(self) -> int:
+        return self.valid.shape[1]
+
+    def _tensor_lists(self) -> list[list[torch.Tensor]]:
+        lists = [[layer.keys for layer in self.cache.layers], [layer.values for layer in self.cache.layers]]
+        if self.draft_cache is not None:
+            lists += [self.draft_cache.keys, self.draft_cache.values]
+        return lists
+
+    def _assign(self, lists: list[list[torch.Tensor]]) -> None:
+        for layer, keys, values in zip(self.cache.layers, lists[0], lists[1], strict=True):
+            layer.keys, layer.values = keys, values
+        if self.draft_cache is not None:
+            self.draft_cache.keys, self.draft_cache.values = list(lists[2]), list(lists[3])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Applies `fn` to every cached tensor."""
+        self._assign([[fn(t) for t in tensors] for tensors in self._tensor_lists()])
+
+    def merge(self, other: "_RaggedKV") -> None:
+        """Appends `other`'s rows, left-padding both to the common width."""
+        width = max(self.width, other.width)
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        self._assign(
+            [
+                [torch.cat([pad(a, 2), pad(b, 2)]) for a, b in zip(mine, theirs, strict=True)]
+                for mine, theirs in zip(self._tensor_lists(), other._tensor_lists(), strict=True)
+            ]
+        )
+        self.valid = torch.cat([pad(self.valid, 1), pad(other.valid, 1)])
+
+    def select(self, rows: torch.LongTensor) -> None:
+        """Keeps `rows` (in that order)."""
+        self.map(lambda t: t[rows])
+        self.valid = self.valid[rows]
+        self.trim()
+
+    def trim(self) -> None:
+        """Drops leading and trailing slots that no row uses."""
+        used = self.valid.any(dim=0).nonzero()
+        start, end = int(used[0]), int(used[-1]) + 1
+        if start > 0 or end < self.width:
+            self.map(lambda t: t[:, :, start:end])
+            self.valid = self.valid[:, start:end]
+
+    def waste(self) -> float:
+        """Fraction of the width that even the fullest row does not use."""
+        return 1.0 - int(self.valid.sum(dim=1).max()) / self.width
+
+    def compact(self) -> None:
+        """Gathers each row's valid slots, in order, to the right end of a width of max(valid count)."""
+        width = int(self.valid.sum(dim=1).max())
+        order = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices[:, -width:]  # holes first
+        index = order[:, None, :, None]
+        self.map(lambda t: t.gather(2, index.expand(-1, t.shape[1], -1, t.shape[3])))
+        self.valid = self.valid.gather(1, order)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Engine
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+class DSparkEngine:
+    """Continuous-batching speculative decoding over a transformers causal LM with a [`DSparkDraftModel`].
+
+    Args:
+        target: the causal LM (sdpa or eager attention; outputs stay exactly the target's, see docs/engine.md).
+        draft: a DSpark draft for `target`, or None for plain batched decoding.
+        scheduler: a [`VerificationPolicy`] or a policy name of `dspark_hf.scheduling.make_policy` (`"prefix"` =
+            Algorithm 1, `"lagged"` = §5.2, `"threshold"`, `"full"`, `"none"`). Default: `"prefix"` when a
+            `cost_table` is given, `"full"` with a draft, `"none"` without. Policies must be lossless.
+        cost_table: SPS(B) table for the `"prefix"` and `"lagged"` policies (see `profile_cost_table`).
+        tokenizer: decodes `text` and enables stop strings and string prompts.
+        max_batch_size: most requests decoded at once; later ones wait (None: no limit).
+        max_draft_tokens: cap on every ℓ_r (1 gives an MTP-1-style one-token draft); default the draft's γ.
+        compact_threshold: compact the KV layout when the fullest row wastes more than this fraction of the width
+            (0 compacts after every round with holes, 1 never).
+        policy_kwargs: constructor arguments when `scheduler` is a name (e.g. `threshold=0.5`).
+
+    Example:
+        >>> engine = DSparkEngine(target, draft, scheduler="prefix", cost_table=table)
+        >>> outputs = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=32))
+        >>> outputs[0].token_ids, engine.stats.mean_verification_budget
+    """
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        draft: DSparkDraftModel | None = None,
+        scheduler: VerificationPolicy | str | None = None,
+        cost_table: CostTable | None = None,
+        tokenizer=None,
+        max_batch_size: int | None = None,
+        max_draft_tokens: int | None = None,
+        compact_threshold: float = 0.5,
+        **policy_kwargs,
+    ):
+        attention = target.config._attn_implementation
+        if attention not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"DSparkEngine needs the target's attention to take a 2-D mask with holes ({SUPPORTED_ATTENTION}), "
+                f"got {attention!r}; load it with attn_implementation='sdpa'."
+            )
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
+        if max_draft_tokens is not None and max_draft_tokens < 1:
+            raise ValueError(f"max_draft_tokens must be >= 1 (use scheduler='none' for plain decoding), got {max_draft_tokens}.")
+        if not 0.0 <= compact_threshold <= 1.0:
+            raise ValueError(f"compact_threshold must be in [0, 1], got {compact_threshold}.")
+        if draft is not None:
+            draft.attach(target)
+        self.target = target
+        self.draft = draft
+        self.tokenizer = tokenizer
+        self.policy = self._resolve_policy(scheduler, cost_table, policy_kwargs)
+        self.speculative = draft is not None and not isinstance(self.policy, NoSpeculationPolicy)
+        self.block_size = draft.config.block_size if self.speculative else 0
+        self.max_draft_tokens = min(self.block_size, max_draft_tokens or self.block_size)
+        self.max_batch_size = max_batch_size
+        self.compact_threshold = compact_threshold
+        self.vocab_size = target.config.get_text_config().vocab_size
+        self.sliding_window = _sliding_window(target.config.get_text_config())
+        self.stats = EngineStats()
+        self._hidden_kwargs = (
+            {"output_hidden_states": [i + 1 for i in draft.config.target_layer_ids]} if self.speculative else {}
+        )
+        self._rows: list[EngineRequest] = []
+        self._kv: _RaggedKV | None = None
+        self._waiting: deque[EngineRequest] = deque()
+        self._requests: dict[str, EngineRequest] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._step_lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+
+    def _resolve_policy(self, scheduler, cost_table: CostTable | None, policy_kwargs: dict) -> VerificationPolicy:
+        if scheduler is None:
+            scheduler = "none" if self.draft is None else ("prefix" if cost_table is not None else "full")
+        if isinstance(scheduler, str):
+            policy = make_policy(scheduler, cost_table, **policy_kwargs)
+        elif isinstance(scheduler, VerificationPolicy):
+            if policy_kwargs:
+                raise ValueError(f"Policy arguments {sorted(policy_kwargs)} are only used with a policy name.")
+            policy = scheduler
+        else:
+            raise ValueError(f"scheduler must be a VerificationPolicy or a policy name, got {scheduler!r}.")
+        if not policy.lossless:
+            raise ValueError(f"{type(policy).__name__} is not lossless; DSparkEngine only runs lossless policies.")
+        if self.draft is None and not isinstance(policy, NoSpeculationPolicy):
+            raise ValueError(f"The {type(policy).__name__} policy needs a draft model (draft=None decodes plainly).")
+        needs_confidence = not isinstance(policy, (FullBlockPolicy, NoSpeculationPolicy))
+        if needs_confidence and self.draft.confidence_head is None:
+            raise ValueError(
+                f"The {type(policy).__name__} policy needs confidences but this draft has no confidence head; "
+                "use scheduler='full'."
+            )
+        return policy
+
+    # -- requests ----------------------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Sequence[int] | torch.Tensor | str,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        callback: Callable[[EngineRequest, list[int], str], None] | None = None,
+    ) -> EngineRequest:
+        """Queues a request (thread-safe); it joins the batch at the next [`step`].
+
+        Args:
+            prompt: token ids (a list, or a `(n,)` / `(1, n)` tensor), or a string when the engine has a tokenizer.
+            params: sampling parameters (default greedy, 16 tokens).
+            request_id: a unique id (default: generated).
+            callback: streaming callback, see [`EngineRequest`].
+        """
+        params = params or SamplingParams()
+        prompt_ids = self._prompt_ids(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("Stop strings need a tokenizer: DSparkEngine(..., tokenizer=tokenizer).")
+        if self.sliding_window is not None:
+            needed = len(prompt_ids) + params.max_new_tokens + self.block_size
+            if needed > self.sliding_window:
+                raise ValueError(
+                    f"The target uses sliding-window attention ({self.sliding_window}); a request needs "
+                    f"prompt + max_new_tokens + γ = {needed} within the window."
+                )
+        with self._lock:
+            request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+            if request_id in self._requests:
+                raise ValueError(f"Request id {request_id!r} is already in use.")
+            request = EngineRequest(request_id, prompt_ids, params, self.block_size, callback)
+            self._requests[request_id] = request
+            self._waiting.append(request)
+            self._work.notify_all()
+        return request
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("A string prompt needs a tokenizer: DSparkEngine(..., tokenizer=tokenizer).")
+            prompt = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2 and prompt.shape[0] == 1:
+                prompt = prompt[0]
+            if prompt.dim() != 1:
+                raise ValueError(f"A prompt tensor must be (n,) or (1, n), got shape {tuple(prompt.shape)}.")
+            prompt = prompt.tolist()
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("The prompt is empty.")
+        if not all(0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"Prompt token ids must lie in [0, {self.vocab_size}).")
+        return ids
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancels a waiting or running request (thread-safe); returns False if it is unknown or already finished.
+
+        A running request leaves the batch at the start of the next step; either way it finishes with
+        `finish_reason="cancelled"` and keeps the tokens it already produced.
+        """
+        with self._lock:
+            request = self._requests.get(request_id)
+            if request is None or request.finished or request._cancel_requested:
+                return False
+            request._cancel_requested = True
+            self._work.notify_all()
+        return True
+
+    def has_unfinished(self) -> bool:
+        """Whether any added request has not finished yet."""
+        with self._lock:
+            return bool(self._requests)
+
+    @property
+    def num_active(self) -> int:
+        """Requests in the running batch."""
+        return len(self._rows)
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+
+    # -- driving -----------------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int] | torch.Tensor | str],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[EngineRequest]:
+        """Adds `prompts` (one `params` for all, or one each) and steps until they are all finished."""
+        if isinstance(params, Sequence):
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams.")
+        else:
+            params = [params] * len(prompts)
+        requests = [self.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+        while not all(r.finished for r in requests):
+            self.step()
+        return requests
+
+    def run_forever(self, stop: threading.Event, idle_wait_s: float = 0.05) -> None:
+        """Steps while there is work until `stop` is set (run it in one background thread).
+
+        An exception inside a step finishes every request with `finish_reason="error"` instead of killing the loop.
+        """
+        while not stop.is_set():
+            with self._lock:
+                if not self._requests:
+                    self._work.wait(idle_wait_s)
+                    continue
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - reported to every request, the loop keeps serving
+                logger.exception("DSparkEngine step failed")
+                self._fail_all(f"{type(error).__name__}: {error}")
+
+    def wake(self) -> None:
+        """Wakes an idle [`run_forever`] loop (e.g. after setting its stop event)."""
+        with self._lock:
+            self._work.notify_all()
+
+    @torch.no_grad()
+    def step(self) -> list[EngineRequest]:
+        """Removes cancelled requests, prefills waiting ones, runs one speculative round; returns finished requests."""
+        with self._step_lock:
+            started = time.perf_counter()
+            with self._lock:
+                cancelled = [r for r in self._rows if r._cancel_requested]
+                waiting_cancelled = [r for r in self._waiting if r._cancel_requested]
+                for request in waiting_cancelled:
+                    self._waiting.remove(request)
+                room = len(self._waiting) if self.max_batch_size is None else self.max_batch_size - len(self._rows)
+                room += len(cancelled)
+                joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            finished = []
+            for request in cancelled + waiting_cancelled:
+                self._finish(request, "cancelled")
+                self._deliver(request, [], "")
+            self._remove(cancelled)
+            finished += cancelled + waiting_cancelled
+            if joining:
+                finished += self._prefill(joining)
+            if self._rows:
+                finished += self._round()
+            self.stats.busy_time_s += time.perf_counter() - started
+            return finished
+
+    # -- internals ---------------------------------------------------------------------------------------------------
+
+    def _prefill(self, joining: list[EngineRequest]) -> list[EngineRequest]:
+        """One batched (left-padded) prefill of the joining requests; emits their first token and joins the batch."""
+        started = time.perf_counter()
+        device = self.target.device
+        width = max(len(r.prompt_token_ids) for r in joining)
+        input_ids = torch.zeros(len(joining), width, dtype=torch.long, device=device)
+        valid = torch.zeros(len(joining), width, dtype=torch.bool, device=device)
+        for i, request in enumerate(joining):
+            n = len(request.prompt_token_ids)
+            input_ids[i, width - n :] = torch.tensor(request.prompt_token_ids, device=device)
+            valid[i, width - n :] = True
+        position_ids = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.target(
+            input_ids=input_ids,
+            attention_mask=valid.long(),
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._hidden_kwargs,
+        )
+        draft_cache = None
+        if self.speculative:
+            draft_cache = DSparkContextCache(self.draft.config.num_hidden_layers)
+            features = select_target_features(out.hidden_states, self.draft.config.target_layer_ids)
+            self.draft.extend_context(draft_cache, features.to(self.draft.device), position_ids)
+        warper = RequestSamplingWarper([r.params for r in joining], device)
+        first = torch.multinomial(warper.probabilities(out.logits[:, -1:])[:, 0], num_samples=1).squeeze(-1)
+        kv = _RaggedKV(cache, draft_cache, valid)
+        if self._kv is None:
+            self._kv = kv
+        else:
+            self._kv.merge(kv)
+        self._rows += joining
+        for request, token in zip(joining, first.tolist(), strict=True):
+            self._emit(request, [token])
+        self.stats.prefills += 1
+        self.stats.prefill_time_s += time.perf_counter() - started
+        return self._retire()
+
+    def _round(self) -> list[EngineRequest]:
+        """One draft → schedule → verify → accept round over every active request."""
+        rows, kv, device = self._rows, self._kv, self.target.device
+        started = time.perf_counter()
+        anchors = torch.tensor([r.token_ids[-1] for r in rows], device=device)
+        positions = torch.tensor([r.num_tokens - 1 for r in rows], device=device)
+        caps = [min(self.max_draft_tokens, r.remaining - 1) for r in rows]
+        warper = RequestSamplingWarper([r.params for r in rows], device)
+        block, lengths = None, [0] * len(rows)
+        if self.speculative and max(caps) > 0:
+            block = self._draft_block(anchors, positions, max(caps), warper)
+            confidences = block.confidences
+            if confidences is None:  # full-block verification without a confidence head
+                confidences = torch.ones(block.tokens.shape)
+            lengths = self.policy.select_lengths(confidences, max_lengths=caps, request_ids=[r.request_id for r in rows])
+        drafted = time.perf_counter()
+
+        width = 1 + max(lengths)
+        offsets = torch.arange(width, device=device)
+        lengths_t = torch.tensor(lengths, device=device)
+        new_valid = offsets <= lengths_t.unsqueeze(-1)
+        input_ids = anchors.unsqueeze(-1).repeat(1, width)
+        if width > 1:
+            input_ids[:, 1:] = torch.where(new_valid[:, 1:], block.tokens[:, : width - 1], 0)
+        position_ids = positions.unsqueeze(-1) + offsets
+        if self.sliding_window is not None and kv.width + width > self.sliding_window:
+            kv.compact()  # holes must not push verified slots out of the window (add_request bounds the length)
+            self.stats.compactions += 1
+        out = self.target(
+            input_ids=input_ids,
+            attention_mask=torch.cat([kv.valid, new_valid], dim=1).long(),
+            position_ids=position_ids,
+            cache=kv.cache,
+            use_cache=True,
+            **self._hidden_kwargs,
+        )
+        accepted, next_tokens = speculative_accept(warper.probabilities(out.logits), block, lengths_t)
+        kv.valid = torch.cat([kv.valid, offsets <= accepted.unsqueeze(-1)], dim=1)
+        if self.speculative:  # features of the anchor and the accepted tokens; the rest are holes
+            features = select_target_features(out.hidden_states, self.draft.config.target_layer_ids)
+            self.draft.extend_context(kv.draft_cache, features.to(self.draft.device), position_ids)
+        verified = time.perf_counter()
+
+        accepted_list, next_list = accepted.tolist(), next_tokens.tolist()
+        drafted_tokens = block.tokens.tolist() if block is not None else None
+        raw_confidences = block.confidence_logits if block is not None else None
+        for r, request in enumerate(rows):
+            m, length = accepted_list[r], lengths[r]
+            request.stats.record_round(
+                length, m, [] if raw_confidences is None else raw_confidences[r, :length].tolist()
+            )
+            request.stats.draft_time_s += drafted - started
+            request.stats.verify_time_s += verified - drafted
+            self._emit(request, (drafted_tokens[r][:m] if m else []) + [next_list[r]])
+
+        stats = self.stats
+        stats.rounds += 1
+        stats.request_rounds += len(rows)
+        stats.verified_draft_tokens += sum(lengths)
+        stats.accepted_draft_tokens += sum(accepted_list)
+        stats.target_tokens += len(rows) + sum(lengths)
+        stats.padded_target_tokens += len(rows) * width
+        stats.draft_time_s += drafted - started
+        stats.verify_time_s += verified - drafted
+        finished = self._retire()
+        if self._kv is not None:
+            self._kv.trim()
+            if self._kv.waste() > self.compact_threshold:
+                self._kv.compact()
+                stats.compactions += 1
+        return finished
+
+    def _draft_block(
+        self, anchors: torch.LongTensor, positions: torch.LongTensor, budget: int, warper: RequestSamplingWarper
+    ) -> DraftBlock:
+        """One batched backbone pass over R blocks, then left-to-right sampling of `budget` tokens per request."""
+        kv, gamma = self._kv, self.block_size
+        rows = anchors.shape[0]
+        block_ids = torch.full((rows, gamma), self.draft.config.mask_token_id, dtype=torch.long, device=anchors.device)
+        block_ids[:, 0] = anchors
+        block_positions = positions.unsqueeze(-1) + torch.arange(gamma, device=anchors.device)
+        # Block positions see their request's verified context (all of it lies before the anchor) and the whole block.
+        attention_mask = torch.cat(
+            [
+                kv.valid[:, None, None, :].expand(rows, 1, gamma, kv.width),
+                torch.ones(rows, 1, gamma, gamma, dtype=torch.bool, device=anchors.device),
+            ],
+            dim=-1,
+        )
+        hidden = self.draft(
+            block_ids, block_positions, attention_mask=attention_mask, cache=kv.draft_cache, compute_logits=False
+        ).hidden_states
+        return sample_block(self.draft, hidden[:, :budget], anchors, logits_processor=LogitsProcessorList([warper]), do_sample=True)
+
+    def _emit(self, request: EngineRequest, new_tokens: list[int]) -> None:
+        """Appends a round's tokens to `request`, cut at stops and `max_new_tokens`, and streams them."""
+        params, start = request.params, len(request.token_ids)
+        reason = None
+        kept = []
+        for token in new_tokens:
+            kept.append(token)
+            if token in params.stop_token_ids:
+                reason = "stop"
+                break
+            if start + len(kept) >= params.max_new_tokens:
+                reason = "length"
+                break
+        request.token_ids.extend(kept)
+        if request.first_token_time is None:
+            request.first_token_time = time.perf_counter()
+        delta = ""
+        if self.tokenizer is not None:
+            delta, stopped = self._text_delta(request, start, ends_with_stop_id=reason == "stop")
+            reason = "stop" if stopped else reason
+        if reason is not None:
+            self._finish(request, reason)
+        request.text += delta
+        self.stats.generated_tokens += len(request.token_ids) - start
+        self._deliver(request, request.token_ids[start:], delta)
+
+    def _text_delta(self, request: EngineRequest, start: int, ends_with_stop_id: bool) -> tuple[str, bool]:
+        """New text of `request` since the last call, and whether a stop string ended it (tokens are cut there)."""
+        decode = self._decode
+        tokens = request.token_ids[:-1] if ends_with_stop_id else request.token_ids
+        text = decode(tokens)
+        hits = [(text.find(s), s) for s in request.params.stop if s in text]
+        if hits:
+            index, stop = min(hits)
+            for end in range(start + 1, len(tokens) + 1):  # keep tokens up to the one completing the stop string
+                if stop in decode(tokens[:end]):
+                    del request.token_ids[end:]
+                    break
+            return text[len(request.text) : index], True
+        if not ends_with_stop_id and request.remaining > 0:
+            # Hold back an incomplete character and anything that may still grow into a stop string.
+            safe = len(text.rstrip("\ufffd"))
+            if request.params.stop:
+                safe = min(safe, len(text) - max(len(s) for s in request.params.stop) + 1)
+            return text[len(request.text) : max(safe, len(request.text))], False
+        return text[len(request.text) :], False
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _deliver(self, request: EngineRequest, tokens: list[int], text: str) -> None:
+        if request.callback is not None:
+            request.callback(request, tokens, text)
+        if request.finished:
+            request._done.set()
+
+    def _finish(self, request: EngineRequest, reason: str) -> None:
+        request.finish_reason = reason
+        request.finish_time = time.perf_counter()
+        self.stats.finished_requests += 1
+        with self._lock:
+            self._requests.pop(request.request_id, None)
+        if hasattr(self.policy, "forget"):
+            self.policy.forget([request.request_id])
+
+    def _retire(self) -> list[EngineRequest]:
+        """Removes finished requests from the batch and returns them."""
+        finished = [r for r in self._rows if r.finished]
+        self._remove(finished)
+        return finished
+
+    def _remove(self, requests: list[EngineRequest]) -> None:
+        if not requests:
+            return
+        leaving = {id(r) for r in requests}
+        keep = [i for i, r in enumerate(self._rows) if id(r) not in leaving]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._kv = None
+        else:
+            self._kv.select(torch.tensor(keep, device=self._kv.valid.device))
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            requests = self._rows + list(self._waiting)
+            self._waiting.clear()
+        self._rows, self._kv = [], None
+        for request in requests:
+            if not request.finished:
+                request.error = message
+                self._finish(request, "error")
+                self._deliver(request, [], "")
+
+
+__all__ = [
+    "DSparkEngine",
+    "EngineRequest",
+    "EngineStats",
+    "RequestSamplingWarper",
+    "SamplingParams",
+    "speculative_accept",
+    "warp_logits",
+]

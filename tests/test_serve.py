@@ -1,0 +1,192 @@
+"""`dspark-hf serve`: a real HTTP client against the OpenAI-compatible endpoint, started in-process."""
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from conftest import briefly_train, make_target, make_tokenizer
+
+from dspark_hf import DSparkDraftModel
+from dspark_hf.cli import build_parser
+from dspark_hf.scheduling import CostTable
+from dspark_hf.serve import DSparkServer, make_server
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny target, tokenizer, trained draft and cost table saved to disk and served as `dspark-hf serve` would."""
+    folder = tmp_path_factory.mktemp("serve")
+    target, tokenizer = make_target("llama", vocab_size=VOCAB), make_tokenizer(VOCAB)
+    target.save_pretrained(folder / "target")
+    tokenizer.save_pretrained(folder / "target")
+    torch.manual_seed(1)
+    draft = DSparkDraftModel.from_target(target, block_size=6, markov_rank=16, num_hidden_layers=1, mask_token_id=VOCAB - 1)
+    briefly_train(draft.eval(), target, steps=60, batch=16).save_pretrained(folder / "draft")
+    CostTable([1, 4, 16, 64], [100.0, 80.0, 35.0, 10.0]).save(folder / "cost.json")
+    args = build_parser().parse_args([
+        "serve", "--target", str(folder / "target"), "--target-dtype", "float32", "--draft", str(folder / "draft"),
+        "--scheduler", "prefix", "--cost-table", str(folder / "cost.json"), "--port", "0", "--model-name", "tiny",
+    ])
+    server = make_server(args).start()
+    yield server, target, tokenizer
+    server.close()
+
+
+def post(server, body, path="/v1/chat/completions"):
+    request = urllib.request.Request(
+        server.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status, response.headers, response.read().decode()
+
+
+def events(text: str) -> list:
+    """The `data:` payloads of a server-sent event stream (JSON-decoded, except `[DONE]`)."""
+    payloads = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
+
+
+def expected_reply(target, tokenizer, content, max_tokens):
+    """Greedy plain `generate` on the rendered chat, stopped at the end token: (text, completion tokens, reason)."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, return_dict=True)
+    prompt = torch.tensor([ids["input_ids"]])
+    eos = tokenizer.eos_token_id
+    out = target.generate(prompt, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    tokens = out[0, prompt.shape[1]:].tolist()
+    reason = "stop" if tokens[-1] == eos else "length"
+    return tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), reason
+
+
+def test_models_endpoint(served):
+    server, _, _ = served
+    with urllib.request.urlopen(server.url + "/v1/models", timeout=30) as response:
+        data = json.loads(response.read())
+    assert data["object"] == "list" and [m["id"] for m in data["data"]] == ["tiny"]
+
+
+@pytest.mark.parametrize("content", ["w1 w2 w3", "w5", "w9 w4"])
+def test_chat_completion_matches_plain_generate(served, content):
+    server, target, tokenizer = served
+    status, headers, text = post(server, {"model": "tiny", "messages": [{"role": "user", "content": content}],
+                                          "temperature": 0, "max_tokens": 24})
+    body = json.loads(text)
+    expected, completion_tokens, reason = expected_reply(target, tokenizer, content, 24)
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    assert body["choices"][0]["finish_reason"] == reason
+    assert body["usage"]["completion_tokens"] == completion_tokens
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + completion_tokens
+
+
+def test_streaming_chat_completion(served):
+    server, target, tokenizer = served
+    messages = [{"role": "user", "content": [{"type": "text", "text": "w1 w2"}, {"type": "text", "text": " w3"}]}]
+    status, headers, text = post(server, {"messages": messages, "temperature": 0, "max_tokens": 30, "stream": True,
+                                          "stream_options": {"include_usage": True}})
+    chunks = events(text)
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    assert chunks[-1] == "[DONE]" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-2])
+    expected, completion_tokens, reason = expected_reply(target, tokenizer, "w1 w2 w3", 30)
+    assert content == expected
+    assert chunks[-3]["choices"][0]["finish_reason"] == reason
+    assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["completion_tokens"] == completion_tokens
+    assert sum(bool(c["choices"] and c["choices"][0]["delta"].get("content")) for c in chunks[:-1]) > 1  # streamed
+
+
+def test_concurrent_clients_share_the_engine(served):
+    server, target, tokenizer = served
+    contents = ["w1 w2 w3", "w7", "w3 w3", "w11 w12", "w20"]
+    results = {}
+
+    def client(content, stream):
+        body = {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 20, "stream": stream}
+        _, _, text = post(server, body)
+        if stream:
+            results[content] = "".join(c["choices"][0]["delta"].get("content", "") for c in events(text)[:-1])
+        else:
+            results[content] = json.loads(text)["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=client, args=(c, i % 2 == 0)) for i, c in enumerate(contents)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == {c: expected_reply(target, tokenizer, c, 20)[0] for c in contents}
+
+
+def test_sampling_request(served):
+    server, _, _ = served
+    _, _, text = post(server, {"messages": [{"role": "user", "content": "w3"}], "temperature": 0.8, "top_p": 0.9,
+                               "top_k": 20, "max_tokens": 8, "stop": ["w99"]})
+    body = json.loads(text)
+    assert 1 <= body["usage"]["completion_tokens"] <= 8
+
+
+@pytest.mark.parametrize(
+    "body, status, match",
+    [
+        ("not json", 400, "Invalid JSON"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "user"}]}, 400, "content"),
+        ({"messages": [{"role": "user", "content": "w1"}], "n": 2}, 400, "n=1"),
+        ({"messages": [{"role": "user", "content": "w1"}], "top_p": 2.0}, 400, "top_p"),
+        ({"messages": [{"role": "user", "content": "w1"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ],
+)
+def test_bad_requests(served, body, status, match):
+    server, _, _ = served
+    data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + "/v1/chat/completions", data=data)
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=30)
+    assert error.value.code == status and match in json.loads(error.value.read())["error"]["message"]
+
+
+def test_unknown_route(served):
+    server, _, _ = served
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(server.url + "/v1/completions", timeout=30)
+    assert error.value.code == 404
+
+
+def test_disconnected_stream_is_cancelled(served, monkeypatch):
+    """A client that goes away mid-stream frees its slot: the handler cancels its request."""
+    server, _, _ = served
+    cancelled = threading.Event()
+    original = server.engine.cancel
+
+    def spy(request_id):
+        result = original(request_id)
+        cancelled.set()
+        return result
+
+    monkeypatch.setattr(server.engine, "cancel", spy)
+    body = json.dumps({"messages": [{"role": "user", "content": "w1 w2 w3"}], "temperature": 0, "max_tokens": 400,
+                       "stream": True}).encode()
+    with socket.create_connection(server.server_address[:2], timeout=30) as connection:
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        assert b"data: " in connection.recv(4096)
+    assert cancelled.wait(timeout=60)
+    while server.engine.has_unfinished():
+        cancelled.wait(0.05)
+    assert server.engine.stats.finished_requests > 0
+
+
+def test_server_needs_a_chat_template():
+    from dspark_hf.engine import DSparkEngine
+
+    target = make_target("llama", vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="chat template"):
+        DSparkServer(DSparkEngine(target), port=0)
