@@ -42,6 +42,7 @@ def markdown(tables: dict[str, CostTable], args: argparse.Namespace, load: dict[
         f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load['before'])}; "
         f"after: {', '.join(f'{v:.2f}' for v in load['after'])}.",
         "",
+        *([args.note, ""] if args.note else []),
         "SPS(B) = target forwards per second for a forward of B new tokens; `1xB` = one request of B tokens "
         "(single-request verification), `Bx1` = B requests of one token. The JSON files store the raw medians; "
         f"`smooth: {args.smooth}` is re-applied on load.",
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--smooth", choices=["none", "monotone"], default="monotone")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--note", help="A paragraph added to the report (e.g. how busy the machine was).")
     args = parser.parse_args()
 
     target, _ = load_target("smollm2", dtype=args.dtype, require_tokenizer=False)
