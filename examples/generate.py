@@ -12,6 +12,7 @@ import torch
 import dspark_hf  # noqa: F401  (installs the generate() hook)
 from dspark_hf import DSparkDraftModel, StaticThresholdPolicy
 from dspark_hf.cli import load_target
+from dspark_hf.demo import describe_divergence
 
 
 def main() -> None:
@@ -48,8 +49,11 @@ def main() -> None:
 
     stats = draft.last_generate_stats
     print(tokenizer.decode(speculative[0, input_ids.shape[1]:], skip_special_tokens=True))
-    if not args.sample:
-        print(f"\nidentical to plain greedy decoding: {torch.equal(plain, speculative)}")
+    if not args.sample and torch.equal(plain, speculative):
+        print("\nidentical to plain greedy decoding: yes")
+    elif not args.sample:
+        where, tie = describe_divergence(target, plain, speculative)
+        print(f"\nidentical to plain greedy decoding: no, {where} ({'a rounding tie' if tie else 'NOT a rounding tie'})")
     print(f"rounds {stats.num_rounds}, τ {stats.tau:.2f}, conditional acceptance {stats.conditional_acceptance()}")
     print(f"plain {plain_s:.2f}s, DSpark {speculative_s:.2f}s (draft {stats.draft_time_s:.2f}s, "
           f"verify {stats.verify_time_s:.2f}s)")
