@@ -52,6 +52,8 @@ def training_summary(run: Path, tokens_per_sample: float) -> dict:
     config_path = Path(__file__).parent / "configs" / f"train_{run.name}.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     runtime = next((h["train_runtime"] for h in history if "train_runtime" in h), None)
+    if runtime is None and (run / "train_results.json").exists():  # written by `dspark-hf train`
+        runtime = json.loads((run / "train_results.json").read_text())["train_runtime"]
     steps = state["global_step"]
     batch = config.get("per_device_train_batch_size", 1) * config.get("gradient_accumulation_steps", 1)
     return {

@@ -465,9 +465,13 @@ def _run_train(args: argparse.Namespace):
         resume = True
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
     metrics = dict(result.metrics)
     if eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+        eval_metrics = trainer.evaluate()
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
     print(json.dumps(metrics, indent=2), file=sys.stderr)
     return trainer
 
