@@ -58,23 +58,29 @@ def make_tokenizer(vocab_size: int = 64) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_target(family: str = "llama", vocab_size: int = 96, hidden_size: int = 64, num_layers: int = 4, seed: int = 0):
-    """A tiny random causal LM of `family` in eval mode, without BOS/EOS so generation never stops early."""
+def make_target(
+    family: str = "llama", vocab_size: int = 96, hidden_size: int = 64, num_layers: int = 4, seed: int = 0, **overrides
+):
+    """A tiny random causal LM of `family` in eval mode; by default without BOS/EOS so generation never stops early.
+
+    `overrides` set any other config field (e.g. `eos_token_id=6, pad_token_id=0`).
+    """
     config_class, model_class = TARGET_FAMILIES[family]
-    config = config_class(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden_size // 4,
-        max_position_embeddings=512,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        tie_word_embeddings=False,
-    )
+    fields = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": hidden_size // 4,
+        "max_position_embeddings": 512,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "tie_word_embeddings": False,
+    }
+    config = config_class(**{**fields, **overrides})
     torch.manual_seed(seed)
     return model_class(config).eval()
 
@@ -106,6 +112,12 @@ def smollm2():
     from dspark_hf.cli import load_target
 
     return load_target("smollm2", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def targets():
+    """Tiny Llama and Qwen3 targets with a 32-token vocabulary, shared by the generation and engine tests."""
+    return {family: make_target(family, vocab_size=32) for family in ("llama", "qwen3")}
 
 
 @pytest.fixture

@@ -78,11 +78,6 @@ def run_arrivals(engine, arrivals):
 
 
 @pytest.fixture(scope="module")
-def targets():
-    return {family: make_target(family, vocab_size=VOCAB) for family in ("llama", "qwen3")}
-
-
-@pytest.fixture(scope="module")
 def drafts(targets):
     """Per family: a briefly distilled draft (accepted often) and an untrained one (rejected often), γ = 6."""
     return {

@@ -39,11 +39,6 @@ def greedy_pair(target, draft, prompt, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def targets():
-    return {family: make_target(family, vocab_size=VOCAB) for family in ("llama", "qwen3")}
-
-
-@pytest.fixture(scope="module")
 def trained_drafts(targets):
     """Briefly distilled drafts (γ = 16) per target family and head type; γ is lowered per test case."""
     return {

@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import make_target, make_tokenizer
 
 from dspark_hf.training import (
     DSparkDataCollator,
@@ -40,20 +39,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def target():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=6,
-        pad_token_id=0,
-        bos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return make_target("llama", vocab_size=VOCAB, hidden_size=32, eos_token_id=6, pad_token_id=0, bos_token_id=2)
 
 
 # -- tokenization ----------------------------------------------------------------------------------------------------

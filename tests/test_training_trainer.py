@@ -6,8 +6,8 @@ import os
 import datasets
 import pytest
 import torch
+from conftest import make_target as make_tiny_target
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dspark_hf import DSparkDraftModel
 from dspark_hf.training import (
@@ -32,19 +32,8 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-def make_target(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+def make_target(seed: int = 0):
+    return make_tiny_target("llama", vocab_size=VOCAB, hidden_size=32, seed=seed, pad_token_id=0)
 
 
 def make_draft(target, seed: int = 1, **overrides) -> DSparkDraftModel:
