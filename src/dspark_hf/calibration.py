@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from .modeling_dspark import DSparkDraftModel
 from .scheduling import CostTable, StaticThresholdPolicy
+from .serialization import JsonFileMixin
 from .stats import SpeculationStats
 
 CALIBRATION_DATA_FORMAT = "dspark_hf.calibration_data"
@@ -76,7 +77,7 @@ class CalibrationRound:
 
 
 @dataclass
-class CalibrationData:
+class CalibrationData(JsonFileMixin):
     """Recorded rounds of full-block verification, the input of STS, the metrics and the threshold sweep."""
 
     block_size: int
@@ -153,14 +154,6 @@ class CalibrationData:
         rounds = [CalibrationRound(**r) for r in data["rounds"]]
         return cls(data["block_size"], rounds, data.get("metadata", {}))
 
-    def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "CalibrationData":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
 
 
 def _prompt_ids(prompt: Prompt, tokenizer, device: torch.device) -> torch.LongTensor:

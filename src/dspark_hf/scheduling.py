@@ -20,7 +20,6 @@ import copy
 import itertools
 import json
 import math
-import os
 import statistics
 import time
 from abc import ABC, abstractmethod
@@ -30,6 +29,8 @@ from typing import Any, Literal
 
 import torch
 from transformers import DynamicCache
+
+from .serialization import JsonFileMixin
 
 COST_TABLE_FORMAT = "dspark_hf.cost_table"
 COST_TABLE_VERSION = 1
@@ -67,7 +68,7 @@ def _strictly_increasing_ints(values: Sequence[int], name: str) -> list[int]:
     return values
 
 
-class CostTable:
+class CostTable(JsonFileMixin):
     """Target forward steps per second, SPS(B), for a verification forward of B tokens (paper §3.2.2).
 
     Between profiled batch sizes SPS is interpolated linearly. Below the smallest profiled B it is clamped to the
@@ -188,16 +189,6 @@ class CostTable:
             metadata=data.get("metadata"),
         )
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes `to_json()` to `path`."""
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "CostTable":
-        """Reads a table written by `save`."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
 
     def __repr__(self) -> str:
         buckets = "" if self.context_lengths is None else f", context_lengths={self.context_lengths}"

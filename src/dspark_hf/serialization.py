@@ -1,0 +1,19 @@
+"""Saving and loading objects that serialise themselves to a JSON string."""
+
+import os
+from typing import Self
+
+
+class JsonFileMixin:
+    """`save(path)` / `load(path)` for a class with `to_json() -> str` and `from_json(text)`."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes `to_json()` to `path` (UTF-8)."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Self:
+        """Reads an object written by `save`."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
