@@ -1,7 +1,9 @@
 """Saving and loading objects that serialise themselves to a JSON string."""
 
 import os
-from typing import Self
+from typing import TypeVar
+
+Loaded = TypeVar("Loaded", bound="JsonFileMixin")
 
 
 class JsonFileMixin:
@@ -13,7 +15,7 @@ class JsonFileMixin:
             f.write(self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Self:
+    def load(cls: type[Loaded], path: str | os.PathLike) -> Loaded:
         """Reads an object written by `save`."""
         with open(path, encoding="utf-8") as f:
             return cls.from_json(f.read())
