@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from conftest import make_target, make_tokenizer
 
 from dspark_hf import DSparkDraftModel, SpeculationStats
@@ -60,7 +59,6 @@ def test_load_prompt_sets(tmp_path):
 
 
 def test_evaluate_end_to_end_and_resume(tmp_path):
-    torch.set_num_threads(1)
     tokenizer = make_tokenizer(64)
     target = make_target("llama", vocab_size=64)
     target.generation_config.eos_token_id = None

@@ -23,15 +23,6 @@ MASK = VOCAB - 1
 BLOCK = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models run far faster on one thread, especially on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_target(seed: int = 0):
     return make_tiny_target("llama", vocab_size=VOCAB, hidden_size=32, seed=seed, pad_token_id=0)
 

@@ -29,7 +29,7 @@ from transformers.utils import logging
 
 from .modeling_dspark import DSparkDraftModel
 from .scheduling import CostTable, StaticThresholdPolicy
-from .serialization import JsonFileMixin
+from .serialization import JsonFileMixin, parse_document
 from .stats import SpeculationStats
 
 CALIBRATION_DATA_FORMAT = "dspark_hf.calibration_data"
@@ -146,11 +146,7 @@ class CalibrationData(JsonFileMixin):
 
     @classmethod
     def from_json(cls, text: str) -> "CalibrationData":
-        data = json.loads(text)
-        if data.get("format") != CALIBRATION_DATA_FORMAT:
-            raise ValueError(f"Not a {CALIBRATION_DATA_FORMAT} document (format={data.get('format')!r}).")
-        if data.get("version") != CALIBRATION_DATA_VERSION:
-            raise ValueError(f"Unsupported calibration data version {data.get('version')!r}.")
+        data = parse_document(text, CALIBRATION_DATA_FORMAT, CALIBRATION_DATA_VERSION)
         rounds = [CalibrationRound(**r) for r in data["rounds"]]
         return cls(data["block_size"], rounds, data.get("metadata", {}))
 

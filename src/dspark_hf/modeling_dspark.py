@@ -372,8 +372,6 @@ class DSparkDraftModel(DSparkPreTrainedModel):
     checkpoint). Use it as `target.generate(input_ids, assistant_model=draft)`.
     """
 
-    config_class = DSparkDraftConfig
-
     def __init__(self, config: DSparkDraftConfig):
         super().__init__(config)
         if config.mask_token_id is None:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache
 
-from .serialization import JsonFileMixin
+from .serialization import JsonFileMixin, parse_document
 
 COST_TABLE_FORMAT = "dspark_hf.cost_table"
 COST_TABLE_VERSION = 1
@@ -174,13 +174,7 @@ class CostTable(JsonFileMixin):
     @classmethod
     def from_json(cls, text: str) -> "CostTable":
         """Inverse of `to_json`."""
-        data = json.loads(text)
-        if data.get("format") != COST_TABLE_FORMAT:
-            raise ValueError(f"Not a {COST_TABLE_FORMAT} document (format={data.get('format')!r}).")
-        if data.get("version") != COST_TABLE_VERSION:
-            raise ValueError(
-                f"Unsupported cost table version {data.get('version')!r}, expected {COST_TABLE_VERSION}."
-            )
+        data = parse_document(text, COST_TABLE_FORMAT, COST_TABLE_VERSION)
         return cls(
             data["batch_tokens"],
             data["steps_per_second"],

@@ -1,5 +1,6 @@
 """Saving and loading objects that serialise themselves to a JSON string."""
 
+import json
 import os
 from typing import TypeVar
 
@@ -19,3 +20,13 @@ class JsonFileMixin:
         """Reads an object written by `save`."""
         with open(path, encoding="utf-8") as f:
             return cls.from_json(f.read())
+
+
+def parse_document(text: str, document_format: str, version: int) -> dict:
+    """Parses JSON written with `{"format": document_format, "version": version, ...}`; ValueError otherwise."""
+    data = json.loads(text)
+    if data.get("format") != document_format:
+        raise ValueError(f"Not a {document_format} document (format={data.get('format')!r}).")
+    if data.get("version") != version:
+        raise ValueError(f"Unsupported {document_format} version {data.get('version')!r}, expected {version}.")
+    return data
