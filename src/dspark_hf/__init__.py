@@ -14,6 +14,7 @@ from .calibration import (
 from .configuration_dspark import DSparkDraftConfig
 from .engine import DSparkEngine, EngineRequest, EngineStats, SamplingParams
 from .generation import DraftBlock, DSparkCandidateGenerator, sample_block
+from .model_card import DSparkModelCardData
 from .modeling_dspark import (
     DSparkContextCache,
     DSparkDraftModel,
@@ -71,6 +72,7 @@ __all__ = [
     "DSparkDraftConfig",
     "DSparkDraftModel",
     "DSparkDraftOutput",
+    "DSparkModelCardData",
     "block_attention_mask",
     "block_position_ids",
     "choose_mask_token_id",

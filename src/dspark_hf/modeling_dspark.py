@@ -12,6 +12,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_dspark import DSparkDraftConfig
+from .model_card import DSparkModelCardData, load_model_card_data, save_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -391,6 +392,8 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         # How many drafted tokens generate() verifies per round (a dspark_hf.scheduling policy; None = whole block).
         self.verification_policy = None
         self.last_generate_stats = None
+        # What the README.md written by save_pretrained reports beyond the config (target, training, τ, calibration).
+        self.model_card_data = DSparkModelCardData()
         self.post_init()
 
     # -- binding to the target -------------------------------------------------------------------------------------
@@ -399,14 +402,21 @@ class DSparkDraftModel(DSparkPreTrainedModel):
     def from_target(cls, target: PreTrainedModel, tokenizer=None, **overrides) -> "DSparkDraftModel":
         """Builds a fresh, randomly initialised draft for `target` (any transformers causal LM) and attaches it.
 
-        Width, vocabulary, attention geometry and RoPE settings are copied from the target; `overrides` set any
+        Width, vocabulary, attention geometry and RoPE settings are copied from the target, and the draft's final
+        norm starts from the target's final-norm gain (so the shared LM head sees hidden states of the scale it
+        expects); `overrides` set any
         [`DSparkDraftConfig`] field (e.g. `num_hidden_layers=2, block_size=8, markov_head_type="rnn"`).
         Pass the target's `tokenizer` so that `mask_token_id` is chosen among its unused special tokens.
         """
-        from .targets import draft_config_from_target
+        from .targets import draft_config_from_target, target_final_norm_scale
 
         config = draft_config_from_target(target, tokenizer=tokenizer, **overrides)
         draft = cls(config).to(dtype=target.dtype, device=target.device)
+        norm_scale = target_final_norm_scale(target)
+        if norm_scale is not None:
+            with torch.no_grad():
+                draft.norm.weight.copy_(norm_scale)
+        draft.model_card_data.base_model = target.name_or_path or None
         return draft.attach(target)
 
     def attach(self, target: PreTrainedModel) -> "DSparkDraftModel":
@@ -545,33 +555,50 @@ class DSparkDraftModel(DSparkPreTrainedModel):
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, layout: str = "hf", **kwargs):
-        """Saves the draft (safetensors).
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args, layout: str = "hf", model_card: bool = True, **kwargs
+    ) -> None:
+        """Saves the draft (safetensors) and its model card.
 
         `layout="hf"` (default) writes a transformers checkpoint without the target's embedding and LM head;
-        `layout="deepspec"` writes the self-contained reference layout served by vLLM and SGLang.
+        `layout="deepspec"` writes the self-contained reference layout served by vLLM and SGLang. With
+        `model_card=True` README.md is created or updated from the config and `self.model_card_data` (its generated
+        section is rewritten, other text and metadata are kept; see `dspark_hf.model_card`).
         """
+        if layout not in ("hf", "deepspec"):
+            raise ValueError(f'layout must be "hf" or "deepspec", got {layout!r}.')
         if layout == "deepspec":
             from .interop import save_deepspec_checkpoint
 
-            return save_deepspec_checkpoint(self, save_directory)
-        if layout != "hf":
-            raise ValueError(f'layout must be "hf" or "deepspec", got {layout!r}.')
-        if "embed_tokens" in self._modules and "state_dict" not in kwargs:
-            kwargs["state_dict"] = {
-                k: v for k, v in self.state_dict().items() if not k.startswith(SHARED_WEIGHT_PREFIXES)
-            }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+            save_deepspec_checkpoint(self, save_directory)
+        else:
+            if "embed_tokens" in self._modules and "state_dict" not in kwargs:
+                kwargs["state_dict"] = {
+                    k: v for k, v in self.state_dict().items() if not k.startswith(SHARED_WEIGHT_PREFIXES)
+                }
+            super().save_pretrained(save_directory, *args, **kwargs)
+        if model_card and kwargs.get("is_main_process", True):
+            save_model_card(self, save_directory, model_id=os.fspath(save_directory), layout=layout)
+
+    def _upload_modified_files(
+        self, working_dir: str | os.PathLike, repo_id: str, files_timestamps: dict[str, float], **kwargs
+    ):
+        """Used by `push_to_hub` and `save_pretrained(push_to_hub=True)`: transformers puts the Hub's README.md (or a
+        placeholder) in `working_dir`; it is updated into this draft's model card before the upload."""
+        save_model_card(self, working_dir, model_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, files_timestamps, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, target_model=None, **kwargs):
-        """Loads a draft saved in either layout (detected from its config); attaches `target_model` if given."""
+        """Loads a draft saved in either layout (detected from its config) with the data of its model card;
+        attaches `target_model` if given."""
         from .interop import is_deepspec_checkpoint, load_deepspec_checkpoint
 
         if is_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs):
             model = load_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs)
         else:
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model.model_card_data = load_model_card_data(pretrained_model_name_or_path, **kwargs)
         if target_model is not None:
             model.attach(target_model)
         return model

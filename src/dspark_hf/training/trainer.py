@@ -176,10 +176,14 @@ def compute_dspark_loss(
     *,
     num_anchors: int = 16,
     generator: torch.Generator | None = None,
+    target_features: torch.Tensor | None = None,
+    target_final_hidden: torch.Tensor | None = None,
 ) -> tuple[DSparkLossOutput, DSparkTrainingOutput, DSparkBlockBatch]:
     """The DSpark loss of one batch of sequences (what [`DSparkTrainer.compute_loss`] runs).
 
     `model` is the draft, or a wrapper around it (DDP, PEFT); it is called once, over every block of the batch.
+    With `target_features` `(batch, S, m·d)` and `target_final_hidden` `(batch, S, d)` from a target cache (see
+    [`TargetCacheDataset`]) the target's forward is skipped; its LM head is still used at the block positions.
     """
     draft = unwrap_draft(model)
     config = draft.config
@@ -188,7 +192,12 @@ def compute_dspark_loss(
         attention_mask = torch.ones_like(input_ids)
     batch, length = input_ids.shape
     with torch.no_grad():
-        features, final_hidden = run_target(target, input_ids, attention_mask, config.target_layer_ids)
+        if (target_features is None) != (target_final_hidden is None):
+            raise ValueError("Pass both target_features and target_final_hidden (a target cache), or neither.")
+        if target_features is None:
+            features, final_hidden = run_target(target, input_ids, attention_mask, config.target_layer_ids)
+        else:
+            features, final_hidden = target_features, target_final_hidden
         anchors, anchor_valid = sample_anchor_positions(
             loss_mask, num_anchors, block_size, generator=generator, attention_mask=attention_mask
         )
@@ -234,7 +243,8 @@ class DSparkTrainer(Trainer):
         args: preferably [`DSparkTrainingArguments`]; plain `TrainingArguments` work too (`num_anchors=16`).
         data_collator: defaults to [`DSparkDataCollator`] padding with the tokenizer's (or draft config's) pad id.
         Everything else as for [`Trainer`]. Datasets hold `input_ids` and `loss_mask` (see
-        `dspark_hf.training.tokenize_conversations`); no labels are needed.
+        `dspark_hf.training.tokenize_conversations`); no labels are needed. A [`TargetCacheDataset`] adds cached
+        target features, and the target then only lends its LM head (no target forward per batch).
 
     Logged alongside `loss`: `ce`, `tv`, `confidence_error`, `acceptance_k` (k = 1..γ), `expected_tau`, and the
     weighted terms `ce_loss`, `tv_loss`, `confidence_loss`; `evaluate()` reports them with the `eval_` prefix.
@@ -331,6 +341,13 @@ class DSparkTrainer(Trainer):
 
     # -- Trainer overrides -----------------------------------------------------------------------------------------
 
+    def train(self, *args, **kwargs):
+        """[`Trainer.train`]; then records the steps and seed in the draft's model card data."""
+        output = super().train(*args, **kwargs)
+        card_data = self.draft.model_card_data
+        card_data.training_steps, card_data.seed = self.state.global_step, self.args.seed
+        return output
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -352,6 +369,8 @@ class DSparkTrainer(Trainer):
             attention_mask,
             num_anchors=self.num_anchors,
             generator=self._anchor_generator(training),
+            target_features=inputs.get("target_features"),
+            target_final_hidden=inputs.get("target_final_hidden"),
         )
         self._record(result, training)
         return (result.loss, output) if return_outputs else result.loss
