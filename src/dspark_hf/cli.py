@@ -355,6 +355,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-fraction", type=float, default=0.0, help="Split this share of --data off for eval."
     )
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument(
+        "--target-cache", help="Cached target features of --data (dspark-hf cache-features): no target forward."
+    )
     parser.add_argument("--output-dir", help="Checkpoints and the final draft go here.")
     parser.add_argument("--draft", help="Start from this saved draft instead of a fresh one.")
     parser.add_argument("--draft-dtype", default="float32", help="dtype of the trainable draft weights.")
@@ -390,6 +393,7 @@ def _run_train(args: argparse.Namespace):
 
     from .modeling_dspark import DSparkDraftModel
     from .training.data import load_training_dataset
+    from .training.target_cache import TargetCacheDataset
     from .training.trainer import DSparkTrainer, DSparkTrainingArguments
 
     if args.threads:
@@ -401,9 +405,14 @@ def _run_train(args: argparse.Namespace):
     eval_dataset = (
         load_training_dataset(args.eval_data, tokenizer, args.max_length) if args.eval_data else None
     )
+    if args.target_cache:
+        train_dataset = TargetCacheDataset(train_dataset, args.target_cache)
     if eval_dataset is None and args.eval_fraction:
-        split = train_dataset.train_test_split(test_size=args.eval_fraction, seed=args.seed)
-        train_dataset, eval_dataset = split["train"], split["test"]
+        if args.target_cache:
+            train_dataset, eval_dataset = train_dataset.split(args.eval_fraction, seed=args.seed)
+        else:
+            split = train_dataset.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+            train_dataset, eval_dataset = split["train"], split["test"]
 
     if args.draft:
         draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target)
@@ -418,6 +427,8 @@ def _run_train(args: argparse.Namespace):
         overrides.update(_parse_mapping(args.draft_config))
         torch.manual_seed(args.seed)
         draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, **overrides)
+    if args.target_cache:
+        TargetCacheDataset(train_dataset.dataset, args.target_cache, draft.config.target_layer_ids)
     # Trainable weights stay in their own dtype (float32 by default) even when the target runs in bf16; use --bf16
     # for mixed-precision compute.
     draft_dtype = _torch_dtype(args.draft_dtype)
@@ -481,6 +492,63 @@ register_command(
     "Regenerate responses to training prompts with the target and tokenize them for draft training.",
     _add_prepare_data_arguments,
     _run_prepare_data,
+)
+def _add_cache_features_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_target_arguments(parser)
+    parser.add_argument("--data", help="Tokenized dataset folder (prepare-data) or a conversations JSONL.")
+    parser.add_argument("--output", help="Cache folder (resumable).")
+    parser.add_argument("--max-length", type=int, default=2048, help="Same value as for `train`.")
+    parser.add_argument(
+        "--target-layer-ids", help="Comma-separated layers (default: from --draft, else the draft default)."
+    )
+    parser.add_argument("--draft", help="A saved draft whose target_layer_ids to cache.")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=64, help="Examples per safetensors shard.")
+    parser.add_argument("--dtype", default="bfloat16", help="Storage dtype of the cached features.")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads.")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _run_cache_features(args: argparse.Namespace):
+    _require(args, "target", "data", "output")
+    import torch
+
+    from .configuration_dspark import DSparkDraftConfig
+    from .targets import default_target_layer_ids
+    from .training.data import load_training_dataset
+    from .training.target_cache import build_target_cache
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, tokenizer = load_target(
+        args.target, args.gguf_file, args.target_dtype, args.tokenizer, require_tokenizer=False
+    )
+    if args.target_layer_ids:
+        layer_ids = [int(i) for i in _csv(args.target_layer_ids)]
+    elif args.draft:
+        layer_ids = DSparkDraftConfig.from_pretrained(args.draft).target_layer_ids
+    else:
+        layer_ids = default_target_layer_ids(target.config.get_text_config().num_hidden_layers)
+    dataset = load_training_dataset(args.data, tokenizer, max_length=args.max_length)
+    path = build_target_cache(
+        target,
+        dataset,
+        layer_ids,
+        args.output,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        dtype=_torch_dtype(args.dtype),
+        progress=not args.no_progress,
+    )
+    print(f"Cached target layers {layer_ids} of {len(dataset)} examples in {path}", file=sys.stderr)
+    return path
+
+
+register_command(
+    "cache-features",
+    "Run the target once over a tokenized dataset and store its features for `train --target-cache`.",
+    _add_cache_features_arguments,
+    _run_cache_features,
 )
 register_command(
     "train",

@@ -21,6 +21,7 @@ from .losses import (
     expected_acceptance_length,
     total_variation,
 )
+from .target_cache import TargetCacheDataset, build_target_cache, load_target_cache_info
 from .trainer import (
     DSparkTrainer,
     DSparkTrainingArguments,
@@ -38,7 +39,9 @@ __all__ = [
     "DSparkTrainer",
     "DSparkTrainingArguments",
     "DSparkTrainingOutput",
+    "TargetCacheDataset",
     "build_blocks",
+    "build_target_cache",
     "build_training_dataset",
     "compute_dspark_loss",
     "confidence_bce",
@@ -48,6 +51,7 @@ __all__ = [
     "dspark_loss",
     "expected_acceptance_length",
     "load_prompts",
+    "load_target_cache_info",
     "load_training_dataset",
     "normalize_prompt",
     "read_jsonl",

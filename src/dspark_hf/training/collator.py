@@ -25,7 +25,9 @@ class DSparkDataCollator:
         max_length: truncate longer examples to this many tokens.
         pad_to_multiple_of: round the padded length up to a multiple of this.
 
-    Other keys of the examples (ids, categories, …) are dropped.
+    Cached target features (`target_features`, `target_final_hidden`: `(S, dim)` tensors from a
+    [`TargetCacheDataset`]) are zero-padded to `(batch, length, dim)` when present. Other keys of the examples
+    (ids, categories, …) are dropped.
     """
 
     tokenizer: Any = None
@@ -79,7 +81,28 @@ class DSparkDataCollator:
             batch["input_ids"][i, :n] = torch.tensor(s, dtype=torch.long)
             batch["attention_mask"][i, :n] = torch.tensor(a, dtype=torch.long)
             batch["loss_mask"][i, :n] = torch.tensor(m, dtype=torch.long) * batch["attention_mask"][i, :n]
+        for name in CACHED_TARGET_KEYS:
+            if features[0].get(name) is not None:
+                batch[name] = _pad_cached(
+                    [torch.as_tensor(f[name]) for f in features], [len(s) for s in sequences], length
+                )
         return batch
+
+
+CACHED_TARGET_KEYS = ("target_features", "target_final_hidden")
+
+
+def _pad_cached(tensors: list[torch.Tensor], lengths: list[int], length: int) -> torch.Tensor:
+    """`(S_i, dim)` cached target tensors → `(batch, length, dim)`, truncated to `lengths`, zero-padded."""
+    padded = tensors[0].new_zeros((len(tensors), length, tensors[0].shape[-1]))
+    for i, (tensor, n) in enumerate(zip(tensors, lengths, strict=True)):
+        if tensor.shape[0] < n:
+            raise ValueError(
+                f"Cached target tensor of example {i} covers {tensor.shape[0]} tokens but the example has {n}; "
+                "the cache was built from different data."
+            )
+        padded[i, :n] = tensor[:n]
+    return padded
 
 
 def _as_list(value) -> list:
