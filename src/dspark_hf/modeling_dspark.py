@@ -402,20 +402,14 @@ class DSparkDraftModel(DSparkPreTrainedModel):
     def from_target(cls, target: PreTrainedModel, tokenizer=None, **overrides) -> "DSparkDraftModel":
         """Builds a fresh, randomly initialised draft for `target` (any transformers causal LM) and attaches it.
 
-        Width, vocabulary, attention geometry and RoPE settings are copied from the target, and the draft's final
-        norm starts from the target's final-norm gain (so the shared LM head sees hidden states of the scale it
-        expects); `overrides` set any
+        Width, vocabulary, attention geometry and RoPE settings are copied from the target; `overrides` set any
         [`DSparkDraftConfig`] field (e.g. `num_hidden_layers=2, block_size=8, markov_head_type="rnn"`).
         Pass the target's `tokenizer` so that `mask_token_id` is chosen among its unused special tokens.
         """
-        from .targets import draft_config_from_target, target_final_norm_scale
+        from .targets import draft_config_from_target
 
         config = draft_config_from_target(target, tokenizer=tokenizer, **overrides)
         draft = cls(config).to(dtype=target.dtype, device=target.device)
-        norm_scale = target_final_norm_scale(target)
-        if norm_scale is not None:
-            with torch.no_grad():
-                draft.norm.weight.copy_(norm_scale)
         draft.model_card_data.base_model = target.name_or_path or None
         return draft.attach(target)
 

@@ -2,7 +2,6 @@
 
 import math
 
-import torch
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
@@ -117,23 +116,6 @@ def draft_config_from_target(target: PreTrainedModel, tokenizer=None, **override
     if fields.get("mask_token_id") is None:
         fields["mask_token_id"] = choose_mask_token_id(target, tokenizer)
     return DSparkDraftConfig(**fields)
-
-
-@torch.no_grad()
-def target_final_norm_scale(target: PreTrainedModel) -> torch.Tensor | None:
-    """The per-channel gain `(hidden,)` of the target's final norm, or None when the target has none.
-
-    Measured by normalising a vector of ones, so it covers both `weight·x̂` (Llama) and `(1 + weight)·x̂` (Gemma)
-    conventions. A draft whose own final norm starts from this gain feeds the shared LM head hidden states of
-    the scale the head was trained on, so its initial logits have the target's temperature.
-    """
-    norm = getattr(target.get_decoder(), "norm", None) if hasattr(target, "get_decoder") else None
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-        return None
-    ones = torch.ones(1, weight.shape[0], dtype=torch.float32, device=weight.device)
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0
-    return norm(ones.to(weight.dtype)).float().squeeze(0) * math.sqrt(1.0 + eps)
 
 
 def check_target_compatible(config: DSparkDraftConfig, target: PreTrainedModel) -> None:
