@@ -6,7 +6,7 @@ import pytest
 from conftest import make_target, make_tokenizer
 
 from dspark_hf import DSparkDraftModel, SpeculationStats
-from dspark_hf.evaluation import domain_summaries, evaluate, load_prompt_sets, markdown_table
+from dspark_hf.evaluation import DatasetResult, domain_summaries, evaluate, load_prompt_sets, markdown_table
 
 
 def hand_made_stats() -> SpeculationStats:
@@ -47,6 +47,25 @@ def test_record_round_rejects_impossible_counts():
         SpeculationStats(block_size=2).record_round(1, 2)
 
 
+def test_baseline_speeds_use_their_own_token_counts():
+    """Sampled baselines stop at their own EOS: each speed divides its own tokens by its own time."""
+    stats = hand_made_stats()
+    result = DatasetResult("gsm8k", "math", prompts=1, turns=1, new_tokens=100, stats=stats, dspark_s=10.0,
+                           plain_s=10.0, plain_tokens=50, prompt_lookup_s=4.0, prompt_lookup_tokens=20)
+    summary = result.summary()
+    assert summary["plain_tokens_per_s"] == 5.0 and summary["prompt_lookup_tokens_per_s"] == 5.0
+    assert summary["speedup_vs_plain"] == summary["speedup_vs_prompt_lookup"] == 2.0
+    other = DatasetResult("math500", "math", prompts=1, turns=1, new_tokens=10, stats=stats, dspark_s=10.0,
+                          plain_s=5.0, plain_tokens=10, prompt_lookup_s=1.0, prompt_lookup_tokens=10)
+    rows = [{**s.summary(), "rounds_detail": vars(stats)} for s in (result, other)]
+    (domain,) = domain_summaries(rows)
+    # Pooled over datasets: DSpark 110 tokens / 20 s, plain 60 / 15 s, prompt lookup 30 / 5 s.
+    assert domain["dspark_tokens_per_s"] == pytest.approx(5.5)
+    assert domain["plain_tokens_per_s"] == pytest.approx(4.0) and domain["speedup_vs_plain"] == pytest.approx(1.375)
+    assert domain["prompt_lookup_tokens_per_s"] == pytest.approx(6.0)
+    assert domain["speedup_vs_prompt_lookup"] == pytest.approx(5.5 / 6.0)
+
+
 def test_load_prompt_sets(tmp_path):
     (tmp_path / "gsm8k.jsonl").write_text('{"turns": ["a"]}\n{"turns": ["b"]}\n')
     (tmp_path / "mt-bench.jsonl").write_text('{"turns": ["x", "y"]}\n')
@@ -79,8 +98,14 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     (tmp_path / "gsm8k.json").write_text(json.dumps({**saved, "tau": 99.0}))
     again = evaluate(target, tokenizer, draft, prompts, output_dir=tmp_path, max_new_tokens=12, progress=False)
     assert again[0]["tau"] == 99.0
+    assert math["plain_tokens"] == math["new_tokens"] == math["prompt_lookup_tokens"]  # greedy: same outputs
     domains = {d["domain"]: d for d in domain_summaries(summaries)}
     assert domains["chat"]["tau"] == pytest.approx(chat["tau"]) and "speedup_vs_plain" in domains["math"]
+    assert domains["math"]["speedup_vs_prompt_lookup"] == pytest.approx(math["speedup_vs_prompt_lookup"])
+    baselines_skipped = evaluate(target, tokenizer, draft, {"gsm8k": prompts["gsm8k"]}, max_new_tokens=4,
+                                 compare_plain=False, prompt_lookup_num_tokens=None, progress=False)
+    assert baselines_skipped[0]["plain_tokens_per_s"] is None and baselines_skipped[0]["speedup_vs_prompt_lookup"] is None
+    assert "speedup_vs_plain" not in domain_summaries(baselines_skipped)[0]
     table = markdown_table(summaries)
     assert table.count("\n") == 4 and "| gsm8k | math | 1 |" in table
 

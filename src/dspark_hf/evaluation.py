@@ -57,6 +57,7 @@ class DatasetResult:
     stats: SpeculationStats
     dspark_s: float
     plain_s: float | None = None
+    plain_tokens: int | None = None
     prompt_lookup_s: float | None = None
     prompt_lookup_tokens: int | None = None
     greedy_identical: bool | None = None
@@ -68,7 +69,10 @@ class DatasetResult:
 
     @property
     def plain_tokens_per_s(self) -> float | None:
-        return None if self.plain_s is None else self.new_tokens / self.plain_s
+        if self.plain_s is None:
+            return None
+        # Sampled plain decoding stops at its own EOS, so it is timed over its own tokens (None: same as DSpark's).
+        return (self.new_tokens if self.plain_tokens is None else self.plain_tokens) / self.plain_s
 
     @property
     def prompt_lookup_tokens_per_s(self) -> float | None:
@@ -90,7 +94,9 @@ class DatasetResult:
             "prefix_survival": self.stats.prefix_survival(),
             "mean_confidence": self.mean_confidence,
             "dspark_tokens_per_s": self.dspark_tokens_per_s,
+            "plain_tokens": self.plain_tokens,
             "plain_tokens_per_s": plain,
+            "prompt_lookup_tokens": self.prompt_lookup_tokens,
             "prompt_lookup_tokens_per_s": lookup,
             "speedup_vs_plain": None if plain is None else self.dspark_tokens_per_s / plain,
             "speedup_vs_prompt_lookup": None if lookup is None else self.dspark_tokens_per_s / lookup,
@@ -141,7 +147,7 @@ def evaluate_dataset(
 
         iterator = tqdm(conversations, desc=name, unit="prompt")
     parts, new_tokens, turns, dspark_s = [], 0, 0, 0.0
-    plain_s = 0.0 if compare_plain else None
+    plain_s, plain_tokens = (0.0, 0) if compare_plain else (None, None)
     lookup_s, lookup_tokens = (0.0, 0) if prompt_lookup_num_tokens else (None, None)
     identical = True if compare_plain and not do_sample else None
     for conversation in iterator:
@@ -158,6 +164,7 @@ def evaluate_dataset(
                 if compare_plain:
                     plain, plain_seconds = _timed_generate(target, input_ids, **kwargs)
                     plain_s += plain_seconds
+                    plain_tokens += plain.shape[1] - input_ids.shape[1]
                     if identical is not None:
                         identical = identical and torch.equal(plain, output)
                 if prompt_lookup_num_tokens:
@@ -181,6 +188,7 @@ def evaluate_dataset(
         stats=stats,
         dspark_s=dspark_s,
         plain_s=plain_s,
+        plain_tokens=plain_tokens,
         prompt_lookup_s=lookup_s,
         prompt_lookup_tokens=lookup_tokens,
         greedy_identical=identical,
@@ -213,21 +221,30 @@ def evaluate(
     return summaries
 
 
+def _pooled_speed(rows: list[dict], speed_key: str, tokens_key: str | None = None) -> float | None:
+    """Tokens per second over all tokens of `rows` (each row's own token count, else its DSpark count)."""
+    if not all(r.get(speed_key) for r in rows):
+        return None
+    tokens = [r["new_tokens"] if r.get(tokens_key) is None else r[tokens_key] for r in rows]
+    return sum(tokens) / sum(t / r[speed_key] for t, r in zip(tokens, rows, strict=True))
+
+
 def domain_summaries(summaries: list[dict]) -> list[dict]:
-    """Per domain: τ over all rounds of its datasets, and speeds over all their tokens."""
+    """Per domain: τ over all rounds of its datasets, and speeds (and speed-ups) over all their tokens."""
     domains = {}
     for summary in summaries:
         domains.setdefault(summary["domain"], []).append(summary)
     result = []
     for domain, rows in sorted(domains.items()):
         stats = SpeculationStats.merge([SpeculationStats(**row["rounds_detail"]) for row in rows])
-        tokens = sum(r["new_tokens"] for r in rows)
-        dspark_s = sum(r["new_tokens"] / r["dspark_tokens_per_s"] for r in rows)
+        dspark = _pooled_speed(rows, "dspark_tokens_per_s")
         entry = {"domain": domain, "datasets": [r["dataset"] for r in rows], "tau": stats.tau,
-                 "conditional_acceptance": stats.conditional_acceptance(), "dspark_tokens_per_s": tokens / dspark_s}
-        if all(r["plain_tokens_per_s"] for r in rows):
-            plain_s = sum(r["new_tokens"] / r["plain_tokens_per_s"] for r in rows)
-            entry["speedup_vs_plain"] = plain_s / dspark_s
+                 "conditional_acceptance": stats.conditional_acceptance(), "dspark_tokens_per_s": dspark}
+        for baseline in ("plain", "prompt_lookup"):
+            speed = _pooled_speed(rows, f"{baseline}_tokens_per_s", f"{baseline}_tokens")
+            if speed is not None:
+                entry[f"{baseline}_tokens_per_s"] = speed
+                entry[f"speedup_vs_{baseline}"] = dspark / speed
         result.append(entry)
     return result
 

@@ -1,0 +1,175 @@
+"""Wall-clock speed-up at batch 1: generate(assistant_model=draft) vs plain generate vs prompt lookup.
+
+For every draft and decoding mode (greedy, and sampling at temperature 1.0), the evaluation harness runs each turn of
+each prompt three ways in the same loop, so all three see the same machine load: with the draft, plain
+`target.generate`, and transformers' prompt-lookup decoding (`prompt_lookup_num_tokens`). Speeds are generated
+tokens per second (each method over its own tokens), pooled per dataset, per domain (math / code / chat) and over
+everything. Targets (stated for greedy decoding; sampled rows are checked against the same numbers for reference):
+speed-up over plain ≥ 2.0× on math and code, ≥ 1.5× on chat, and faster than prompt lookup on every domain.
+
+Writes benchmarks/results/<output-name>.{json,md,png} (default speedup). Full run:
+
+    python benchmarks/speedup.py --drafts dspark_g8=runs/train/dspark_g8 dflash_g8=runs/train/dflash_g8 \
+        --eval-dir ../shared/data/eval --datasets gsm8k math500 humaneval mbpp mt-bench alpacaeval \
+        --limit 20 --max-new-tokens 256 --threads 2 --modes greedy sampled --prompt-lookup-tokens 10 \
+        --output-name speedup
+"""
+
+import _common as common
+
+from dspark_hf.evaluation import domain_summaries, markdown_table
+
+PLAIN_TARGETS = {"math": 2.0, "code": 2.0, "chat": 1.5}
+
+
+def measure(target, tokenizer, drafts: dict, prompts: dict, args) -> dict:
+    results = {}
+    runs = common.each_draft_and_mode(
+        target,
+        tokenizer,
+        drafts,
+        prompts,
+        args,
+        compare_plain=True,
+        prompt_lookup_num_tokens=args.prompt_lookup_tokens,
+    )
+    for name, mode, summaries in runs:
+        domains = domain_summaries(summaries)
+        for domain in domains:
+            plain_target = PLAIN_TARGETS.get(domain["domain"])
+            domain["plain_target"] = plain_target
+            domain["plain_target_met"] = (
+                None if plain_target is None else domain["speedup_vs_plain"] >= plain_target
+            )
+            domain["prompt_lookup_target_met"] = domain["speedup_vs_prompt_lookup"] > 1.0
+        results.setdefault(name, {})[mode] = {
+            "datasets": summaries,
+            "domains": domains,
+            "overall": common.pooled_summary(summaries),
+        }
+    return results
+
+
+def missed_targets(report: dict) -> list[str]:
+    missed = []
+    for name, modes in report["results"].items():
+        for mode, result in modes.items():
+            for d in result["domains"]:
+                if d["plain_target_met"] is False:
+                    missed.append(
+                        f"{name}, {mode}, {d['domain']}: {d['speedup_vs_plain']:.2f}× plain generate "
+                        f"(target ≥ {d['plain_target']}×)"
+                    )
+                if not d["prompt_lookup_target_met"]:
+                    missed.append(
+                        f"{name}, {mode}, {d['domain']}: {d['speedup_vs_prompt_lookup']:.2f}× prompt lookup "
+                        "(target > 1×)"
+                    )
+    return missed
+
+
+def markdown(report: dict) -> str:
+    settings = report["settings"]
+    lines = common.report_header("Speed-up at batch 1 — DSpark vs plain generate vs prompt lookup", report)
+    lines += [
+        f"First {settings['limit']} prompts of each dataset (every turn), max_new_tokens="
+        f"{settings['max_new_tokens']}, prompt lookup with {settings['prompt_lookup_tokens']} tokens, seed "
+        f"{settings['seed']}. The three methods run back to back on every turn; each speed is the method's own "
+        "generated tokens over its own time. Targets: × plain ≥ 2.0 (math, code), ≥ 1.5 (chat); × prompt "
+        "lookup > 1 on every domain (stated for greedy; sampled rows checked against the same numbers).",
+        "",
+    ]
+    for name, modes in report["results"].items():
+        for mode, result in modes.items():
+            lines += [
+                f"## {name} — {mode}",
+                "",
+                markdown_table(result["datasets"]),
+                "| domain | τ | DSpark tok/s | plain tok/s | prompt lookup tok/s | × plain | target | "
+                "× prompt lookup | target |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for d in [*result["domains"], {**result["overall"], "plain_target": None}]:
+                plain_check = (
+                    "–"
+                    if d["plain_target"] is None
+                    else (f"≥ {d['plain_target']}: {common.verdict(d['plain_target_met'])}")
+                )
+                lookup_check = (
+                    "–" if d["domain"] == "all" else f"> 1: {common.verdict(d['prompt_lookup_target_met'])}"
+                )
+                lines.append(
+                    f"| {d['domain']} | {common.fmt(d['tau'])} | {common.fmt(d['dspark_tokens_per_s'], 1)} | "
+                    f"{common.fmt(d.get('plain_tokens_per_s'), 1)} | "
+                    f"{common.fmt(d.get('prompt_lookup_tokens_per_s'), 1)} | "
+                    f"{common.fmt(d.get('speedup_vs_plain'))}× | {plain_check} | "
+                    f"{common.fmt(d.get('speedup_vs_prompt_lookup'))}× | {lookup_check} |"
+                )
+            lines.append("")
+    missed = missed_targets(report)
+    lines += ["## Targets", ""]
+    lines += [f"**Target missed**: {m}." for m in missed] or ["Every domain meets its targets."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict):
+    modes = report["settings"]["modes"]
+    fig, axes = common.figure(1, len(modes), (6.5 * len(modes), 4.2))
+    names = list(report["results"])
+    for ax, mode in zip(axes[0], modes, strict=True):
+        first = report["results"][names[0]][mode]
+        domains = [d["domain"] for d in first["domains"]] + ["all"]
+        bars = {
+            f"{name} × plain": [
+                d["speedup_vs_plain"]
+                for d in [*report["results"][name][mode]["domains"], report["results"][name][mode]["overall"]]
+            ]
+            for name in names
+        }
+        bars[f"prompt lookup × plain ({names[0]} run)"] = [
+            d["prompt_lookup_tokens_per_s"] / d["plain_tokens_per_s"]
+            for d in [*first["domains"], first["overall"]]
+        ]
+        width = 0.8 / len(bars)
+        for i, (label, values) in enumerate(bars.items()):
+            ax.bar(
+                [j + (i - (len(bars) - 1) / 2) * width for j in range(len(domains))],
+                values,
+                width,
+                label=label,
+            )
+        for j, domain in enumerate(domains):
+            if domain in PLAIN_TARGETS:
+                ax.hlines(
+                    PLAIN_TARGETS[domain],
+                    j - 0.45,
+                    j + 0.45,
+                    colors="red",
+                    linestyles="--",
+                    label="target × plain" if j == 0 else None,
+                )
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(domains)), domains)
+        ax.set_ylabel("speed-up over plain generate")
+        ax.set_title(f"batch 1, {mode}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.decoding_parser(__doc__, "speedup")
+    parser.add_argument(
+        "--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of the baseline."
+    )
+    prepared = common.prepare(parser, __file__, argv)
+    if prepared is None:
+        return 0
+    args, target, tokenizer, drafts, report = prepared
+    report["results"] = measure(target, tokenizer, drafts, common.load_prompts(args), args)
+    common.write_results(args.output_name, report, markdown, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
