@@ -386,6 +386,9 @@ def test_cli_calibrate_and_refit(target, trained_draft, tmp_path):
     assert report["splits"]["fit"]["prompts"] == 3 and report["splits"]["test"]["prompts"] == 1
     calibrated = DSparkDraftModel.from_pretrained(out / "draft", target_model=target)
     assert calibrated.config.calibration_temperatures == report["temperatures"]
+    card = (out / "draft" / "README.md").read_text()
+    assert "## Calibration" in card and f"{report['temperatures'][0]:.3f}" in card
+    assert calibrated.model_card_data.calibration["rounds"] == report["splits"]["test"]["rounds"]
     assert json.loads((out / "metrics.json").read_text())["temperatures"] == report["temperatures"]
     assert "Sequential Temperature Scaling" in (out / "report.md").read_text()
     assert CalibrationData.load(out / "calibration_rounds.json").metadata["num_prompts"] == 4

@@ -706,6 +706,7 @@ def _run_calibrate(args: argparse.Namespace):
     )
     report["settings"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     calibration.apply_calibration(draft, temperatures)
+    draft.model_card_data.add_calibration(report)
     draft.save_pretrained(out / "draft")
     (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     markdown = calibration.report_markdown(report)
