@@ -121,6 +121,11 @@ def test_load_prompts_filters_and_dedups(tmp_path):
     import datasets
 
     assert len(load_prompts(datasets.Dataset.from_list([{"prompt": "x"}, {"prompt": "y"}]))) == 2
+    # Held-out prompts: leave out those of a conversations file (as written by regenerate_responses).
+    trained = tmp_path / "trained.responses.jsonl"
+    trained.write_text(json.dumps({"id": prompts[1]["id"], "messages": [{"role": "user", "content": "b"}]}) + "\n")
+    assert [p["turns"] for p in load_prompts(path, exclude=trained)] == [["a"], ["c", "d"]]
+    assert [p["turns"] for p in load_prompts(path, exclude={prompts[0]["id"]})] == [["b"], ["c", "d"]]
 
 
 def test_default_sampling_settings(target):

@@ -638,6 +638,9 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, default=100, help="Use at most this many prompts.")
     parser.add_argument("--shuffle", action="store_true", help="Shuffle prompts (with --seed) before --limit.")
+    parser.add_argument(
+        "--exclude", help="Leave out the prompts of this file/dataset (e.g. the draft's training conversations)."
+    )
     parser.add_argument("--rounds", help="Refit on rounds saved by an earlier run (calibration_rounds.json).")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding (calibrate as you serve).")
@@ -683,7 +686,9 @@ def _run_calibrate(args: argparse.Namespace):
     if args.rounds:
         data = calibration.CalibrationData.load(args.rounds)
     else:
-        prompts = load_prompts(args.prompts, limit=args.limit, shuffle=args.shuffle, seed=args.seed)
+        prompts = load_prompts(
+            args.prompts, limit=args.limit, shuffle=args.shuffle, seed=args.seed, exclude=args.exclude
+        )
         data = calibration.collect_calibration_rounds(
             target, draft, [_chat_messages(p) for p in prompts], tokenizer, max_new_tokens=args.max_new_tokens,
             do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

@@ -124,6 +124,7 @@ def load_prompts(
     categories: Iterable[str] | None = None,
     shuffle: bool = False,
     seed: int = 0,
+    exclude: Any = None,
 ) -> list[dict]:
     """Prompts from a JSONL path, a `datasets.Dataset` or a list of dicts, normalised by [`normalize_prompt`].
 
@@ -131,7 +132,15 @@ def load_prompts(
         categories: keep rows whose `category` is one of these.
         shuffle: shuffle (with `seed`) before taking `limit`; mixes categories of a sorted file.
         limit: keep at most this many prompts.
+        exclude: prompts to leave out: a set of prompt ids, or any source this function reads (e.g. the
+            `.responses.jsonl` a draft was trained on), so that calibration or evaluation prompts are held out.
     """
+    skip: set[str] = set()
+    if exclude is not None:
+        if isinstance(exclude, (set, frozenset)):
+            skip = set(exclude)
+        else:
+            skip = {p["id"] for p in load_prompts(exclude)}
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
@@ -150,7 +159,7 @@ def load_prompts(
     prompts, seen = [], set()
     for row in rows:
         prompt = normalize_prompt(dict(row))
-        if prompt["id"] in seen:
+        if prompt["id"] in seen or prompt["id"] in skip:
             continue
         seen.add(prompt["id"])
         prompts.append(prompt)
