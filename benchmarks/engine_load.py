@@ -137,6 +137,36 @@ def closed_loop(engine: DSparkEngine, prompts: list, concurrency: int, num_reque
     }
 
 
+STATIC_POLICIES = ("none", "mtp1", "full", "threshold")
+
+
+def acceptance_checks(report: dict) -> list[dict]:
+    """The issue's three checks on aggregate tokens/s: Algorithm 1 (`prefix`) within 5% of the best static policy
+    at every R, above full-block verification at the highest R, and its budget ℓ non-increasing in R."""
+    results = report["results"]
+    if "prefix" not in results:
+        return []
+    prefix = {row["concurrency"]: row for row in results["prefix"]}
+    checks = []
+    statics = [p for p in STATIC_POLICIES if p in results]
+    for concurrency, row in sorted(prefix.items()):
+        rivals = [(p, r) for p in statics for r in results[p] if r["concurrency"] == concurrency]
+        if rivals:
+            best, best_row = max(rivals, key=lambda pr: pr[1]["aggregate_tokens_per_s"])
+            ratio = row["aggregate_tokens_per_s"] / best_row["aggregate_tokens_per_s"]
+            checks.append({"check": f"R={concurrency}: prefix ≥ 0.95 × best static ({best})", "value": ratio,
+                           "passed": ratio >= 0.95})
+    top = max(prefix)
+    full = [r for r in results.get("full", []) if r["concurrency"] == top]
+    if full:
+        ratio = prefix[top]["aggregate_tokens_per_s"] / full[0]["aggregate_tokens_per_s"]
+        checks.append({"check": f"R={top}: prefix > full block", "value": ratio, "passed": ratio > 1.0})
+    budgets = [prefix[c]["mean_verification_budget"] for c in sorted(prefix)]
+    checks.append({"check": "prefix budget ℓ non-increasing in R", "value": budgets,
+                   "passed": all(b <= a + 1e-9 for a, b in zip(budgets, budgets[1:], strict=False))})
+    return checks
+
+
 def markdown(report: dict) -> str:
     config = report["config"]
     decoding = "greedy" if config["temperature"] == 0 else f"temperature {config['temperature']}"
@@ -163,6 +193,13 @@ def markdown(report: dict) -> str:
                 f"{row['mean_verification_budget']:.2f} | {row['tau']:.2f} | "
                 f"{row['mean_batch_tokens']:.1f} |"
             )
+    checks = report.get("checks") or []
+    if checks:
+        lines += ["", "## Checks (aggregate tokens/s)", "", "| check | value | passed |", "|---|---|---|"]
+        for check in checks:
+            value = check["value"]
+            shown = ", ".join(f"{v:.2f}" for v in value) if isinstance(value, list) else f"{value:.3f}"
+            lines.append(f"| {check['check']} | {shown} | {'yes' if check['passed'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -258,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
     report["config"]["load_average_after"] = os.getloadavg()
+    report["checks"] = acceptance_checks(report)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine_load.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
