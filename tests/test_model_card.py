@@ -1,5 +1,6 @@
 """Model cards: README.md written by save_pretrained / push_to_hub, its metadata, tables and round trip."""
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -195,7 +196,7 @@ def test_push_to_hub_uploads_the_card(tmp_path, targets, monkeypatch, via):
         draft.push_to_hub("me/draft")
     else:
         draft.save_pretrained(tmp_path, push_to_hub=True, repo_id="me/draft")
-    assert "model.safetensors" in uploaded and "config.json" in uploaded
+    assert "model.safetensors" in uploaded and json.loads(uploaded["config.json"])["model_type"] == "dspark"
     card = ModelCard(uploaded["README.md"].decode())
     assert card.data.library_name == "dspark_hf" and {"custom", "dspark"} <= set(card.data.tags)
     assert "More Information Needed" not in card.text and "| gsm8k | 3.50 |" in card.text

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from dspark_hf import DSparkDraftModel
 
@@ -23,3 +24,27 @@ def test_gguf_target_greedy_identical(smollm2):
     speculative = target.generate(ids, assistant_model=draft, **kwargs)
     assert torch.equal(reference, speculative)
     assert draft.last_generate_stats.num_rounds >= 1
+
+
+def test_default_draft_ships_calibrated_and_is_accepted(smollm2):
+    """The built-in draft `dspark-hf demo` runs: bf16 weights, STS temperatures, a model card, lossless, accepted."""
+    from dspark_hf.demo import DEFAULT_DRAFT_DIR, load_default_draft
+
+    target, tokenizer = smollm2
+    assert (DEFAULT_DRAFT_DIR / "model.safetensors").exists(), "no trained default draft ships in the package"
+    draft, description = load_default_draft(target, tokenizer)
+    assert "built-in" in description
+    assert draft.config.calibration_temperatures is not None
+    with safe_open(str(DEFAULT_DRAFT_DIR / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    card = (DEFAULT_DRAFT_DIR / "README.md").read_text()
+    assert "## Calibration" in card and "## Evaluation" in card
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tom has 3 apples and buys 5 more. How many apples does he have?"}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )["input_ids"]
+    kwargs = dict(max_new_tokens=48, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id)
+    reference = target.generate(ids, **kwargs)
+    speculative = target.generate(ids, assistant_model=draft.float(), **kwargs)
+    assert torch.equal(reference, speculative)
+    assert draft.last_generate_stats.tau > 1.2

@@ -213,6 +213,17 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target-dtype", default="auto", help="auto, float32, bfloat16 or float16.")
 
 
+def _target_from_args(args: argparse.Namespace, require_tokenizer: bool = True):
+    """Applies `--threads`, then loads `(target, tokenizer)` from the `--target` options (see [`load_target`])."""
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return load_target(
+        args.target, args.gguf_file, args.target_dtype, args.tokenizer, require_tokenizer=require_tokenizer
+    )
+
+
 def _require(args: argparse.Namespace, *names: str) -> None:
     missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) in (None, "")]
     if missing:
@@ -274,13 +285,10 @@ def _add_prepare_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_prepare_data(args: argparse.Namespace):
     _require(args, "target", "prompts", "output")
-    import torch
 
     from .training.data import build_training_dataset, load_prompts
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    target, tokenizer = load_target(args.target, args.gguf_file, args.target_dtype, args.tokenizer)
+    target, tokenizer = _target_from_args(args)
     prompts = load_prompts(
         args.prompts,
         limit=args.num_prompts,
@@ -396,11 +404,7 @@ def _run_train(args: argparse.Namespace):
     from .training.target_cache import TargetCacheDataset
     from .training.trainer import DSparkTrainer, DSparkTrainingArguments
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    target, tokenizer = load_target(
-        args.target, args.gguf_file, args.target_dtype, args.tokenizer, require_tokenizer=False
-    )
+    target, tokenizer = _target_from_args(args, require_tokenizer=False)
     train_dataset = load_training_dataset(args.data, tokenizer, max_length=args.max_length)
     eval_dataset = (
         load_training_dataset(args.eval_data, tokenizer, args.max_length) if args.eval_data else None
@@ -511,18 +515,13 @@ def _add_cache_features_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_cache_features(args: argparse.Namespace):
     _require(args, "target", "data", "output")
-    import torch
 
     from .configuration_dspark import DSparkDraftConfig
     from .targets import default_target_layer_ids
     from .training.data import load_training_dataset
     from .training.target_cache import build_target_cache
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    target, tokenizer = load_target(
-        args.target, args.gguf_file, args.target_dtype, args.tokenizer, require_tokenizer=False
-    )
+    target, tokenizer = _target_from_args(args, require_tokenizer=False)
     if args.target_layer_ids:
         layer_ids = [int(i) for i in _csv(args.target_layer_ids)]
     elif args.draft:
