@@ -123,3 +123,27 @@ def test_trainer_on_a_cache_never_runs_the_target(target, tmp_path):
     assert any(not torch.equal(v, before[k]) for k, v in draft.state_dict().items())
     assert 1.0 <= metrics["eval_expected_tau"] <= 1 + BLOCK
     assert MASK == draft.config.mask_token_id
+
+
+def test_cli_cache_features_then_train_on_the_cache(target, tmp_path):
+    from dspark_hf.cli import run_command
+
+    target.save_pretrained(tmp_path / "target")
+    make_dataset(8).save_to_disk(str(tmp_path / "data"))
+    common = ["--target", str(tmp_path / "target"), "--data", str(tmp_path / "data")]
+    run_command(
+        ["cache-features", *common, "--target-layer-ids", "0,2", "--shard-size", "3", "--no-progress",
+         "--output", str(tmp_path / "cache")]
+    )
+    assert load_target_cache_info(tmp_path / "cache")["finished_shards"] == [0, 1, 2]
+    train = [
+        "train", *common, "--target-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out"),
+        "--block-size", str(BLOCK), "--num-draft-layers", "1", "--markov-rank", "8", "--mask-token-id", str(MASK),
+        "--max-steps", "2", "--per-device-train-batch-size", "2", "--num-anchors", "3", "--report-to", "none",
+        "--eval-fraction", "0.25", "--training-args", '{"use_cpu": true, "disable_tqdm": true, "save_strategy": "no"}',
+    ]
+    trainer = run_command([*train, "--target-layer-ids", "0,2"])
+    assert isinstance(trainer.train_dataset, TargetCacheDataset) and len(trainer.eval_dataset) == 2
+    assert trainer.state.global_step == 2
+    with pytest.raises(ValueError, match="config.target_layer_ids"):
+        run_command([*train, "--target-layer-ids", "1,2"])
