@@ -377,11 +377,12 @@ def test_cli_calibrate_and_refit(target, trained_draft, tmp_path):
     make_tokenizer().save_pretrained(target_dir)
     trained_draft.save_pretrained(draft_dir)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"turns": [f"w{i} w{i + 1} w{i + 2}"]}) for i in range(5)))
+    too_long = json.dumps({"turns": [" ".join(["w1"] * 80)]})
+    prompts.write_text("\n".join([too_long] + [json.dumps({"turns": [f"w{i} w{i + 1} w{i + 2}"]}) for i in range(5)]))
     report = run_command([
         "calibrate", "--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts),
         "--limit", "4", "--max-new-tokens", "16", "--test-fraction", "0.25", "--thresholds", "0", "0.5",
-        "--no-progress", "--out", str(out),
+        "--max-prompt-tokens", "40", "--no-progress", "--out", str(out),
     ])
     assert report["splits"]["fit"]["prompts"] == 3 and report["splits"]["test"]["prompts"] == 1
     calibrated = DSparkDraftModel.from_pretrained(out / "draft", target_model=target)

@@ -638,6 +638,9 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=100, help="Use at most this many prompts.")
     parser.add_argument("--shuffle", action="store_true", help="Shuffle prompts (with --seed) before --limit.")
     parser.add_argument(
+        "--max-prompt-tokens", type=int, default=1024, help="Skip prompts longer than this (chat template included)."
+    )
+    parser.add_argument(
         "--exclude", help="Leave out the prompts of this file/dataset (e.g. the draft's training conversations)."
     )
     parser.add_argument("--rounds", help="Refit on rounds saved by an earlier run (calibration_rounds.json).")
@@ -663,6 +666,23 @@ def _chat_messages(prompt: dict) -> list[dict]:
     return system + [{"role": "user", "content": prompt["turns"][0]}]
 
 
+def _short_conversations(prompts: list[dict], tokenizer, limit: int, max_tokens: int) -> list[list[dict]]:
+    """The first `limit` prompts (as chat messages) whose templated length is at most `max_tokens`."""
+    kept, skipped = [], 0
+    for prompt in prompts:
+        messages = _chat_messages(prompt)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        if len(ids) > max_tokens:
+            skipped += 1
+            continue
+        kept.append(messages)
+        if len(kept) == limit:
+            break
+    if skipped:
+        print(f"Skipped {skipped} prompts longer than {max_tokens} tokens (--max-prompt-tokens).", file=sys.stderr)
+    return kept
+
+
 def _run_calibrate(args: argparse.Namespace):
     _require(args, "draft", "out")
     if not args.rounds:
@@ -685,11 +705,10 @@ def _run_calibrate(args: argparse.Namespace):
     if args.rounds:
         data = calibration.CalibrationData.load(args.rounds)
     else:
-        prompts = load_prompts(
-            args.prompts, limit=args.limit, shuffle=args.shuffle, seed=args.seed, exclude=args.exclude
-        )
+        prompts = load_prompts(args.prompts, shuffle=args.shuffle, seed=args.seed, exclude=args.exclude)
+        conversations = _short_conversations(prompts, tokenizer, args.limit, args.max_prompt_tokens)
         data = calibration.collect_calibration_rounds(
-            target, draft, [_chat_messages(p) for p in prompts], tokenizer, max_new_tokens=args.max_new_tokens,
+            target, draft, conversations, tokenizer, max_new_tokens=args.max_new_tokens,
             do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
             progress=not args.no_progress,
         )
