@@ -77,6 +77,10 @@ def markdown(report: dict) -> str:
         f"{settings['seed']}. The three methods run back to back on every turn; each speed is the method's own "
         "generated tokens over its own time. Targets: × plain ≥ 2.0 (math, code), ≥ 1.5 (chat); × prompt "
         "lookup > 1 on every domain (stated for greedy; sampled rows checked against the same numbers).",
+        "`greedy identical` compares every turn token for token with plain `generate`. In bf16 the target's "
+        "multi-token verification pass rounds differently from its one-token decoding steps, so near-tied logits "
+        "can resolve differently and a long answer may then drift; in float32 the outputs are identical "
+        "(tests/test_generation.py, tests/test_smollm2.py).",
         "",
     ]
     for name, modes in report["results"].items():
