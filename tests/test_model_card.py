@@ -10,13 +10,14 @@ import pytest
 import torch
 from conftest import make_target, make_tokenizer
 from huggingface_hub import ModelCard, ModelCardData
+from test_training_trainer import training_args
 from transformers.utils.hub import PushToHubMixin
 
 from dspark_hf import CalibrationData, DSparkDraftModel, DSparkModelCardData
 from dspark_hf.calibration import CalibrationRound, calibration_report
 from dspark_hf.evaluation import evaluate
 from dspark_hf.model_card import SECTION_END, SECTION_START
-from dspark_hf.training import DSparkTrainer, DSparkTrainingArguments
+from dspark_hf.training import DSparkTrainer
 
 TARGET_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GAMMA = 3
@@ -206,17 +207,7 @@ def test_push_to_hub_uploads_the_card(tmp_path, targets, monkeypatch, via):
 def test_trainer_records_steps_and_seed(tmp_path, target):
     draft = make_draft(target, target_layer_ids=[0, 2])
     rows = [{"input_ids": list(range(1, 13)), "loss_mask": [0] * 3 + [1] * 9}] * 4
-    args = DSparkTrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        num_anchors=2,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=11,
-    )
+    args = training_args(tmp_path, max_steps=2, num_anchors=2, seed=11)
     DSparkTrainer(
         model=draft, args=args, train_dataset=datasets.Dataset.from_list(rows), target_model=target
     ).train()
