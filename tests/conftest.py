@@ -85,6 +85,21 @@ def make_target(
     return model_class(config).eval()
 
 
+def exact_two_token_distribution(target, prompt, warp=None):
+    """P(t2, t3) of plain sampling after `prompt` (t1 summed out), by enumeration: (V, V)."""
+    vocab = target.config.vocab_size
+    warp = warp or (lambda logits: logits)
+    with torch.no_grad():
+        probs = lambda ids: torch.softmax(warp(target(ids).logits[:, -1].double()), -1)  # noqa: E731
+        p1 = probs(prompt)[0]
+        joint = torch.zeros(vocab, vocab, dtype=torch.float64)
+        for t1 in range(vocab):
+            seq = torch.cat([prompt, torch.tensor([[t1]])], dim=1)
+            seqs = torch.cat([seq.expand(vocab, -1), torch.arange(vocab).unsqueeze(1)], dim=1)
+            joint += p1[t1] * probs(seq)[0].unsqueeze(1) * probs(seqs)
+    return joint
+
+
 def smollm2_available() -> bool:
     from importlib.metadata import PackageNotFoundError, distribution
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import briefly_train, make_target
+from conftest import briefly_train, exact_two_token_distribution, make_target
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -223,21 +223,6 @@ def test_verification_budget_falls_with_load(targets, drafts):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _exact_two_token_distribution(target, prompt, warp=None):
-    """P(t2, t3) of plain sampling after `prompt` (t1 summed out), by enumeration: (V, V)."""
-    vocab = target.config.vocab_size
-    warp = warp or (lambda logits: logits)
-    with torch.no_grad():
-        probs = lambda ids: torch.softmax(warp(target(ids).logits[:, -1].double()), -1)  # noqa: E731
-        p1 = probs(prompt)[0]
-        joint = torch.zeros(vocab, vocab, dtype=torch.float64)
-        for t1 in range(vocab):
-            seq = torch.cat([prompt, torch.tensor([[t1]])], dim=1)
-            seqs = torch.cat([seq.expand(vocab, -1), torch.arange(vocab).unsqueeze(1)], dim=1)
-            joint += p1[t1] * probs(seq)[0].unsqueeze(1) * probs(seqs)
-    return joint
-
-
 def tv_bound(exact: torch.Tensor, n: int, delta: float = 1e-6) -> float:
     """A bound that the TV distance of n i.i.d. samples from `exact` exceeds with probability < delta.
 
@@ -290,7 +275,7 @@ def test_sampling_matches_target_distribution(sampling_setup, params):
     warp = lambda logits: warp_logits(  # noqa: E731
         logits, greedy, torch.tensor(params.temperature), torch.tensor(params.top_k), torch.tensor(params.top_p)
     ).double()
-    exact = _exact_two_token_distribution(target, prompt, warp)
+    exact = exact_two_token_distribution(target, prompt, warp)
     torch.manual_seed(0)
     runs = 20_000
     empirical, proposed = sample_pairs(target, draft, prompt, runs, params)
@@ -308,7 +293,7 @@ def test_biased_drafting_is_detected(sampling_setup, monkeypatch):
 
     original = engine_module.sample_block
     monkeypatch.setattr(engine_module, "sample_block", argmax_sample_block)
-    exact = _exact_two_token_distribution(target, prompt)
+    exact = exact_two_token_distribution(target, prompt)
     torch.manual_seed(0)
     runs = 5_000  # the bias (TV ≈ 0.23) is far above even this smaller sample's bound (≈ 0.09)
     empirical, _ = sample_pairs(target, draft, prompt, runs, SamplingParams(max_new_tokens=4, do_sample=True))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import briefly_train, make_target
+from conftest import briefly_train, exact_two_token_distribution, make_target
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
@@ -212,21 +212,6 @@ def test_sample_block_draws_from_returned_logits():
     assert ((counts - expected).abs() / expected.clamp(min=1).sqrt()).max() < 5
 
 
-def _exact_two_token_distribution(target, prompt):
-    """P(t2, t3) of plain sampling after `prompt` (t1 summed out), by enumeration: (V, V)."""
-    vocab = target.config.vocab_size
-    with torch.no_grad():
-        p1 = torch.softmax(target(prompt).logits[0, -1].double(), -1)
-        joint = torch.zeros(vocab, vocab, dtype=torch.float64)
-        for t1 in range(vocab):
-            seq = torch.cat([prompt, torch.tensor([[t1]])], dim=1)
-            p2 = torch.softmax(target(seq).logits[0, -1].double(), -1)
-            seqs = torch.cat([seq.expand(vocab, -1), torch.arange(vocab).unsqueeze(1)], dim=1)
-            p3 = torch.softmax(target(seqs).logits[:, -1].double(), -1)
-            joint += p1[t1] * p2.unsqueeze(1) * p3
-    return joint
-
-
 def _empirical_two_token_distribution(target, draft, prompt, runs):
     vocab = target.config.vocab_size
     counts = torch.zeros(vocab, vocab, dtype=torch.float64)
@@ -253,7 +238,7 @@ def sampling_setup():
     draft = new_draft(target, block_size=3)
     torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.5)
     prompt = torch.tensor([[1, 2, 3]])
-    return target, draft, prompt, _exact_two_token_distribution(target, prompt)
+    return target, draft, prompt, exact_two_token_distribution(target, prompt)
 
 
 def test_sampling_matches_target_distribution(sampling_setup):
