@@ -432,7 +432,7 @@ def _run_train(args: argparse.Namespace):
         torch.manual_seed(args.seed)
         draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, **overrides)
     if args.target_cache:
-        TargetCacheDataset(train_dataset.dataset, args.target_cache, draft.config.target_layer_ids)
+        train_dataset.check_target_layer_ids(draft.config.target_layer_ids)
     # Trainable weights stay in their own dtype (float32 by default) even when the target runs in bf16; use --bf16
     # for mixed-precision compute.
     draft_dtype = _torch_dtype(args.draft_dtype)
@@ -661,18 +661,14 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="Output folder: calibrated draft, rounds, metrics.json, report.md, PNGs.")
 
 
-def _chat_messages(prompt: dict) -> list[dict]:
-    system = [{"role": "system", "content": prompt["system"]}] if prompt["system"] else []
-    return system + [{"role": "user", "content": prompt["turns"][0]}]
-
-
 def _short_conversations(prompts: list[dict], tokenizer, limit: int, max_tokens: int) -> list[list[dict]]:
     """The first `limit` prompts (as chat messages) whose templated length is at most `max_tokens`."""
+    from .training.data import first_turn_messages, prompt_token_count
+
     kept, skipped = [], 0
     for prompt in prompts:
-        messages = _chat_messages(prompt)
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-        if len(ids) > max_tokens:
+        messages = first_turn_messages(prompt)
+        if prompt_token_count(tokenizer, messages) > max_tokens:
             skipped += 1
             continue
         kept.append(messages)

@@ -227,7 +227,13 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="Regenerating responses", unit="prompt")
 
 
-def _prompt_tokens(tokenizer, messages: list[dict]) -> int:
+def first_turn_messages(prompt: dict) -> list[dict]:
+    """Chat messages of a normalised prompt's first user turn (with its system message, if any)."""
+    return _messages(prompt, [], 0)
+
+
+def prompt_token_count(tokenizer, messages: list[dict]) -> int:
+    """Tokens of `messages` rendered by the chat template with the generation prompt."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -318,7 +324,7 @@ def regenerate_responses(
     done = {row["id"]: row for row in read_jsonl(output_path)} if output_path.exists() else {}
     pending = [p for p in prompts if p["id"] not in done]
     if sort_by_length or max_prompt_tokens is not None:
-        lengths = {p["id"]: _prompt_tokens(tokenizer, _messages(p, [], 0)) for p in pending}
+        lengths = {p["id"]: prompt_token_count(tokenizer, first_turn_messages(p)) for p in pending}
         if max_prompt_tokens is not None:
             too_long = [p for p in pending if lengths[p["id"]] > max_prompt_tokens]
             if too_long:

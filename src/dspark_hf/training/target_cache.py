@@ -11,6 +11,7 @@ finished shards) and `shard-00000.safetensors`, … with tensors `features.<i>` 
 examples `i` of each shard. Building is resumable: finished shards are kept and skipped.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -41,6 +42,10 @@ def _token_fingerprint(dataset) -> str:
         digest.update(torch.as_tensor(list(ids), dtype=torch.int64).numpy().tobytes())
         digest.update(b"|")
     return digest.hexdigest()[:16]
+
+
+def _num_shards(num_examples: int, shard_size: int) -> int:
+    return -(-num_examples // shard_size)
 
 
 def _shard_name(index: int) -> str:
@@ -122,7 +127,7 @@ def build_target_cache(
         info["finished_shards"] = previous["finished_shards"]
     _write_info(cache_dir, info)
 
-    num_shards = -(-len(lengths) // shard_size)
+    num_shards = _num_shards(len(lengths), shard_size)
     pad_id = int(getattr(target.config, "pad_token_id", None) or 0)
     collator = DSparkDataCollator(pad_token_id=pad_id)
     device = next(target.parameters()).device
@@ -186,7 +191,9 @@ class TargetCacheDataset(Dataset):
         self.cache_dir = Path(cache_dir)
         self.info = load_target_cache_info(cache_dir)
         info = self.info
-        missing = sorted(set(range(-(-info["num_examples"] // info["shard_size"]))) - set(info["finished_shards"]))
+        missing = sorted(
+            set(range(_num_shards(info["num_examples"], info["shard_size"]))) - set(info["finished_shards"])
+        )
         if missing:
             raise ValueError(
                 f"The target cache at {cache_dir} is incomplete ({len(missing)} shards missing); rerun "
@@ -198,13 +205,18 @@ class TargetCacheDataset(Dataset):
                 f"fingerprint {info['fingerprint']}) than the dataset given ({len(dataset)} examples). "
                 "Rebuild the cache for this dataset."
             )
-        if target_layer_ids is not None and list(target_layer_ids) != info["target_layer_ids"]:
-            raise ValueError(
-                f"The target cache holds layers {info['target_layer_ids']} but the draft reads "
-                f"{list(target_layer_ids)}. Rebuild the cache with the draft's config.target_layer_ids."
-            )
+        if target_layer_ids is not None:
+            self.check_target_layer_ids(target_layer_ids)
         self.indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
         self._handles: dict[int, Any] = {}
+
+    def check_target_layer_ids(self, target_layer_ids: Sequence[int]) -> None:
+        """Raises `ValueError` unless the cache holds exactly these layers (pass the draft's `target_layer_ids`)."""
+        if list(target_layer_ids) != self.info["target_layer_ids"]:
+            raise ValueError(
+                f"The target cache holds layers {self.info['target_layer_ids']} but the draft reads "
+                f"{list(target_layer_ids)}. Rebuild the cache with the draft's config.target_layer_ids."
+            )
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -236,7 +248,10 @@ class TargetCacheDataset(Dataset):
         generator = torch.Generator().manual_seed(seed)
         order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
         num_test = max(1, round(test_size * len(order)))
-        return (
-            TargetCacheDataset(self.dataset, self.cache_dir, indices=order[num_test:]),
-            TargetCacheDataset(self.dataset, self.cache_dir, indices=order[:num_test]),
-        )
+        return self._subset(order[num_test:]), self._subset(order[:num_test])
+
+    def _subset(self, indices: list[int]) -> "TargetCacheDataset":
+        """These examples of the same (already validated) dataset and cache."""
+        subset = copy.copy(self)
+        subset.indices, subset._handles = indices, {}
+        return subset
