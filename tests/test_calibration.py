@@ -1,4 +1,5 @@
-"""Confidence calibration: metrics, Sequential Temperature Scaling, collection, threshold sweep, CLI."""
+"""Confidence calibration: metrics, Sequential Temperature Scaling (with optional biases), collection, threshold
+sweep, CLI."""
 
 import importlib.util
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 from conftest import briefly_train, make_target, make_tokenizer
 
-from dspark_hf import DSparkDraftModel
+from dspark_hf import DSparkDraftConfig, DSparkDraftModel
 from dspark_hf.calibration import (
     DEFAULT_TEMPERATURE_GRID,
     CalibrationData,
@@ -21,6 +22,7 @@ from dspark_hf.calibration import (
     calibration_report,
     collect_calibration_rounds,
     expected_calibration_error,
+    fit_sequential_calibration,
     fit_sequential_temperature_scaling,
     plot_cost_table,
     plot_reliability_diagram,
@@ -74,7 +76,12 @@ def test_auroc_and_brier_by_hand():
 
 @pytest.mark.parametrize(
     "confidences, outcomes, match",
-    [([0.5], [1, 0], "confidences but"), ([], [], "No samples"), ([1.5], [1], "probabilities"), ([0.5], [2], "0/1")],
+    [
+        ([0.5], [1, 0], "confidences but"),
+        ([], [], "No samples"),
+        ([1.5], [1], "probabilities"),
+        ([0.5], [2], "0/1"),
+    ],
 )
 def test_metric_input_errors(confidences, outcomes, match):
     with pytest.raises(ValueError, match=match):
@@ -107,7 +114,18 @@ def test_position_samples_follow_the_accepted_counts():
     assert [y.tolist() for _, y in survival] == [[1, 0, 1], [1, 0, 1], [0, 0]]
     np.testing.assert_allclose(survival[2][0], [0.9 * 0.6 * 0.3, 0.8 * 0.4 * 0.2])
     scaled = position_samples(data, "conditional", temperatures=[1.0, 2.0, 1.0])
-    np.testing.assert_allclose(scaled[1][0], [1 / (1 + math.exp(-logit(0.6) / 2)), 1 / (1 + math.exp(-logit(0.7) / 2))])
+    np.testing.assert_allclose(
+        scaled[1][0], [1 / (1 + math.exp(-logit(0.6) / 2)), 1 / (1 + math.exp(-logit(0.7) / 2))]
+    )
+    # A bias is added after the temperature: c = σ(z / T + b); survival multiplies the biased c_k.
+    shifted = position_samples(data, "survival", temperatures=[1.0, 2.0, 1.0], biases=[-1.0, 0.5, 0.0])
+    c1 = 1 / (1 + math.exp(-(logit(0.9) - 1.0)))
+    c2 = 1 / (1 + math.exp(-(logit(0.6) / 2 + 0.5)))
+    np.testing.assert_allclose(shifted[2][0][0], c1 * c2 * 0.3)
+    with pytest.raises(ValueError, match="3 biases"):
+        position_samples(data, biases=[0.0])
+    with pytest.raises(ValueError, match="finite"):
+        calibration_metrics(data, biases=[0.0, float("inf"), 0.0])
 
     metrics = calibration_metrics(data, num_bins=2)
     first = metrics["positions"][0]["conditional"]
@@ -141,6 +159,9 @@ def test_threshold_sweep_by_hand():
     # Temperatures change the confidences the threshold sees: T_1 = 4 pulls 0.9 to σ(logit(0.9)/4) ≈ 0.63.
     calibrated = threshold_sweep(hand_rounds(), thresholds=[0.85], temperatures=[4.0, 1.0, 1.0])[0]
     assert calibrated["tokens_per_step"] == 0.0
+    # So do biases: b_1 = −1 pulls 0.9 to σ(logit(0.9) − 1) ≈ 0.77; b_1 = +1 lifts 0.8 and 0.7 to ≈ 0.92, 0.86.
+    assert threshold_sweep(hand_rounds(), [0.85], biases=[-1.0, 0.0, 0.0])[0]["tokens_per_step"] == 0.0
+    assert threshold_sweep(hand_rounds(), [0.85], biases=[1.0, 0.0, 0.0])[0]["tokens_per_step"] == 1.0
 
 
 def test_threshold_sweep_matches_the_policy():
@@ -185,7 +206,9 @@ def test_calibration_data_validation_json_and_split(tmp_path):
 TRUE_TEMPERATURES = [2.0, 0.5, 1.5, 3.0]
 
 
-def synthetic_rounds(num_rounds: int = 50000, temperatures=TRUE_TEMPERATURES, seed: int = 0) -> CalibrationData:
+def synthetic_rounds(
+    num_rounds: int = 50000, temperatures=TRUE_TEMPERATURES, seed: int = 0
+) -> CalibrationData:
     """z_k = T_k · logit(p_k) with p_k ~ U(0.2, 0.97); token k survives its prefix with probability p_k."""
     rng = np.random.default_rng(seed)
     gamma = len(temperatures)
@@ -193,7 +216,10 @@ def synthetic_rounds(num_rounds: int = 50000, temperatures=TRUE_TEMPERATURES, se
     z = np.asarray(temperatures) * np.log(p / (1 - p))
     survived = rng.random((num_rounds, gamma)) < p
     accepted = np.where(survived.all(axis=1), gamma, np.argmin(survived, axis=1))
-    rounds = [CalibrationRound(gamma, int(a), row.tolist(), prompt_index=i) for i, (a, row) in enumerate(zip(accepted, z, strict=True))]
+    rounds = [
+        CalibrationRound(gamma, int(a), row.tolist(), prompt_index=i)
+        for i, (a, row) in enumerate(zip(accepted, z, strict=True))
+    ]
     return CalibrationData(gamma, rounds)
 
 
@@ -227,13 +253,18 @@ def test_sts_is_sequential_with_earlier_temperatures_fixed(synthetic):
 
     def best_second(t1):
         first = 1 / (1 + np.exp(-logits[:, 0] / t1))
-        eces = [expected_calibration_error(first / (1 + np.exp(-logits[:, 1] / t)), y) for t in DEFAULT_TEMPERATURE_GRID]
+        eces = [
+            expected_calibration_error(first / (1 + np.exp(-logits[:, 1] / t)), y)
+            for t in DEFAULT_TEMPERATURE_GRID
+        ]
         return DEFAULT_TEMPERATURE_GRID[int(np.argmin(eces))]
 
     assert fitted[1] == best_second(fitted[0])  # T_2 is fitted on top of the fitted T_1 ...
     assert best_second(1.0) != fitted[1]  # ... which matters: with T_1 = 1 the optimum differs.
     # Later positions never move earlier temperatures.
-    prefix = CalibrationData(2, [CalibrationRound(2, min(r.accepted, 2), r.confidence_logits[:2]) for r in data.rounds])
+    prefix = CalibrationData(
+        2, [CalibrationRound(2, min(r.accepted, 2), r.confidence_logits[:2]) for r in data.rounds]
+    )
     assert fit_sequential_temperature_scaling(prefix) == fitted[:2]
 
 
@@ -242,12 +273,83 @@ def test_sts_positions_without_data_and_grid_checks():
     temperatures = fit_sequential_temperature_scaling(data)
     assert temperatures[1:] == [1.0, 1.0]
     # A flat objective keeps T = 1 (ties go to the temperature closest to 1).
-    assert fit_sequential_temperature_scaling(CalibrationData(1, [CalibrationRound(1, 1, [50.0])]), grid=[0.5, 1.0, 2.0]) == [1.0]
+    assert fit_sequential_temperature_scaling(
+        CalibrationData(1, [CalibrationRound(1, 1, [50.0])]), grid=[0.5, 1.0, 2.0]
+    ) == [1.0]
     for grid in ([], [0.0, 1.0], [float("nan")]):
         with pytest.raises(ValueError, match="grid"):
             fit_sequential_temperature_scaling(data, grid=grid)
     with pytest.raises(ValueError, match="temperatures"):
         calibration_metrics(data, temperatures=[1.0])
+
+
+def shifted_rounds(
+    num_rounds: int = 5000, shift: float = 1.0, gamma: int = 3, seed: int = 0
+) -> CalibrationData:
+    """An overconfident head: z_k = logit(p_k) + `shift`, so the true conditional probability is σ(z_k − shift)
+    (T = 1, b = −shift), with p_k ~ U(0.2, 0.97). A temperature alone cannot undo the shift."""
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0.2, 0.97, size=(num_rounds, gamma))
+    z = np.log(p / (1 - p)) + shift
+    survived = rng.random((num_rounds, gamma)) < p
+    accepted = np.where(survived.all(axis=1), gamma, np.argmin(survived, axis=1))
+    rounds = [
+        CalibrationRound(gamma, int(a), row.tolist(), prompt_index=i)
+        for i, (a, row) in enumerate(zip(accepted, z, strict=True))
+    ]
+    return CalibrationData(gamma, rounds)
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    return shifted_rounds()
+
+
+def survival_eces(data: CalibrationData, temperatures, biases=None) -> list[float]:
+    return [p["survival"]["ece"] for p in calibration_metrics(data, temperatures, biases=biases)["positions"]]
+
+
+def test_sts_bias_removes_a_shift_that_temperatures_cannot(shifted):
+    sts = survival_eces(shifted, fit_sequential_temperature_scaling(shifted))
+    temperatures, biases = fit_sequential_calibration(shifted, "sts_bias")
+    with_bias = survival_eces(shifted, temperatures, biases)
+    for k, (e_sts, e_bias) in enumerate(zip(sts, with_bias, strict=True)):
+        assert e_bias < 0.015 and e_bias < e_sts / 3, (k, sts, with_bias)
+    # Position 1 is identified sharply by the ECE objective: T_1 ≈ 1, b_1 ≈ −1.
+    assert abs(math.log(temperatures[0])) < math.log(1.15) and abs(biases[0] + 1) < 0.15, (
+        temperatures,
+        biases,
+    )
+    # The log loss recovers the shift at every position (ECE alone is flat in later positions' spread).
+    temperatures, biases = fit_sequential_calibration(shifted, "sts_bias", objective="log_loss")
+    for t, b in zip(temperatures, biases, strict=True):
+        assert abs(math.log(t)) < math.log(1.2) and abs(b + 1) < 0.2, (temperatures, biases)
+    assert max(survival_eces(shifted, temperatures, biases)) < 0.025
+
+
+def test_sts_bias_with_zero_bias_is_sts(shifted):
+    data = synthetic_rounds(num_rounds=5000)
+    for rounds in (data, shifted):
+        temperatures = fit_sequential_temperature_scaling(rounds)
+        assert fit_sequential_calibration(rounds) == (temperatures, None)
+        assert fit_sequential_calibration(rounds, "sts_bias", bias_grid=[0.0]) == (
+            temperatures,
+            [0.0] * rounds.block_size,
+        )
+    log_loss = fit_sequential_calibration(data, "sts", objective="log_loss")[0]
+    assert log_loss == fit_sequential_calibration(data, "sts_bias", bias_grid=[0.0], objective="log_loss")[0]
+
+
+def test_fit_sequential_calibration_checks():
+    data = CalibrationData(2, [CalibrationRound(1, 1, [2.0]), CalibrationRound(1, 0, [-1.0])])
+    temperatures, biases = fit_sequential_calibration(data, "sts_bias")
+    assert temperatures[1] == 1.0 and biases[1] == 0.0  # position 2 was never verified
+    with pytest.raises(ValueError, match="method must be one of"):
+        fit_sequential_calibration(data, "platt")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        fit_sequential_calibration(data, objective="brier")
+    with pytest.raises(ValueError, match="bias grid"):
+        fit_sequential_calibration(data, "sts_bias", bias_grid=[0.0, float("nan")])
 
 
 def test_report_and_plots(synthetic, tmp_path):
@@ -263,13 +365,14 @@ def test_report_and_plots(synthetic, tmp_path):
     json.dumps(report)  # serialisable
     plot_reliability_diagram(test, fitted, tmp_path / "rel.png")
     plot_reliability_diagram(test, None, tmp_path / "cond.png", kind="conditional", positions=[1, 3])
+    plot_reliability_diagram(test, None, tmp_path / "bias.png", biases=[-0.5, 0.0, 0.5, 1.0])
     plot_threshold_sweep(report["threshold_sweep"]["raw"], tmp_path / "sweep.png")
     tables = {
         "1xB": CostTable([1, 2, 4], [20.0, 19.0, 21.0], smooth="monotone"),
         "Bx1": CostTable([1, 2, 4], [[20.0, 15.0, 10.0], [10.0, 8.0, 5.0]], context_lengths=[64, 256]),
     }
     plot_cost_table(tables, tmp_path / "cost.png")
-    for name in ("rel.png", "cond.png", "sweep.png", "cost.png"):
+    for name in ("rel.png", "cond.png", "bias.png", "sweep.png", "cost.png"):
         assert (tmp_path / name).read_bytes()[:4] == PNG_MAGIC
     with pytest.raises(ValueError, match="positions"):
         plot_reliability_diagram(test, fitted, tmp_path / "bad.png", positions=[5])
@@ -285,7 +388,11 @@ GAMMA = 4
 def new_draft(target, seed: int = 1) -> DSparkDraftModel:
     torch.manual_seed(seed)
     return DSparkDraftModel.from_target(
-        target, block_size=GAMMA, markov_rank=16, num_hidden_layers=1, mask_token_id=target.config.vocab_size - 1
+        target,
+        block_size=GAMMA,
+        markov_rank=16,
+        num_hidden_layers=1,
+        mask_token_id=target.config.vocab_size - 1,
     ).eval()
 
 
@@ -314,6 +421,44 @@ def test_temperatures_round_trip_and_change_calibrated_confidence(target, tmp_pa
         apply_calibration(draft, [1.0, 1.0])
     with pytest.raises(ValueError, match="> 0"):
         apply_calibration(draft, [1.0, 0.0, 1.0, 1.0])
+
+
+def test_biases_round_trip_and_are_applied_at_inference(target, tmp_path):
+    draft = new_draft(target)
+    temperatures, biases = [2.0, 0.5, 1.0, 4.0], [-1.0, 0.25, 0.0, 2.0]
+    apply_calibration(draft, temperatures, biases)
+    draft.save_pretrained(tmp_path)
+    loaded = DSparkDraftModel.from_pretrained(tmp_path, target_model=target)
+    assert loaded.config.calibration_biases == biases
+    z = torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.0, 1.0, -2.0, -0.5]])
+    by_hand = torch.sigmoid(z / torch.tensor(temperatures) + torch.tensor(biases))
+    torch.testing.assert_close(loaded.calibrated_confidence(z), by_hand)
+    torch.testing.assert_close(
+        loaded.calibrated_confidence(z[:, 1:3], positions=slice(1, 3)), by_hand[:, 1:3]
+    )
+    # Biases without temperatures; applying temperatures only clears earlier biases.
+    loaded.config.calibration_temperatures = None
+    torch.testing.assert_close(loaded.calibrated_confidence(z), torch.sigmoid(z + torch.tensor(biases)))
+    assert apply_calibration(loaded, temperatures).config.calibration_biases is None
+    with pytest.raises(ValueError, match="4 biases"):
+        apply_calibration(loaded, temperatures, [0.0])
+    # Generation sees the biased confidences: with a threshold of 0.5, b = −30 verifies nothing, b = +30 everything.
+    ids = torch.tensor([[3, 5, 7, 9]])
+    draft.verification_policy = StaticThresholdPolicy(0.5)
+    for bias, proposed in ((-30.0, 0), (30.0, GAMMA)):
+        apply_calibration(draft, [1.0] * GAMMA, [bias] * GAMMA)
+        target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft, max_new_tokens=12)
+        assert draft.last_generate_stats.proposed[0] == proposed
+
+
+def test_config_validates_biases():
+    assert DSparkDraftConfig(block_size=4).calibration_biases is None  # configs without biases load unchanged
+    with pytest.raises(
+        ValueError, match=r"calibration_biases has 2 entries but block_size is 4; give one bias per"
+    ):
+        DSparkDraftConfig(block_size=4, calibration_biases=[0.0, 1.0])
+    with pytest.raises(ValueError, match="must all be finite"):
+        DSparkDraftConfig(block_size=2, calibration_biases=[0.0, float("nan")])
 
 
 def test_collect_calibration_rounds_matches_generation(target, trained_draft):
@@ -356,8 +501,13 @@ def test_collect_calibration_rounds_matches_generation(target, trained_draft):
 
 def test_collect_text_prompts_and_errors(target, trained_draft):
     tokenizer = make_tokenizer()
-    data = collect_calibration_rounds(target, trained_draft, ["w1 w2 w3", [{"role": "user", "content": "w4"}]],
-                                      tokenizer=tokenizer, max_new_tokens=8)
+    data = collect_calibration_rounds(
+        target,
+        trained_draft,
+        ["w1 w2 w3", [{"role": "user", "content": "w4"}]],
+        tokenizer=tokenizer,
+        max_new_tokens=8,
+    )
     assert {r.prompt_index for r in data.rounds} == {0, 1}
     with pytest.raises(ValueError, match="tokenizer"):
         collect_calibration_rounds(target, trained_draft, ["w1"], max_new_tokens=4)
@@ -378,12 +528,34 @@ def test_cli_calibrate_and_refit(target, trained_draft, tmp_path):
     trained_draft.save_pretrained(draft_dir)
     prompts = tmp_path / "prompts.jsonl"
     too_long = json.dumps({"turns": [" ".join(["w1"] * 80)]})
-    prompts.write_text("\n".join([too_long] + [json.dumps({"turns": [f"w{i} w{i + 1} w{i + 2}"]}) for i in range(5)]))
-    report = run_command([
-        "calibrate", "--target", str(target_dir), "--draft", str(draft_dir), "--prompts", str(prompts),
-        "--limit", "4", "--max-new-tokens", "16", "--test-fraction", "0.25", "--thresholds", "0", "0.5",
-        "--max-prompt-tokens", "40", "--no-progress", "--out", str(out),
-    ])
+    prompts.write_text(
+        "\n".join([too_long] + [json.dumps({"turns": [f"w{i} w{i + 1} w{i + 2}"]}) for i in range(5)])
+    )
+    report = run_command(
+        [
+            "calibrate",
+            "--target",
+            str(target_dir),
+            "--draft",
+            str(draft_dir),
+            "--prompts",
+            str(prompts),
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "16",
+            "--test-fraction",
+            "0.25",
+            "--thresholds",
+            "0",
+            "0.5",
+            "--max-prompt-tokens",
+            "40",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert report["splits"]["fit"]["prompts"] == 3 and report["splits"]["test"]["prompts"] == 1
     calibrated = DSparkDraftModel.from_pretrained(out / "draft", target_model=target)
     assert calibrated.config.calibration_temperatures == report["temperatures"]
@@ -397,11 +569,43 @@ def test_cli_calibrate_and_refit(target, trained_draft, tmp_path):
         for name in ("reliability_survival.png", "reliability_conditional.png", "threshold_sweep.png"):
             assert (out / name).read_bytes()[:4] == PNG_MAGIC
     # Refit from the saved rounds, without the target.
-    again = run_command([
-        "calibrate", "--draft", str(draft_dir), "--rounds", str(out / "calibration_rounds.json"),
-        "--test-fraction", "0.25", "--out", str(tmp_path / "again"),
-    ])
-    assert again["temperatures"] == report["temperatures"]
+    again = run_command(
+        [
+            "calibrate",
+            "--draft",
+            str(draft_dir),
+            "--rounds",
+            str(out / "calibration_rounds.json"),
+            "--test-fraction",
+            "0.25",
+            "--out",
+            str(tmp_path / "again"),
+        ]
+    )
+    assert again["temperatures"] == report["temperatures"] and again["biases"] is None
+    biased = run_command(
+        [
+            "calibrate",
+            "--draft",
+            str(draft_dir),
+            "--rounds",
+            str(out / "calibration_rounds.json"),
+            "--test-fraction",
+            "0.25",
+            "--method",
+            "sts_bias",
+            "--objective",
+            "log_loss",
+            "--out",
+            str(tmp_path / "bias"),
+        ]
+    )
+    assert len(biased["biases"]) == GAMMA and biased["fit"] == {"method": "sts_bias", "objective": "log_loss"}
+    assert (
+        DSparkDraftModel.from_pretrained(tmp_path / "bias" / "draft").config.calibration_biases
+        == biased["biases"]
+    )
+    assert "b_k" in (tmp_path / "bias" / "report.md").read_text()
     with pytest.raises(SystemExit, match="--prompts"):
         run_command(["calibrate", "--target", str(target_dir), "--draft", str(draft_dir), "--out", str(out)])
 
@@ -409,19 +613,57 @@ def test_cli_calibrate_and_refit(target, trained_draft, tmp_path):
 def test_cli_profile(target, tmp_path):
     target_dir = tmp_path / "target"
     target.save_pretrained(target_dir)
-    table = run_command([
-        "profile", "--target", str(target_dir), "--dtype", "float32", "--batch-sizes", "1", "2", "4",
-        "--context-length", "8", "--repeats", "1", "--warmup", "0", "--smooth", "monotone",
-        "--out", str(tmp_path / "table.json"), "--plot", str(tmp_path / "table.png"),
-    ])
+    table = run_command(
+        [
+            "profile",
+            "--target",
+            str(target_dir),
+            "--dtype",
+            "float32",
+            "--batch-sizes",
+            "1",
+            "2",
+            "4",
+            "--context-length",
+            "8",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--smooth",
+            "monotone",
+            "--out",
+            str(tmp_path / "table.json"),
+            "--plot",
+            str(tmp_path / "table.png"),
+        ]
+    )
     loaded = CostTable.load(tmp_path / "table.json")
     assert loaded.batch_tokens == [1, 2, 4] and loaded.smooth == "monotone"
     assert loaded.raw_rows == table.raw_rows and loaded.metadata["shape"] == "1xB"
     if HAS_MATPLOTLIB:
         assert (tmp_path / "table.png").read_bytes()[:4] == PNG_MAGIC
-    two_contexts = run_command([
-        "profile", "--target", str(target_dir), "--dtype", "float32", "--batch-sizes", "1", "2",
-        "--context-length", "4", "8", "--shape", "Bx1", "--repeats", "1", "--warmup", "0",
-        "--out", str(tmp_path / "buckets.json"),
-    ])
+    two_contexts = run_command(
+        [
+            "profile",
+            "--target",
+            str(target_dir),
+            "--dtype",
+            "float32",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--context-length",
+            "4",
+            "8",
+            "--shape",
+            "Bx1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path / "buckets.json"),
+        ]
+    )
     assert two_contexts.context_lengths == [4, 8]

@@ -43,15 +43,17 @@ def make_draft(target, **overrides) -> DSparkDraftModel:
     return DSparkDraftModel.from_target(target, **{**settings, **overrides}).eval()
 
 
-def fitted_report() -> dict:
-    """A calibration report computed on hand-made rounds, temperatures 2, 1, 0.5."""
+def fitted_report(biases: list[float] | None = None) -> dict:
+    """A calibration report computed on hand-made rounds, temperatures 2, 1, 0.5 (and `biases`)."""
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     rounds = [
         CalibrationRound(3, 2, [logit(0.9), logit(0.6), logit(0.3)], prompt_index=0),
         CalibrationRound(3, 0, [logit(0.8), logit(0.4), logit(0.2)], prompt_index=1),
         CalibrationRound(2, 2, [logit(0.7), logit(0.7)], prompt_index=2),
     ]
-    return calibration_report(CalibrationData(block_size=GAMMA, rounds=rounds), None, [2.0, 1.0, 0.5])
+    return calibration_report(
+        CalibrationData(block_size=GAMMA, rounds=rounds), None, [2.0, 1.0, 0.5], biases=biases
+    )
 
 
 def read_card(directory: Path) -> ModelCard:
@@ -127,6 +129,23 @@ def test_round_trip_keeps_card_data(tmp_path, target):
     assert "| mt-bench | 2.50 |" in read_card(tmp_path / "b").text
     assert "These temperatures are not applied to this draft" in read_card(tmp_path / "b").text
     assert DSparkModelCardData.from_dict(draft.model_card_data.to_dict()) == draft.model_card_data
+
+
+def test_card_records_calibration_biases(tmp_path, target):
+    biases = [-1.0, 0.5, 0.25]
+    draft = make_draft(target, calibration_temperatures=[2.0, 1.0, 0.5], calibration_biases=biases)
+    draft.model_card_data.add_calibration(report := fitted_report(biases))
+    draft.save_pretrained(tmp_path / "a")
+    text = read_card(tmp_path / "a").text
+    assert "- calibration biases: -1.000, +0.500, +0.250" in text
+    assert "| k | T_k | b_k | samples | ECE before | ECE after |" in text
+    after = report["splits"]["fit"]["after"]["positions"][0]["survival"]
+    assert f"| 1 | 2.000 | -1.000 | {after['count']} | " in text and f"{100 * after['ece']:.1f}% |" in text
+    loaded = DSparkDraftModel.from_pretrained(tmp_path / "a", target_model=target)
+    assert [p["bias"] for p in loaded.model_card_data.calibration["positions"]] == biases
+    loaded.config.calibration_biases = None
+    loaded.save_pretrained(tmp_path / "b")
+    assert "These biases are not applied to this draft" in read_card(tmp_path / "b").text
 
 
 def test_existing_readme_is_updated_not_replaced(tmp_path, target):

@@ -4,8 +4,10 @@
   on held-out prompts and records, for every round, the raw confidence logits of the verified positions and how
   many of them were accepted ([`CalibrationData`]).
 - [`fit_sequential_temperature_scaling`] fits one temperature per block position (Sequential Temperature Scaling);
-  [`apply_calibration`] stores them in `draft.config.calibration_temperatures`, where generation and the
-  scheduler pick them up through `DSparkDraftModel.calibrated_confidence`.
+  [`fit_sequential_calibration`] also fits, with `method="sts_bias"` (beyond the paper), a bias per position,
+  c_k = σ(z_k / T_k + b_k). [`apply_calibration`] stores them in `draft.config.calibration_temperatures` and
+  `calibration_biases`, where generation and the scheduler pick them up through
+  `DSparkDraftModel.calibrated_confidence`.
 - [`calibration_metrics`] reports ECE, AUROC and Brier score per position, of the conditional confidence c_k and
   of the prefix survival a_k = ∏_{i≤k} c_i; [`threshold_sweep`] replays a static confidence threshold on the
   recorded rounds (Fig. 5); the `plot_*` helpers draw the reliability diagram (Fig. 6), the sweep and a cost table.
@@ -38,13 +40,25 @@ CALIBRATION_DATA_VERSION = 1
 DEFAULT_NUM_BINS = 15
 # 261 temperatures from 0.05 to 20, log-spaced in steps of 10^0.01 (≈2.3%), including exactly 1.0.
 DEFAULT_TEMPERATURE_GRID = tuple(float(10.0 ** (e / 100)) for e in range(-130, 131))
+# 49 biases from −6 to 6 in steps of 0.25: the coarse bias grid of `method="sts_bias"`, refined around its optimum.
+DEFAULT_BIAS_GRID = tuple(i / 4 for i in range(-24, 25))
 DEFAULT_THRESHOLDS = tuple(i / 10 for i in range(10))
+FIT_METHODS = ("sts", "sts_bias")
+FIT_OBJECTIVES = ("ece", "log_loss")
 # Cap on grid × samples evaluated at once by the grid search (memory bound).
 _GRID_CHUNK_ELEMENTS = 4_000_000
+# `sts_bias` searches every 5th temperature of the grid × the bias grid, then refines: the grid's temperatures
+# between the coarse optimum's neighbours × 41 biases between its neighbours on the bias grid.
+_COARSE_TEMPERATURE_STRIDE = 5
+_REFINED_BIASES = 41
+# Confidences are clipped to [ε, 1 − ε] in the log loss.
+_LOG_LOSS_EPS = 1e-12
 
 logger = logging.get_logger(__name__)
 
 ConfidenceKind = Literal["conditional", "survival"]
+FitMethod = Literal["sts", "sts_bias"]
+FitObjective = Literal["ece", "log_loss"]
 Prompt = torch.Tensor | str | Sequence[Mapping[str, str]]
 
 
@@ -92,7 +106,9 @@ class CalibrationData(JsonFileMixin):
 
     def _check(self, round_: CalibrationRound) -> None:
         if round_.proposed > self.block_size:
-            raise ValueError(f"A round verified {round_.proposed} tokens but block_size is {self.block_size}.")
+            raise ValueError(
+                f"A round verified {round_.proposed} tokens but block_size is {self.block_size}."
+            )
 
     def add_round(self, round_: CalibrationRound) -> None:
         self._check(round_)
@@ -101,10 +117,16 @@ class CalibrationData(JsonFileMixin):
     def add_stats(self, stats: SpeculationStats, prompt_index: int = 0) -> None:
         """Appends the rounds of one `generate()` call (`draft.last_generate_stats`)."""
         if stats.block_size != self.block_size:
-            raise ValueError(f"Stats of block size {stats.block_size} added to data of block size {self.block_size}.")
-        for proposed, accepted, logits in zip(stats.proposed, stats.accepted, stats.confidence_logits, strict=True):
+            raise ValueError(
+                f"Stats of block size {stats.block_size} added to data of block size {self.block_size}."
+            )
+        for proposed, accepted, logits in zip(
+            stats.proposed, stats.accepted, stats.confidence_logits, strict=True
+        ):
             if proposed and not logits:
-                raise ValueError("The rounds carry no confidence logits: the draft has no confidence head to calibrate.")
+                raise ValueError(
+                    "The rounds carry no confidence logits: the draft has no confidence head to calibrate."
+                )
             self.add_round(CalibrationRound(proposed, accepted, list(logits), prompt_index))
 
     @property
@@ -151,19 +173,24 @@ class CalibrationData(JsonFileMixin):
         return cls(data["block_size"], rounds, data.get("metadata", {}))
 
 
-
 def _prompt_ids(prompt: Prompt, tokenizer, device: torch.device) -> torch.LongTensor:
     if isinstance(prompt, torch.Tensor):
         ids = prompt.long()
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-            raise ValueError(f"A token-id prompt must be a non-empty (length,) or (1, length) tensor, got {tuple(ids.shape)}.")
+            raise ValueError(
+                f"A token-id prompt must be a non-empty (length,) or (1, length) tensor, got {tuple(ids.shape)}."
+            )
         return ids.to(device)
     if tokenizer is None:
-        raise ValueError("Text prompts need the target's tokenizer (tokenizer=...); or pass token-id tensors.")
+        raise ValueError(
+            "Text prompts need the target's tokenizer (tokenizer=...); or pass token-id tensors."
+        )
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     return encoded["input_ids"].to(device)
 
 
@@ -197,13 +224,21 @@ def collect_calibration_rounds(
         progress: show a progress bar.
     """
     if draft.confidence_head is None:
-        raise ValueError("This draft has no confidence head (confidence_head=False): there is nothing to calibrate.")
+        raise ValueError(
+            "This draft has no confidence head (confidence_head=False): there is nothing to calibrate."
+        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
 
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
-    kwargs.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None})
-    if tokenizer is not None and tokenizer.eos_token_id is not None and target.generation_config.pad_token_id is None:
+    kwargs.update(
+        {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
+    )
+    if (
+        tokenizer is not None
+        and tokenizer.eos_token_id is not None
+        and target.generation_config.pad_token_id is None
+    ):
         kwargs["pad_token_id"] = tokenizer.eos_token_id
     kwargs.update(generation_kwargs or {})
     data = CalibrationData(
@@ -222,7 +257,9 @@ def collect_calibration_rounds(
     try:
         for index, prompt in enumerate(tqdm(prompts, desc="calibration rounds", disable=not progress)):
             input_ids = _prompt_ids(prompt, tokenizer, target.device)
-            target.generate(input_ids, attention_mask=torch.ones_like(input_ids), assistant_model=draft, **kwargs)
+            target.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), assistant_model=draft, **kwargs
+            )
             data.add_stats(draft.last_generate_stats, prompt_index=index)
     finally:
         draft.verification_policy = policy
@@ -301,25 +338,42 @@ def brier_score(confidences, outcomes) -> float:
     return float(np.mean((p - y) ** 2))
 
 
-def _temperatures(data: CalibrationData, temperatures: Sequence[float] | None) -> np.ndarray:
-    if temperatures is None:
-        return np.ones(data.block_size)
-    t = np.asarray(temperatures, dtype=np.float64)
-    if t.shape != (data.block_size,):
-        raise ValueError(f"Need {data.block_size} temperatures (one per block position), got {len(t)}.")
+def _parameters(
+    block_size: int, temperatures: Sequence[float] | None, biases: Sequence[float] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validated `(T, b)` arrays of shape `(block_size,)`; T = 1 and b = 0 where None."""
+    t = np.ones(block_size) if temperatures is None else np.asarray(temperatures, dtype=np.float64).ravel()
+    b = np.zeros(block_size) if biases is None else np.asarray(biases, dtype=np.float64).ravel()
+    for name, values in (("temperatures", t), ("biases", b)):
+        if values.shape != (block_size,):
+            raise ValueError(f"Need {block_size} {name} (one per block position), got {values.size}.")
     if not np.all(np.isfinite(t) & (t > 0)):
         raise ValueError(f"Temperatures must be finite and > 0, got {t.tolist()}.")
-    return t
+    if not np.all(np.isfinite(b)):
+        raise ValueError(f"Biases must be finite, got {b.tolist()}.")
+    return t, b
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free σ
 
 
+def _calibrated(
+    data: CalibrationData, temperatures: Sequence[float] | None, biases: Sequence[float] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(c (N, γ) = σ(z / T + b), NaN where not verified; proposed; accepted)` of the recorded rounds."""
+    logits, proposed, accepted = data.arrays()
+    t, b = _parameters(data.block_size, temperatures, biases)
+    return _sigmoid(logits / t + b), proposed, accepted
+
+
 def position_samples(
-    data: CalibrationData, kind: ConfidenceKind = "survival", temperatures: Sequence[float] | None = None
+    data: CalibrationData,
+    kind: ConfidenceKind = "survival",
+    temperatures: Sequence[float] | None = None,
+    biases: Sequence[float] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per position k: `(confidences, outcomes)` with c_i = σ(z_i / T_i) (T = 1 when `temperatures` is None).
+    """Per position k: `(confidences, outcomes)` with c_i = σ(z_i / T_i + b_i) (T = 1, b = 0 where None).
 
     - `"conditional"`: c_k against "token k accepted", over rounds where token k was verified and its prefix
       survived (rounds that rejected an earlier token never reached k and are left out).
@@ -327,8 +381,7 @@ def position_samples(
     """
     if kind not in ("conditional", "survival"):
         raise ValueError(f"kind must be 'conditional' or 'survival', got {kind!r}.")
-    logits, proposed, accepted = data.arrays()
-    c = _sigmoid(logits / _temperatures(data, temperatures))
+    c, proposed, accepted = _calibrated(data, temperatures, biases)
     scores = c if kind == "conditional" else np.cumprod(np.nan_to_num(c, nan=1.0), axis=1)
     samples = []
     for k in range(data.block_size):
@@ -340,11 +393,13 @@ def position_samples(
 
 
 def _summary(p: np.ndarray, y: np.ndarray, num_bins: int) -> dict[str, Any]:
+    keys = ("mean_confidence", "std_confidence", "accuracy", "ece", "auroc", "brier")
     if p.size == 0:
-        return {"count": 0, "mean_confidence": None, "accuracy": None, "ece": None, "auroc": None, "brier": None}
+        return {"count": 0, **dict.fromkeys(keys)}
     return {
         "count": int(p.size),
         "mean_confidence": float(p.mean()),
+        "std_confidence": float(p.std()),
         "accuracy": float(y.mean()),
         "ece": expected_calibration_error(p, y, num_bins),
         "auroc": auroc(p, y),
@@ -353,17 +408,24 @@ def _summary(p: np.ndarray, y: np.ndarray, num_bins: int) -> dict[str, Any]:
 
 
 def calibration_metrics(
-    data: CalibrationData, temperatures: Sequence[float] | None = None, num_bins: int = DEFAULT_NUM_BINS
+    data: CalibrationData,
+    temperatures: Sequence[float] | None = None,
+    num_bins: int = DEFAULT_NUM_BINS,
+    *,
+    biases: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """ECE, AUROC and Brier score per position, of the conditional confidence and of the prefix survival.
+    """ECE, AUROC and Brier score per position, of the conditional confidence and of the prefix survival, with
+    c_k = σ(z_k / T_k + b_k) (T = 1, b = 0 where None).
 
-    Returns `{"num_bins", "temperatures", "positions": [{"position": k, "conditional": {...}, "survival": {...}}],
-    "mean": {"conditional": {...}, "survival": {...}}}`; each inner dict holds `count`, `mean_confidence`,
-    `accuracy` (observed rate), `ece`, `auroc`, `brier` (None where there are no samples or, for AUROC, one class).
-    `mean` is the unweighted mean over positions that have a value.
+    Returns `{"num_bins", "temperatures", "biases", "positions": [{"position": k, "conditional": {...},
+    "survival": {...}}], "mean": {"conditional": {...}, "survival": {...}}}`; each inner dict holds `count`,
+    `mean_confidence`, `std_confidence` (spread: near 0 means the confidences no longer tell rounds apart),
+    `accuracy` (observed rate), `ece`, `auroc`, `brier` (None where there are no samples or, for AUROC, one
+    class). `mean` is the unweighted mean over positions that have a value.
     """
+    t, b = _parameters(data.block_size, temperatures, biases)
     kinds = ("conditional", "survival")
-    per_kind = {kind: position_samples(data, kind, temperatures) for kind in kinds}
+    per_kind = {kind: position_samples(data, kind, temperatures, biases) for kind in kinds}
     positions = [
         {"position": k + 1, **{kind: _summary(*per_kind[kind][k], num_bins) for kind in kinds}}
         for k in range(data.block_size)
@@ -376,7 +438,8 @@ def calibration_metrics(
             mean[kind][metric] = float(np.mean(values)) if values else None
     return {
         "num_bins": num_bins,
-        "temperatures": _temperatures(data, temperatures).tolist(),
+        "temperatures": t.tolist(),
+        "biases": None if biases is None else b.tolist(),
         "positions": positions,
         "mean": mean,
     }
@@ -398,6 +461,132 @@ def _grid_ece(candidates: np.ndarray, y: np.ndarray, num_bins: int) -> np.ndarra
     return np.abs(gap.reshape(grid_size, num_bins)).sum(axis=1) / n
 
 
+def _grid_objective(
+    candidates: np.ndarray, y: np.ndarray, objective: FitObjective, num_bins: int
+) -> np.ndarray:
+    """`objective` (ECE or mean log loss) of every row of `candidates` `(G, n)` against outcomes `y` `(n,)`."""
+    if objective == "ece":
+        return _grid_ece(candidates, y, num_bins)
+    a = np.clip(candidates, _LOG_LOSS_EPS, 1.0 - _LOG_LOSS_EPS)
+    return -(y * np.log(a) + (1.0 - y) * np.log1p(-a)).mean(axis=1)
+
+
+def _grid_search(
+    z: np.ndarray,
+    y: np.ndarray,
+    prefix: np.ndarray,
+    temperatures: np.ndarray,
+    biases: np.ndarray,
+    objective: FitObjective,
+    num_bins: int,
+) -> tuple[float, float]:
+    """The `(T, b)` of the grid `temperatures × biases` minimising `objective` of prefix · σ(z / T + b) against `y`.
+
+    Ties go to the pair closest to (1, 0) in |log T| + |b|.
+    """
+    t, b = (v.ravel() for v in np.meshgrid(temperatures, biases, indexing="ij"))
+    order = np.argsort(np.abs(np.log(t)) + np.abs(b), kind="stable")
+    t, b = t[order, None], b[order, None]
+    chunk = max(1, _GRID_CHUNK_ELEMENTS // z.size)
+    scores = np.concatenate(
+        [
+            _grid_objective(
+                prefix * _sigmoid(z / t[i : i + chunk] + b[i : i + chunk]), y, objective, num_bins
+            )
+            for i in range(0, t.size, chunk)
+        ]
+    )
+    best = int(np.argmin(scores))
+    return float(t[best, 0]), float(b[best, 0])
+
+
+def _refined_grids(
+    temperatures: np.ndarray, biases: np.ndarray, t: float, b: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Around the coarse optimum `(t, b)` of the sorted grids: the temperatures between t's neighbours on the
+    coarse temperature grid, and `_REFINED_BIASES` biases between b's neighbours on the bias grid (b included)."""
+    i, j = int(np.searchsorted(temperatures, t)), int(np.searchsorted(biases, b))
+    stride = _COARSE_TEMPERATURE_STRIDE
+    low, high = biases[max(j - 1, 0)], biases[min(j + 1, biases.size - 1)]
+    fine_biases = np.union1d(np.linspace(low, high, _REFINED_BIASES), [b])
+    return temperatures[max(i - stride, 0) : i + stride + 1], fine_biases
+
+
+def _sorted_grid(values: Sequence[float], name: str, positive: bool) -> np.ndarray:
+    grid = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    valid = np.isfinite(grid) & (grid > 0) if positive else np.isfinite(grid)
+    if grid.size == 0 or not valid.all():
+        kind = "finite, positive" if positive else "finite"
+        raise ValueError(f"The {name} grid must be a non-empty sequence of {kind} values.")
+    return grid
+
+
+def fit_sequential_calibration(
+    data: CalibrationData,
+    method: FitMethod = "sts",
+    grid: Sequence[float] = DEFAULT_TEMPERATURE_GRID,
+    bias_grid: Sequence[float] = DEFAULT_BIAS_GRID,
+    objective: FitObjective = "ece",
+    num_bins: int = DEFAULT_NUM_BINS,
+) -> tuple[list[float], list[float] | None]:
+    """Sequential calibration of the confidence head: `(temperatures, biases)`, one per block position.
+
+    For k = 1..γ in order, with the parameters of positions 1..k−1 fixed at their fitted values, a grid search
+    picks the parameters of position k minimising `objective` of the prefix survival ∏_{i≤k} c_i against
+    "tokens 1..k all accepted" (rounds that verified ≥ k tokens). Positions that no round verified get T = 1,
+    b = 0; a value on the edge of its grid is logged as a warning.
+
+    - `method="sts"`: Sequential Temperature Scaling (paper §3.2.1), c_k = σ(z_k / T_k), a 1-D search over
+      `grid`; `biases` is None. Keeps the order of the confidences at each position.
+    - `method="sts_bias"` (beyond the paper): c_k = σ(z_k / T_k + b_k), a 2-D search over every 5th value of
+      `grid` × `bias_grid`, then over the `grid` values between the optimum's neighbours × biases in steps of
+      1/20 of the bias grid's between its neighbours. A bias moves the mean confidence, which a temperature
+      cannot. With `bias_grid=[0.0]` it is exactly `"sts"` (biases all 0).
+    - `objective="ece"` (the paper's) over `num_bins` equal-width bins, or `"log_loss"` (mean negative
+      log-likelihood). ECE ignores how well the confidences separate rounds: with a free bias it favours a nearly
+      constant confidence equal to the observed rate (large T), which the log loss does not.
+    """
+    if method not in FIT_METHODS:
+        raise ValueError(f"method must be one of {FIT_METHODS}, got {method!r}.")
+    if objective not in FIT_OBJECTIVES:
+        raise ValueError(f"objective must be one of {FIT_OBJECTIVES}, got {objective!r}.")
+    temperatures = _sorted_grid(grid, "temperature", positive=True)
+    biases = _sorted_grid(bias_grid, "bias", positive=False) if method == "sts_bias" else np.zeros(1)
+    refine = biases.size > 1
+    # With biases, a coarse pass first (every 5th temperature, the largest included), then a refined one.
+    first_temperatures = (
+        np.union1d(temperatures[::_COARSE_TEMPERATURE_STRIDE], temperatures[-1:]) if refine else temperatures
+    )
+    logits, proposed, accepted = data.arrays()
+    survival = np.ones(len(proposed))
+    fitted_t, fitted_b = [], []
+    for k in range(data.block_size):
+        rows = proposed > k
+        if not rows.any():
+            fitted_t.append(1.0)
+            fitted_b.append(0.0)
+            continue
+        z, y, prefix = logits[rows, k], (accepted[rows] > k).astype(np.float64), survival[rows]
+        t, b = _grid_search(z, y, prefix, first_temperatures, biases, objective, num_bins)
+        if t in (temperatures[0], temperatures[-1]):
+            hint = "consider widening it"
+            if refine and objective == "ece" and t == temperatures[-1]:
+                hint = "the ECE fit is flattening c_k towards a constant; objective='log_loss' keeps it informative"
+            logger.warning(f"{method}: T_{k + 1} = {t:g} lies on the edge of the temperature grid; {hint}.")
+        if refine:
+            if b in (biases[0], biases[-1]):
+                logger.warning(
+                    f"{method}: b_{k + 1} = {b:g} lies on the edge of the bias grid; consider widening it."
+                )
+            t, b = _grid_search(
+                z, y, prefix, *_refined_grids(temperatures, biases, t, b), objective, num_bins
+            )
+        fitted_t.append(t)
+        fitted_b.append(b)
+        survival[rows] = prefix * _sigmoid(z / t + b)
+    return fitted_t, fitted_b if method == "sts_bias" else None
+
+
 def fit_sequential_temperature_scaling(
     data: CalibrationData,
     grid: Sequence[float] = DEFAULT_TEMPERATURE_GRID,
@@ -409,49 +598,24 @@ def fit_sequential_temperature_scaling(
     ∏_{i≤k} σ(z_i / T_i) against "tokens 1..k all accepted" (rounds that verified ≥ k tokens), with T_1..T_{k−1}
     fixed at their fitted values. Ties go to the temperature closest to 1 (a temperature on the grid's edge is
     logged as a warning). Positions that no round verified get T = 1. Temperature scaling keeps the order of
-    the confidences at each position, so their (conditional) AUROC is unchanged.
+    the confidences at each position, so their (conditional) AUROC is unchanged. Same as
+    `fit_sequential_calibration(data, "sts", grid, num_bins=num_bins)[0]`.
     """
-    grid = np.asarray(grid, dtype=np.float64).ravel()
-    if grid.size == 0 or not np.all(np.isfinite(grid) & (grid > 0)):
-        raise ValueError("The temperature grid must be a non-empty sequence of finite, positive values.")
-    preference = np.argsort(np.abs(np.log(grid)), kind="stable")  # closest to T = 1 first
-    grid = grid[preference]
-    logits, proposed, accepted = data.arrays()
-    survival = np.ones(len(proposed))
-    temperatures = []
-    for k in range(data.block_size):
-        rows = proposed > k
-        if not rows.any():
-            temperatures.append(1.0)
-            continue
-        z, y, prefix = logits[rows, k], (accepted[rows] > k).astype(np.float64), survival[rows]
-        chunk = max(1, _GRID_CHUNK_ELEMENTS // z.size)
-        ece = np.concatenate(
-            [
-                _grid_ece(prefix * _sigmoid(z / grid[i : i + chunk, None]), y, num_bins)
-                for i in range(0, grid.size, chunk)
-            ]
-        )
-        best = float(grid[int(np.argmin(ece))])
-        if best in (grid.min(), grid.max()):
-            logger.warning(f"STS: T_{k + 1} = {best:g} lies on the edge of the temperature grid; consider widening it.")
-        temperatures.append(best)
-        survival[rows] = prefix * _sigmoid(z / best)
-    return temperatures
+    return fit_sequential_calibration(data, "sts", grid, num_bins=num_bins)[0]
 
 
-def apply_calibration(draft: DSparkDraftModel, temperatures: Sequence[float]) -> DSparkDraftModel:
-    """Stores STS temperatures in `draft.config.calibration_temperatures` (saved and loaded with the draft).
+def apply_calibration(
+    draft: DSparkDraftModel, temperatures: Sequence[float], biases: Sequence[float] | None = None
+) -> DSparkDraftModel:
+    """Stores fitted temperatures and biases in `draft.config.calibration_temperatures` and
+    `calibration_biases` (saved and loaded with the draft; biases None clears earlier ones).
 
-    Generation then divides each confidence logit by its position's temperature (`draft.calibrated_confidence`),
-    so verification policies and the scheduler see calibrated confidences.
+    Generation then computes c_k = σ(z_k / T_k + b_k) (`draft.calibrated_confidence`), so verification policies
+    and the scheduler see calibrated confidences.
     """
-    values = [float(t) for t in temperatures]
-    if len(values) != draft.config.block_size:
-        raise ValueError(f"Need {draft.config.block_size} temperatures (one per block position), got {len(values)}.")
-    if not all(math.isfinite(t) and t > 0 for t in values):
-        raise ValueError(f"Temperatures must be finite and > 0, got {values}.")
-    draft.config.calibration_temperatures = values
+    t, b = _parameters(draft.config.block_size, temperatures, biases)
+    draft.config.calibration_temperatures = t.tolist()
+    draft.config.calibration_biases = None if biases is None else b.tolist()
     return draft
 
 
@@ -464,22 +628,23 @@ def threshold_sweep(
     data: CalibrationData,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     temperatures: Sequence[float] | None = None,
+    biases: Sequence[float] | None = None,
 ) -> list[dict[str, float]]:
     """Replays `StaticThresholdPolicy(threshold)` on the recorded rounds (those that verified ≥ 1 token).
 
-    Each round is truncated before its first conditional confidence c_k < threshold (c_k = σ(z_k / T_k), T = 1
-    when `temperatures` is None). With full-block collection the outcome of every kept position is known: a
+    Each round is truncated before its first conditional confidence c_k < threshold (c_k = σ(z_k / T_k + b_k),
+    T = 1 and b = 0 where None). With full-block collection the outcome of every kept position is known: a
     truncated round of length ℓ accepts min(accepted, ℓ) tokens. The replay is per round: it does not model how
     a different truncation would change later rounds. Per threshold: `tokens_per_step` (verified drafted tokens
     per round), `accepted_per_step`, `rejected_per_step` (verified but not accepted: the rejected token and
     those after it), `acceptance_rate` (accepted / verified; None when nothing is verified) and `tau`
     (accepted + 1 per round, the target's bonus/correction token included).
     """
-    logits, proposed, accepted = data.arrays()
+    confidences, proposed, accepted = _calibrated(data, temperatures, biases)
     rows = proposed > 0
     if not rows.any():
         raise ValueError("No round verified any token: nothing to sweep.")
-    confidences = _sigmoid(logits[rows] / _temperatures(data, temperatures))
+    confidences = confidences[rows]
     rows_list = [c[:n].tolist() for c, n in zip(confidences, proposed[rows], strict=True)]
     accepted = accepted[rows]
     sweep = []
@@ -512,16 +677,23 @@ def calibration_report(
     temperatures: Sequence[float],
     num_bins: int = DEFAULT_NUM_BINS,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    *,
+    biases: Sequence[float] | None = None,
+    fit: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Metrics before (T = 1) and after calibration on the fit rounds and, when given and non-empty, on held-out
-    test rounds, plus the threshold sweep (raw and calibrated confidences) on the evaluation rounds (test if
-    available, else fit)."""
+    """Metrics before (T = 1, no bias) and after calibration (`temperatures`, `biases`) on the fit rounds and,
+    when given and non-empty, on held-out test rounds, plus the threshold sweep (raw and calibrated confidences)
+    on the evaluation rounds (test if available, else fit). `fit` describes how the parameters were fitted
+    (e.g. `{"method": "sts_bias", "objective": "ece"}`); it is stored and shown by [`report_markdown`]."""
     splits = {"fit": fit_data}
     if test_data is not None and test_data.num_rounds:
         splits["test"] = test_data
     evaluation = "test" if "test" in splits else "fit"
+    t, b = _parameters(fit_data.block_size, temperatures, biases)
     return {
-        "temperatures": [float(t) for t in temperatures],
+        "temperatures": t.tolist(),
+        "biases": None if biases is None else b.tolist(),
+        "fit": dict(fit or {}),
         "num_bins": num_bins,
         "evaluation_split": evaluation,
         "splits": {
@@ -529,13 +701,13 @@ def calibration_report(
                 "rounds": data.num_rounds,
                 "prompts": len({r.prompt_index for r in data.rounds}),
                 "before": calibration_metrics(data, None, num_bins),
-                "after": calibration_metrics(data, temperatures, num_bins),
+                "after": calibration_metrics(data, temperatures, num_bins, biases=biases),
             }
             for name, data in splits.items()
         },
         "threshold_sweep": {
             "raw": threshold_sweep(splits[evaluation], thresholds),
-            "calibrated": threshold_sweep(splits[evaluation], thresholds, temperatures),
+            "calibrated": threshold_sweep(splits[evaluation], thresholds, temperatures, biases),
         },
     }
 
@@ -552,25 +724,36 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     """Markdown summary of a [`calibration_report`]."""
     evaluation = report["evaluation_split"]
     split = report["splits"][evaluation]
-    counts = ", ".join(f"{name}: {s['rounds']} rounds from {s['prompts']} prompts" for name, s in report["splits"].items())
+    counts = ", ".join(
+        f"{name}: {s['rounds']} rounds from {s['prompts']} prompts" for name, s in report["splits"].items()
+    )
+    biases = report.get("biases")
+    fit = ", ".join(f"`{key}={value}`" for key, value in report.get("fit", {}).items())
     lines = [
-        "# Confidence calibration (Sequential Temperature Scaling)",
+        "# Confidence calibration (Sequential Temperature Scaling"
+        + (" with a per-position bias, c_k = σ(z_k / T_k + b_k))" if biases is not None else ")"),
         "",
-        f"Rounds — {counts}. Temperatures fitted on the fit split; metrics below on the **{evaluation}** split. "
-        f"ECE over {report['num_bins']} equal-width bins. Survival a_k = ∏_{{i≤k}} c_i against \"tokens 1..k all "
-        "accepted\" (what STS calibrates and the scheduler uses); conditional c_k against \"token k accepted\" over "
-        "rounds whose first k−1 tokens were accepted.",
+        f"Rounds — {counts}. {'Temperatures and biases' if biases is not None else 'Temperatures'} fitted on the "
+        f"fit split{f' ({fit})' if fit else ''}; metrics below on the **{evaluation}** split. "
+        f'ECE over {report["num_bins"]} equal-width bins. Survival a_k = ∏_{{i≤k}} c_i against "tokens 1..k all '
+        'accepted" (what STS calibrates and the scheduler uses); conditional c_k against "token k accepted" over '
+        "rounds whose first k−1 tokens were accepted. Spread: standard deviation of a_k (near 0: the confidences "
+        "no longer tell rounds apart).",
         "",
-        "| k | T_k | n (survival) | survival ECE before → after | AUROC | Brier before → after | n (conditional) | "
-        "conditional ECE before → after |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| k | T_k | {'b_k | ' if biases is not None else ''}n (survival) | survival ECE before → after | "
+        "spread before → after | AUROC | Brier before → after | n (conditional) | conditional ECE before → after |",
+        "|---:|---:|" + ("---:|" if biases is not None else "") + "---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for k, (before, after) in enumerate(zip(split["before"]["positions"], split["after"]["positions"], strict=True)):
+    for k, (before, after) in enumerate(
+        zip(split["before"]["positions"], split["after"]["positions"], strict=True)
+    ):
         sb, sa, cb, ca = before["survival"], after["survival"], before["conditional"], after["conditional"]
+        bias = f"{biases[k]:+.3f} | " if biases is not None else ""
         lines.append(
-            f"| {k + 1} | {report['temperatures'][k]:.3f} | {sb['count']} | {_percent(sb['ece'])} → {_percent(sa['ece'])} "
-            f"| {_number(sb['auroc'])} | {_number(sb['brier'])} → {_number(sa['brier'])} | {cb['count']} | "
-            f"{_percent(cb['ece'])} → {_percent(ca['ece'])} |"
+            f"| {k + 1} | {report['temperatures'][k]:.3f} | {bias}{sb['count']} | "
+            f"{_percent(sb['ece'])} → {_percent(sa['ece'])} | {_number(sb['std_confidence'])} → "
+            f"{_number(sa['std_confidence'])} | {_number(sb['auroc'])} | {_number(sb['brier'])} → "
+            f"{_number(sa['brier'])} | {cb['count']} | {_percent(cb['ece'])} → {_percent(ca['ece'])} |"
         )
     mb, ma = split["before"]["mean"], split["after"]["mean"]
     lines += [
@@ -612,15 +795,19 @@ def plot_reliability_diagram(
     kind: ConfidenceKind = "survival",
     positions: Sequence[int] | None = None,
     num_bins: int = 10,
+    *,
+    biases: Sequence[float] | None = None,
 ) -> None:
     """Reliability diagram (paper Fig. 6): observed rate against mean confidence per equal-width bin.
 
     One panel per position (1-based `positions`; default every position with samples, at most 4 per row), with
-    the raw confidences ("before", T = 1) and the calibrated ones ("after", `temperatures`; omitted when None),
-    ECE and AUROC in the title, and the sample counts per bin as a shaded background histogram.
+    the raw confidences ("before", T = 1) and the calibrated ones ("after", σ(z / T + b) with `temperatures` and
+    `biases`; omitted when both are None), ECE and AUROC in the title, and the sample counts per bin as a shaded
+    background histogram.
     """
     before = position_samples(data, kind)
-    after = position_samples(data, kind, temperatures) if temperatures is not None else None
+    calibrated = temperatures is not None or biases is not None
+    after = position_samples(data, kind, temperatures, biases) if calibrated else None
     if positions is None:
         positions = [k + 1 for k, (p, _) in enumerate(before) if p.size]
     if not positions:
@@ -653,7 +840,11 @@ def plot_reliability_diagram(
         title += f", AUC {area:.3f}" if area is not None else ""
         for label, scores, color in series:
             stats = reliability_bins(scores, y, num_bins)
-            points = [(c, a) for c, a in zip(stats["mean_confidence"], stats["accuracy"], strict=True) if c is not None]
+            points = [
+                (c, a)
+                for c, a in zip(stats["mean_confidence"], stats["accuracy"], strict=True)
+                if c is not None
+            ]
             ax.plot(*zip(*points, strict=True), marker="o", ms=3, color=color, label=label)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Predicted acceptance", ylabel="Observed acceptance")
         ax.set_title(title, fontsize=9)
@@ -665,7 +856,9 @@ def plot_reliability_diagram(
     figure.savefig(path, dpi=120)
 
 
-def plot_threshold_sweep(sweep: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str | None = None) -> None:
+def plot_threshold_sweep(
+    sweep: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str | None = None
+) -> None:
     """Confidence-threshold sweep (paper Fig. 5): accepted and rejected verified tokens per step (stacked bars)
     and the acceptance rate (line), from [`threshold_sweep`]."""
     figure = _figure(6.0, 3.6)
@@ -674,7 +867,9 @@ def plot_threshold_sweep(sweep: Sequence[Mapping[str, float]], path: str | os.Pa
     accepted = [s["accepted_per_step"] for s in sweep]
     rejected = [s["rejected_per_step"] for s in sweep]
     ax.bar(x, accepted, color="tab:blue", label="Accepted tokens")
-    ax.bar(x, rejected, bottom=accepted, color="white", edgecolor="tab:blue", hatch="//", label="Rejected tokens")
+    ax.bar(
+        x, rejected, bottom=accepted, color="white", edgecolor="tab:blue", hatch="//", label="Rejected tokens"
+    )
     ax.set(xticks=x, xlabel="Confidence threshold", ylabel="Avg. tokens per step")
     ax.set_xticklabels([f"{s['threshold']:.2f}".rstrip("0").rstrip(".") for s in sweep])
     rate_ax = ax.twinx()
@@ -682,8 +877,14 @@ def plot_threshold_sweep(sweep: Sequence[Mapping[str, float]], path: str | os.Pa
     rate_ax.plot(x, rates, color="tab:orange", marker="o", label="Acceptance rate")
     for i in (0, len(sweep) - 1):
         if not np.isnan(rates[i]):
-            rate_ax.annotate(f"{rates[i]:.1f}%", (x[i], rates[i]), textcoords="offset points", xytext=(0, 6),
-                             ha="center", fontsize=8)
+            rate_ax.annotate(
+                f"{rates[i]:.1f}%",
+                (x[i], rates[i]),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
     rate_ax.set(ylim=(0, 110), ylabel="Acceptance rate (%)")
     handles = ax.get_legend_handles_labels()[0] + rate_ax.get_legend_handles_labels()[0]
     figure.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8)
@@ -691,7 +892,9 @@ def plot_threshold_sweep(sweep: Sequence[Mapping[str, float]], path: str | os.Pa
     figure.savefig(path, dpi=120)
 
 
-def plot_cost_table(tables: CostTable | Mapping[str, CostTable], path: str | os.PathLike, title: str | None = None) -> None:
+def plot_cost_table(
+    tables: CostTable | Mapping[str, CostTable], path: str | os.PathLike, title: str | None = None
+) -> None:
     """Plots SPS(B) (left) and the forward time relative to B = 1 (right) of one or several labelled cost tables;
     raw measurements as markers, the smoothed curve as a line when the table is smoothed."""
     if isinstance(tables, CostTable):
@@ -699,12 +902,18 @@ def plot_cost_table(tables: CostTable | Mapping[str, CostTable], path: str | os.
     figure = _figure(9.0, 3.6)
     sps_ax, cost_ax = figure.subplots(1, 2)
     for label, table in tables.items():
-        for row, raw, context in zip(table.rows, table.raw_rows, table.context_lengths or [None], strict=True):
+        for row, raw, context in zip(
+            table.rows, table.raw_rows, table.context_lengths or [None], strict=True
+        ):
             name = label if context is None else f"{label}, context {context}"
-            line = sps_ax.plot(table.batch_tokens, raw, marker="o", ls="-" if table.smooth == "none" else ":", label=name)[0]
+            line = sps_ax.plot(
+                table.batch_tokens, raw, marker="o", ls="-" if table.smooth == "none" else ":", label=name
+            )[0]
             if table.smooth != "none":
                 sps_ax.plot(table.batch_tokens, row, color=line.get_color(), label=f"{name} ({table.smooth})")
-            cost_ax.plot(table.batch_tokens, [raw[0] / v for v in raw], marker="o", color=line.get_color(), label=name)
+            cost_ax.plot(
+                table.batch_tokens, [raw[0] / v for v in raw], marker="o", color=line.get_color(), label=name
+            )
     sps_ax.set(xscale="log", xlabel="B (tokens per target forward)", ylabel="SPS (forwards / s)")
     cost_ax.set(xscale="log", xlabel="B (tokens per target forward)", ylabel="forward time / time at B = 1")
     ticks = sorted({b for table in tables.values() for b in table.batch_tokens})
@@ -719,9 +928,12 @@ def plot_cost_table(tables: CostTable | Mapping[str, CostTable], path: str | os.
 __all__ = [
     "CalibrationData",
     "CalibrationRound",
+    "DEFAULT_BIAS_GRID",
     "DEFAULT_NUM_BINS",
     "DEFAULT_TEMPERATURE_GRID",
     "DEFAULT_THRESHOLDS",
+    "FIT_METHODS",
+    "FIT_OBJECTIVES",
     "apply_calibration",
     "auroc",
     "brier_score",
@@ -729,6 +941,7 @@ __all__ = [
     "calibration_report",
     "collect_calibration_rounds",
     "expected_calibration_error",
+    "fit_sequential_calibration",
     "fit_sequential_temperature_scaling",
     "plot_cost_table",
     "plot_reliability_diagram",

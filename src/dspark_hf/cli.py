@@ -654,7 +654,20 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         "--test-fraction", type=float, default=0.25, help="Share of prompts held out for the reported metrics (0: in-sample)."
     )
     parser.add_argument("--num-bins", type=int, default=15, help="Equal-width bins of ECE and the STS objective.")
+    parser.add_argument(
+        "--method",
+        choices=["sts", "sts_bias"],
+        default="sts",
+        help="sts: one temperature per position (the paper); sts_bias: a temperature and a bias per position.",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=["ece", "log_loss"],
+        default="ece",
+        help="What each position's search minimises: the survival's ECE (the paper) or its log loss.",
+    )
     parser.add_argument("--grid", help="MIN,MAX,POINTS of the log-spaced temperature grid (default 0.05,20,261).")
+    parser.add_argument("--bias-grid", help="MIN,MAX,POINTS of the linear sts_bias grid (default -6,6,49).")
     parser.add_argument("--thresholds", type=float, nargs="+", help="Thresholds of the sweep (default 0, 0.1, …, 0.9).")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads.")
     parser.add_argument("--no-progress", action="store_true")
@@ -712,19 +725,30 @@ def _run_calibrate(args: argparse.Namespace):
         data.save(out / "calibration_rounds.json")
     if data.block_size != draft.config.block_size:
         raise SystemExit(f"The rounds have block size {data.block_size} but the draft's is {draft.config.block_size}.")
-    grid = calibration.DEFAULT_TEMPERATURE_GRID
+    grid, bias_grid = calibration.DEFAULT_TEMPERATURE_GRID, calibration.DEFAULT_BIAS_GRID
     if args.grid:
         low, high, points = (float(v) for v in _csv(args.grid))
         grid = np.geomspace(low, high, int(points))
+    if args.bias_grid:
+        low, high, points = (float(v) for v in _csv(args.bias_grid))
+        bias_grid = np.linspace(low, high, int(points))
     fit_data, test_data = data.split(args.test_fraction, args.seed)
     if not fit_data.num_rounds:
         raise SystemExit("No rounds to fit on: give more prompts or a smaller --test-fraction.")
-    temperatures = calibration.fit_sequential_temperature_scaling(fit_data, grid, args.num_bins)
+    temperatures, biases = calibration.fit_sequential_calibration(
+        fit_data, args.method, grid, bias_grid, args.objective, args.num_bins
+    )
     report = calibration.calibration_report(
-        fit_data, test_data, temperatures, args.num_bins, args.thresholds or calibration.DEFAULT_THRESHOLDS
+        fit_data,
+        test_data,
+        temperatures,
+        args.num_bins,
+        args.thresholds or calibration.DEFAULT_THRESHOLDS,
+        biases=biases,
+        fit={"method": args.method, "objective": args.objective},
     )
     report["settings"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    calibration.apply_calibration(draft, temperatures)
+    calibration.apply_calibration(draft, temperatures, biases)
     draft.model_card_data.add_calibration(report)
     draft.save_pretrained(out / "draft")
     (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -734,7 +758,12 @@ def _run_calibrate(args: argparse.Namespace):
     try:
         for kind in ("survival", "conditional"):
             calibration.plot_reliability_diagram(
-                evaluation, temperatures, out / f"reliability_{kind}.png", kind=kind, num_bins=min(args.num_bins, 10)
+                evaluation,
+                temperatures,
+                out / f"reliability_{kind}.png",
+                kind=kind,
+                num_bins=min(args.num_bins, 10),
+                biases=biases,
             )
         calibration.plot_threshold_sweep(report["threshold_sweep"]["calibrated"], out / "threshold_sweep.png")
     except ImportError as error:
@@ -791,7 +820,8 @@ def _run_profile(args: argparse.Namespace):
 
 register_command(
     "calibrate",
-    "Fit the confidence head's Sequential Temperature Scaling on held-out prompts; save a calibrated draft and a report.",
+    "Fit the confidence head's Sequential Temperature Scaling (optionally with biases) on held-out prompts; save a "
+    "calibrated draft and a report.",
     _add_calibrate_arguments,
     _run_calibrate,
 )

@@ -1,5 +1,7 @@
 """Configuration of a DSpark draft model."""
 
+import math
+
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
@@ -35,6 +37,9 @@ class DSparkDraftConfig(PreTrainedConfig):
         confidence_head (`bool`): Whether to add the confidence head (eq. 7).
         calibration_temperatures (`list[float]`, *optional*): One temperature per block position, fitted by
             Sequential Temperature Scaling; confidence logits are divided by them at inference.
+        calibration_biases (`list[float]`, *optional*): One bias per block position, added after the temperature:
+            c_k = σ(z_k / T_k + b_k). Fitted by `dspark_hf.calibration` with `method="sts_bias"` (an extension
+            beyond the paper's STS); None means no bias.
         embedding_scale (`float`): Factor applied to token embeddings (√hidden for Gemma-family targets).
         final_logit_softcapping (`float`, *optional*): Logit soft-capping of the target, applied to draft logits.
         ce_loss_weight, tv_loss_weight, confidence_loss_weight (`float`): Weights α_ce, α_tv, α_conf of the
@@ -66,6 +71,7 @@ class DSparkDraftConfig(PreTrainedConfig):
     markov_rank: int = 256
     confidence_head: bool = True
     calibration_temperatures: list[float] | None = None
+    calibration_biases: list[float] | None = None
     embedding_scale: float = 1.0
     final_logit_softcapping: float | None = None
     ce_loss_weight: float = 0.1
@@ -87,6 +93,8 @@ class DSparkDraftConfig(PreTrainedConfig):
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
         if self.calibration_temperatures is not None:
             self.calibration_temperatures = [float(t) for t in self.calibration_temperatures]
+        if self.calibration_biases is not None:
+            self.calibration_biases = [float(b) for b in self.calibration_biases]
         super().__post_init__(**kwargs)
         self.validate_dspark()
 
@@ -136,8 +144,20 @@ class DSparkDraftConfig(PreTrainedConfig):
                     f"calibration_temperatures has {len(self.calibration_temperatures)} entries but block_size is "
                     f"{self.block_size}; give one temperature per block position (or None)."
                 )
-            if any(t <= 0 for t in self.calibration_temperatures):
-                raise ValueError(f"calibration_temperatures must all be > 0, got {self.calibration_temperatures}.")
+            if not all(math.isfinite(t) and t > 0 for t in self.calibration_temperatures):
+                raise ValueError(
+                    f"calibration_temperatures must all be finite and > 0, got {self.calibration_temperatures}."
+                )
+        if self.calibration_biases is not None:
+            if len(self.calibration_biases) != self.block_size:
+                raise ValueError(
+                    f"calibration_biases has {len(self.calibration_biases)} entries but block_size is "
+                    f"{self.block_size}; give one bias per block position (or None for no bias)."
+                )
+            if not all(math.isfinite(b) for b in self.calibration_biases):
+                raise ValueError(
+                    f"calibration_biases must all be finite, got {self.calibration_biases}; refit them or set None."
+                )
         for name in ("ce_loss_weight", "tv_loss_weight", "confidence_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")

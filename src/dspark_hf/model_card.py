@@ -52,7 +52,7 @@ class DSparkModelCardData:
         seed: seed of the training run (set by `DSparkTrainer.train`).
         evaluation: `{dataset: {"tau": ..., ...}}`; see [`~DSparkModelCardData.add_evaluation`].
         evaluation_settings: decoding settings of the evaluation, e.g. `{"do_sample": False}`.
-        calibration: T_k and ECE before/after per position; see [`~DSparkModelCardData.add_calibration`].
+        calibration: T_k (and b_k) and ECE before/after per position; see [`~DSparkModelCardData.add_calibration`].
         notes: free text, shown at the end of the card.
     """
 
@@ -77,11 +77,12 @@ class DSparkModelCardData:
         self.evaluation_settings.update(settings)
 
     def add_calibration(self, report: Mapping[str, Any]) -> None:
-        """Records a `dspark_hf.calibration.calibration_report`: per position, T_k and the ECE of the prefix
-        survival before and after calibration, on the report's evaluation split."""
+        """Records a `dspark_hf.calibration.calibration_report`: per position, T_k (and b_k when the report has
+        biases) and the ECE of the prefix survival before and after calibration, on the report's evaluation split."""
         name = report["evaluation_split"]
         split = report["splits"][name]
         before, after = split["before"]["positions"], split["after"]["positions"]
+        biases = report.get("biases")
         self.calibration = {
             "split": name,
             "rounds": split["rounds"],
@@ -90,6 +91,7 @@ class DSparkModelCardData:
                 {
                     "position": k + 1,
                     "temperature": report["temperatures"][k],
+                    **({} if biases is None else {"bias": biases[k]}),
                     "count": b["survival"]["count"],
                     "ece_before": b["survival"]["ece"],
                     "ece_after": a["survival"]["ece"],
@@ -248,7 +250,7 @@ def model_card_section(draft: "DSparkDraftModel", model_id: str | None = None, l
     own = sum(
         p.numel() for n, p in draft.named_parameters() if not n.startswith(("embed_tokens.", "lm_head."))
     )
-    temperatures = config.calibration_temperatures
+    temperatures, biases = config.calibration_temperatures, config.calibration_biases
     head = f"{config.markov_head_type} (rank {config.markov_rank})" if config.has_sequential_head else "none"
     lines += _items(
         [
@@ -262,6 +264,7 @@ def model_card_section(draft: "DSparkDraftModel", model_id: str | None = None, l
                 "calibration temperatures",
                 "none" if temperatures is None else ", ".join(f"{t:.3f}" for t in temperatures),
             ),
+            *([] if biases is None else [("calibration biases", ", ".join(f"{b:+.3f}" for b in biases))]),
             ("draft parameters (without the target's)", f"{own:,}"),
             ("checkpoint layout", layout),
         ]
@@ -290,25 +293,35 @@ def model_card_section(draft: "DSparkDraftModel", model_id: str | None = None, l
         lines += ["", "## Calibration", ""]
         calibration = data.calibration
         if calibration:
+            with_bias = all("bias" in p for p in calibration["positions"])
+            fitted = (
+                "Temperatures T_k and biases b_k (c_k = σ(z_k / T_k + b_k)) fitted by Sequential Temperature "
+                "Scaling with a per-position bias"
+                if with_bias
+                else "Temperatures T_k fitted by Sequential Temperature Scaling"
+            )
             lines += [
-                "Temperatures T_k fitted by Sequential Temperature Scaling. ECE of the prefix survival over "
-                f"{calibration['num_bins']} bins, on the {calibration['split']} split "
-                f"({calibration['rounds']} rounds).",
+                f"{fitted}. ECE of the prefix survival over {calibration['num_bins']} bins, on the "
+                f"{calibration['split']} split ({calibration['rounds']} rounds).",
                 "",
             ]
             rows = [
-                [str(p["position"]), f"{p['temperature']:.3f}", str(p["count"])]
-                + [_percent(p["ece_before"]), _percent(p["ece_after"])]
+                [str(p["position"]), f"{p['temperature']:.3f}"]
+                + ([f"{p['bias']:+.3f}"] if with_bias else [])
+                + [str(p["count"]), _percent(p["ece_before"]), _percent(p["ece_after"])]
                 for p in calibration["positions"]
             ]
-            lines += _table(["k", "T_k", "samples", "ECE before", "ECE after"], rows)
+            header = ["k", "T_k"] + (["b_k"] if with_bias else []) + ["samples", "ECE before", "ECE after"]
+            lines += _table(header, rows)
             if temperatures is None:
                 lines += [
                     "",
                     "These temperatures are not applied to this draft (`calibration_temperatures` is unset).",
                 ]
-        elif temperatures is not None:
-            lines.append("Temperatures as above; ECE before and after calibration not recorded.")
+            elif with_bias and biases is None:
+                lines += ["", "These biases are not applied to this draft (`calibration_biases` is unset)."]
+        elif temperatures is not None or biases is not None:
+            lines.append("Calibration as above; ECE before and after calibration not recorded.")
         else:
             lines.append("Not calibrated.")
 

@@ -537,15 +537,22 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             return None
         return self.confidence_head(hidden_states, self.previous_token_features(prev_ids)).float()
 
-    def calibrated_confidence(self, confidence_logits: torch.Tensor, positions: slice | None = None) -> torch.Tensor:
-        """σ(logit / T_k) with the STS temperatures of the config (identity temperatures when unset)."""
-        temperatures = self.config.calibration_temperatures
-        if temperatures is None:
-            return torch.sigmoid(confidence_logits)
-        t = torch.tensor(temperatures, dtype=confidence_logits.dtype, device=confidence_logits.device)
-        if positions is not None:
-            t = t[positions]
-        return torch.sigmoid(confidence_logits / t[: confidence_logits.shape[-1]])
+    def calibrated_confidence(
+        self, confidence_logits: torch.Tensor, positions: slice | None = None
+    ) -> torch.Tensor:
+        """σ(logit / T_k + b_k) with the config's `calibration_temperatures` and `calibration_biases` (T = 1 and
+        b = 0 where unset). `positions` selects the block positions the last dimension holds (default 0, 1, …)."""
+        z = confidence_logits
+
+        def per_position(values: list[float]) -> torch.Tensor:
+            v = torch.tensor(values, dtype=z.dtype, device=z.device)
+            return (v if positions is None else v[positions])[: z.shape[-1]]
+
+        if self.config.calibration_temperatures is not None:
+            z = z / per_position(self.config.calibration_temperatures)
+        if self.config.calibration_biases is not None:
+            z = z + per_position(self.config.calibration_biases)
+        return torch.sigmoid(z)
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
