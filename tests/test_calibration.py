@@ -611,8 +611,9 @@ def test_cli_calibrate_and_refit(target, trained_draft, tmp_path):
 
 
 def test_cli_profile(target, tmp_path):
-    target_dir = tmp_path / "target"
+    target_dir, draft_dir = tmp_path / "target", tmp_path / "draft"
     target.save_pretrained(target_dir)
+    new_draft(target).save_pretrained(draft_dir)
     table = run_command(
         [
             "profile",
@@ -636,10 +637,17 @@ def test_cli_profile(target, tmp_path):
             str(tmp_path / "table.json"),
             "--plot",
             str(tmp_path / "table.png"),
+            "--draft",
+            str(draft_dir),
+            "--draft-requests",
+            "1",
+            "3",
         ]
     )
     loaded = CostTable.load(tmp_path / "table.json")
     assert loaded.batch_tokens == [1, 2, 4] and loaded.smooth == "monotone"
+    assert loaded.draft_requests == [1, 3] and all(s > 0 for s in loaded.draft_seconds)
+    assert loaded.metadata["draft"] == str(draft_dir)
     assert loaded.raw_rows == table.raw_rows and loaded.metadata["shape"] == "1xB"
     if HAS_MATPLOTLIB:
         assert (tmp_path / "table.png").read_bytes()[:4] == PNG_MAGIC

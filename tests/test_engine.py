@@ -19,13 +19,21 @@ from transformers.generation.logits_process import (
 import dspark_hf.engine as engine_module
 from dspark_hf import DSparkDraftModel
 from dspark_hf.engine import DSparkEngine, SamplingParams, warp_logits
-from dspark_hf.scheduling import CostTable, GlobalSearchPolicy, LaggedSchedulerPolicy, StaticThresholdPolicy
+from dspark_hf.scheduling import (
+    CostTable,
+    GlobalSearchPolicy,
+    LaggedSchedulerPolicy,
+    PrefixSchedulerPolicy,
+    StaticThresholdPolicy,
+)
 
 VOCAB = 32
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"  # ids 0..30; 31 is "<eos>" (and the drafts' mask token)
 # A capacity curve where verifying long blocks stops paying, so Algorithm 1 and the lagged policy truncate.
 LOAD_TABLE = CostTable([1, 2, 4, 8, 16, 32, 64], [100.0, 95.0, 80.0, 55.0, 30.0, 15.0, 7.5])
-POLICIES = ["none", "mtp1", "full", "threshold", "prefix", "lagged"]
+# The same curve with a draft pass of 4 ms per request: drafting pays for trained drafts, not for untrained ones.
+DRAFT_COST_TABLE = LOAD_TABLE.with_draft_cost([1, 64], [0.004, 0.256])
+POLICIES = ["none", "mtp1", "full", "threshold", "prefix", "prefix_draft_cost", "lagged"]
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -57,6 +65,8 @@ def make_engine(target, draft, policy, **kwargs):
         return DSparkEngine(target, draft, scheduler=LaggedSchedulerPolicy(LOAD_TABLE, cold_start_length=2), **kwargs)
     if policy == "none":
         return DSparkEngine(target, None, **kwargs)
+    if policy == "prefix_draft_cost":
+        return DSparkEngine(target, draft, scheduler="prefix", cost_table=DRAFT_COST_TABLE, **kwargs)
     return DSparkEngine(target, draft, scheduler=policy, cost_table=LOAD_TABLE, **kwargs)
 
 
@@ -218,6 +228,24 @@ def test_verification_budget_falls_with_load(targets, drafts):
     assert budgets[1] < budgets[0], budgets
 
 
+def test_drafting_is_skipped_when_it_cannot_pay(targets, drafts):
+    """With a draft pass far slower than a target forward, Algorithm 1 drafts only to probe, and outputs stay exact."""
+    target, draft = targets["llama"], drafts[("llama", True)]
+    table = LOAD_TABLE.with_draft_cost([1], [10.0])
+    engine = DSparkEngine(target, draft, scheduler=PrefixSchedulerPolicy(table, layout="padded", probe_interval=4))
+    prompts = [[s % 30, (3 * s) % 30, 7] for s in range(3)]
+    requests = engine.generate(prompts, SamplingParams(max_new_tokens=20))
+    for request, prompt in zip(requests, prompts, strict=True):
+        assert request.token_ids == reference(target, prompt, 20)
+    stats = engine.stats
+    # The first round drafts (nothing known), then one probe after every 4 skipped rounds.
+    decided = stats.draft_passes + stats.skipped_drafts
+    assert stats.skipped_drafts >= 8 and stats.draft_passes == 1 + (decided - 1) // 5, stats
+    cheap = DSparkEngine(target, draft, scheduler="prefix", cost_table=LOAD_TABLE.with_draft_cost([1], [1e-6]))
+    cheap.generate(prompts, SamplingParams(max_new_tokens=20))
+    assert cheap.stats.skipped_drafts == 0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Sampling: each request's output is distributed exactly as the target's
 # ----------------------------------------------------------------------------------------------------------------------
@@ -243,15 +271,17 @@ def sampling_setup():
     return target, draft, torch.tensor([[1, 2, 3]])
 
 
-def sample_pairs(target, draft, prompt, runs, params, concurrency=256):
+def sample_pairs(target, draft, prompt, runs, params, concurrency=256, layout="packed"):
     """(t2, t3) frequencies of `runs` copies of the prompt decoded together by one engine under Algorithm 1.
 
     SPS(B) = 1/(1 + B/concurrency) makes the scheduler admit a token only when its survival beats ~τ/B, so at this
-    load it verifies 0, 1 or 2 tokens depending on the drafted tokens' confidences.
+    load it verifies 0, 1 or 2 tokens depending on the drafted tokens' confidences (packed: per request; padded: the
+    width of the whole batch).
     """
     sizes = [1, 64, 128, 256, 384, 512, 768, 1024]
     table = CostTable(sizes, [1.0 / (1 + b / concurrency) for b in sizes])
-    engine = DSparkEngine(target, draft, scheduler="prefix", cost_table=table, max_batch_size=concurrency)
+    policy = PrefixSchedulerPolicy(table, layout=layout)
+    engine = DSparkEngine(target, draft, scheduler=policy, max_batch_size=concurrency)
     requests = engine.generate([prompt[0]] * runs, params)
     counts = torch.zeros(8, 8, dtype=torch.float64)
     for request in requests:
@@ -261,11 +291,15 @@ def sample_pairs(target, draft, prompt, runs, params, concurrency=256):
 
 
 @pytest.mark.parametrize(
-    "params",
-    [SamplingParams(max_new_tokens=4, do_sample=True), SamplingParams(max_new_tokens=4, do_sample=True, temperature=0.8, top_k=6, top_p=0.9)],
-    ids=["plain", "warped"],
+    ("params", "layout", "concurrency"),
+    [
+        (SamplingParams(max_new_tokens=4, do_sample=True), "packed", 256),
+        (SamplingParams(max_new_tokens=4, do_sample=True, temperature=0.8, top_k=6, top_p=0.9), "packed", 256),
+        (SamplingParams(max_new_tokens=4, do_sample=True), "padded", 2),
+    ],
+    ids=["plain", "warped", "padded"],
 )
-def test_sampling_matches_target_distribution(sampling_setup, params):
+def test_sampling_matches_target_distribution(sampling_setup, params, layout, concurrency):
     """20k requests: TV(empirical, exact) of (t2, t3) stays within the bound derived from the sample size.
 
     t1 comes from the prefill, t2 (and t3 when accepted) from the first speculative round, verified by Algorithm 1.
@@ -278,7 +312,7 @@ def test_sampling_matches_target_distribution(sampling_setup, params):
     exact = exact_two_token_distribution(target, prompt, warp)
     torch.manual_seed(0)
     runs = 20_000
-    empirical, proposed = sample_pairs(target, draft, prompt, runs, params)
+    empirical, proposed = sample_pairs(target, draft, prompt, runs, params, concurrency, layout)
     assert (proposed > runs // 20).all(), proposed  # the scheduler really chose 0, 1 and 2 tokens
     tv = 0.5 * (empirical - exact).abs().sum().item()
     assert tv < tv_bound(exact, runs), (tv, tv_bound(exact, runs))

@@ -154,12 +154,15 @@ def test_bf16_forward(llama_target):
 @pytest.mark.parametrize("head", HEAD_TYPES)
 @pytest.mark.parametrize("layout", ["hf", "deepspec"])
 def test_save_load_bit_exact(tmp_path, llama_target, head, layout):
-    draft = make_draft(llama_target, head, calibration_temperatures=[1.0, 1.5, 2.0, 0.5])
+    draft = make_draft(
+        llama_target, head, calibration_temperatures=[1.0, 1.5, 2.0, 0.5], calibration_biases=[-1.0, 0.0, 0.5, 2.0]
+    )
     draft.save_pretrained(tmp_path, layout=layout)
     assert not list(tmp_path.glob("*.bin")), "safetensors only"
     loaded = DSparkDraftModel.from_pretrained(tmp_path, target_model=llama_target).eval()
     assert loaded.config.markov_head_type == head
     assert loaded.config.calibration_temperatures == [1.0, 1.5, 2.0, 0.5]
+    assert loaded.config.calibration_biases == [-1.0, 0.0, 0.5, 2.0]
     original_state, loaded_state = draft.state_dict(), loaded.state_dict()
     assert original_state.keys() == loaded_state.keys()
     assert all(torch.equal(original_state[k], loaded_state[k]) for k in original_state)

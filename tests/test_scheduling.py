@@ -171,6 +171,28 @@ def test_cost_table_json_round_trip(tmp_path):
         CostTable.from_json(json.dumps({"format": "something-else"}))
 
 
+def test_cost_table_draft_cost():
+    table = CostTable([1, 4], [10.0, 5.0]).with_draft_cost([1, 4], [0.01, 0.04])
+    assert table.has_draft_cost and not CostTable([1, 4], [10.0, 5.0]).has_draft_cost
+    assert table.draft_time(0) == 0.0 and table.draft_time(1) == pytest.approx(0.01)
+    assert table.draft_time(2) == pytest.approx(0.02)  # interpolated
+    assert table.draft_time(8) == pytest.approx(0.08)  # extrapolated through the last two points
+    assert table.round_seconds(4, drafted_requests=2) == pytest.approx(1 / 5.0 + 0.02)
+    assert table.round_seconds(4) == pytest.approx(1 / 5.0)
+    again = CostTable.from_json(table.to_json())
+    assert again.draft_requests == [1, 4] and again.draft_seconds == [0.01, 0.04]
+    assert again.for_context(100).draft_time(2) == pytest.approx(0.02)
+    assert "draft_seconds" not in json.loads(CostTable([1], [1.0]).to_json())
+    for kwargs in (
+        {"draft_requests": [1, 2]},
+        {"draft_requests": [1, 2], "draft_seconds": [0.1]},
+        {"draft_requests": [1, 2], "draft_seconds": [0.1, -1.0]},
+        {"draft_requests": [2, 1], "draft_seconds": [0.1, 0.2]},
+    ):
+        with pytest.raises(ValueError):
+            CostTable([1], [1.0], **kwargs)
+
+
 def test_cost_table_context_buckets():
     table = CostTable([1, 8], [[10.0, 5.0], [8.0, 2.0]], context_lengths=[128, 1024])
     assert table.sps(8) == 5.0  # no context length: first bucket
@@ -203,6 +225,75 @@ def test_global_search_reaches_brute_force_optimum_on_any_monotone_curve(data, r
     # The early-stopping scheduler is never better than the global search.
     prefix = PrefixSchedulerPolicy(table).select_lengths(rows)
     assert theta(rows, prefix, table) <= theta(rows, lengths, table) + 1e-12
+
+
+@st.composite
+def with_draft_cost(draw, table: CostTable) -> CostTable:
+    """The table, half the time with a constant draft pass time (a constant keeps Θ unimodal along the path)."""
+    if draw(st.booleans()):
+        return table
+    seconds = draw(st.floats(min_value=0.0, max_value=5.0))
+    return table.with_draft_cost([1], [seconds])
+
+
+@given(data=st.data(), rows=confidence_rows(max_gamma=4))
+@FAST
+def test_padded_prefix_scheduler_reaches_brute_force_optimum_when_theta_is_unimodal(data, rows):
+    max_batch = len(rows) * (1 + max(len(row) for row in rows))
+    table = data.draw(smooth_tables(max_batch).flatmap(with_draft_cost))
+    lengths = PrefixSchedulerPolicy(table, layout="padded").select_lengths(rows)
+    survival = survival_probabilities(rows)
+    best = brute_force_best_lengths(survival, table, layout="padded")
+    reached = expected_throughput(survival, lengths, table, "padded")
+    assert reached == pytest.approx(expected_throughput(survival, best, table, "padded"), rel=1e-9)
+
+
+def test_padded_layout_costs_the_widest_request_and_fills_every_row():
+    # R = 2, SPS by tokens: 2 → 10, 4 → 8, 6 → 4. Survivals r0 = [0.9, 0.81], r1 = [0.5, 0.25].
+    rows = [[0.9, 0.9], [0.5, 0.5]]
+    table = CostTable([2, 4, 6], [10.0, 8.0, 4.0])
+    # Width 1 (4 tokens): Θ = (2 + 0.9 + 0.5)·8 = 27.2 > 20; width 2 (6 tokens): (3.4 + 0.81 + 0.25)·4 = 17.84.
+    assert PrefixSchedulerPolicy(table, layout="padded").select_lengths(rows) == [1, 1]
+    assert expected_throughput(survival_probabilities(rows), [1, 0], table, "padded") == pytest.approx(2.9 * 8)
+    assert expected_throughput(survival_probabilities(rows), [1, 0], table) == pytest.approx(2.9 * 9)  # packed: B = 3
+    # Caps are respected while the batch widens.
+    assert PrefixSchedulerPolicy(table, layout="padded").select_lengths(rows, max_lengths=[1, 0]) == [1, 0]
+    with pytest.raises(ValueError, match="layout"):
+        PrefixSchedulerPolicy(table, layout="ragged")
+
+
+def test_draft_cost_enters_theta_and_favours_longer_verification():
+    # One request, SPS 10 at B = 1, 5 at B = 2; survival 0.9. Free draft: Θ0 = 10 > Θ1 = 1.9·5 = 9.5.
+    table = CostTable([1, 2], [10.0, 5.0])
+    assert PrefixSchedulerPolicy(table).select_lengths([[0.9]]) == [0]
+    # A 0.1 s draft pass is paid either way: Θ0 = 1/0.2 = 5 < Θ1 = 1.9/0.3 = 6.33.
+    costly = table.with_draft_cost([1], [0.1])
+    assert PrefixSchedulerPolicy(costly).select_lengths([[0.9]]) == [1]
+    assert expected_throughput([[0.9]], [1], costly) == pytest.approx(1.9 / 0.3)
+    assert expected_throughput([[0.9]], [0], costly, drafted=False) == pytest.approx(10.0)
+
+
+def test_should_draft_predicts_from_the_last_drafted_step():
+    table = CostTable([1, 2, 3, 4, 5], [10.0, 9.5, 9.0, 8.5, 8.0])
+    ids = ["a", "b"]
+    assert PrefixSchedulerPolicy(table).should_draft(ids, [4, 4])  # no draft cost: always draft
+    cheap = PrefixSchedulerPolicy(table.with_draft_cost([1], [0.001]), layout="padded")
+    costly = PrefixSchedulerPolicy(table.with_draft_cost([1], [1.0]), layout="padded", probe_interval=3)
+    for policy in (cheap, costly):
+        assert policy.should_draft(ids, [4, 4])  # nothing known yet: draft to learn
+        policy.select_lengths([[0.9, 0.8], [0.9, 0.8]], request_ids=ids)
+    assert cheap.should_draft(ids, [4, 4])
+    # A 1 s draft pass can never pay for 0.9 + 0.72 expected tokens per request: skip, and a new request "c"
+    # is predicted from the mean of the known ones.
+    assert not costly.should_draft(ids, [4, 4]) and not costly.should_draft(["a", "c"], [4, 4])
+    assert not costly.should_draft(ids, [4, 4])
+    assert costly.should_draft(ids, [4, 4])  # probe after 3 skipped steps
+    assert not costly.should_draft(ids, [4, 4])
+    costly.forget(["a", "b"])
+    assert costly.should_draft(["a", "b"], [4, 4])  # forgotten: nothing known
+    costly.select_lengths([[0.9]], request_ids=["a"])
+    costly.reset()
+    assert costly.should_draft(["a"], [4])
 
 
 # Θ along the path of [0.9, 0.9, 0.9]: 1.0, 1.9·0.6 = 1.14, 2.71·0.4 = 1.084, 3.439·0.39 = 1.341.
@@ -374,12 +465,12 @@ def test_schedule_verification_lengths_entry_point():
 @given(
     data=st.data(),
     rows=confidence_rows(max_requests=3, max_gamma=5).filter(lambda rows: any(rows)),
-    policy_name=st.sampled_from(["prefix", "lagged", "threshold", "full", "none"]),
+    policy_name=st.sampled_from(["prefix", "prefix_padded", "lagged", "threshold", "full", "none"]),
 )
 @FAST
 def test_lossless_policies_are_non_anticipating(data, rows, policy_name):
     """Whether ℓ_r ≥ k must not change when everything computed from x_{r,k} (c_{r,k+1}, ...) changes."""
-    table = data.draw(jagged_monotone_tables(max_batch_for(rows) + 1))
+    table = data.draw(jagged_monotone_tables(len(rows) * (1 + max(len(row) for row in rows)) + 1))
     r = data.draw(st.sampled_from([i for i, row in enumerate(rows) if row]))
     k = data.draw(st.integers(min_value=1, max_value=len(rows[r])))
     altered = [list(row) for row in rows]
@@ -388,6 +479,9 @@ def test_lossless_policies_are_non_anticipating(data, rows, policy_name):
         confidence_rows(max_requests=len(rows), max_gamma=5).map(lambda h: (h * 3)[: len(rows)])
     )
     kwargs = {"threshold": data.draw(probability)} if policy_name == "threshold" else {}
+    if policy_name == "prefix_padded":
+        policy_name, kwargs = "prefix", {"layout": "padded"}
+        table = data.draw(with_draft_cost(table))
     results = []
     for current in (rows, altered):
         policy = make_policy(policy_name, table, **kwargs)

@@ -8,11 +8,12 @@ from .calibration import (
     apply_calibration,
     calibration_metrics,
     collect_calibration_rounds,
+    fit_sequential_calibration,
     fit_sequential_temperature_scaling,
     threshold_sweep,
 )
 from .configuration_dspark import DSparkDraftConfig
-from .engine import DSparkEngine, EngineRequest, EngineStats, SamplingParams
+from .engine import DSparkEngine, EngineRequest, EngineStats, SamplingParams, profile_draft_cost
 from .generation import DraftBlock, DSparkCandidateGenerator, sample_block
 from .model_card import DSparkModelCardData
 from .modeling_dspark import (
@@ -49,6 +50,7 @@ __all__ = [
     "apply_calibration",
     "calibration_metrics",
     "collect_calibration_rounds",
+    "fit_sequential_calibration",
     "fit_sequential_temperature_scaling",
     "threshold_sweep",
     "CostTable",
@@ -59,6 +61,7 @@ __all__ = [
     "StaticThresholdPolicy",
     "VerificationPolicy",
     "profile_cost_table",
+    "profile_draft_cost",
     "schedule_verification_lengths",
     "DSparkEngine",
     "EngineRequest",

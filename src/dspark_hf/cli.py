@@ -790,6 +790,12 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads.")
     parser.add_argument("--out", help="Cost table JSON to write (load with CostTable.load).")
     parser.add_argument("--plot", help="Also plot the table to this PNG.")
+    parser.add_argument(
+        "--draft",
+        help="Also time the DSparkEngine draft pass of this draft at --draft-requests requests (the prefix scheduler "
+        "then counts it and skips drafting when it cannot pay).",
+    )
+    parser.add_argument("--draft-requests", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
 
 
 def _run_profile(args: argparse.Namespace):
@@ -808,6 +814,15 @@ def _run_profile(args: argparse.Namespace):
         target, args.batch_sizes, contexts[0] if len(contexts) == 1 else contexts, repeats=args.repeats,
         warmup=args.warmup, device=args.device, shape=args.shape, smooth=args.smooth, seed=args.seed,
     )
+    if args.draft:
+        from .engine import profile_draft_cost
+        from .modeling_dspark import DSparkDraftModel
+
+        draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype).eval()
+        table = table.with_draft_cost(
+            *profile_draft_cost(draft, args.draft_requests, contexts[0], repeats=args.repeats, warmup=args.warmup)
+        )
+        table.metadata["draft"] = args.draft
     table.metadata["threads"] = torch.get_num_threads()
     table.save(args.out)
     if args.plot:
@@ -827,7 +842,8 @@ register_command(
 )
 register_command(
     "profile",
-    "Profile the target's SPS cost table (forwards per second at B tokens) for the prefix scheduler.",
+    "Profile the target's SPS cost table (forwards per second at B tokens) for the prefix scheduler, and optionally "
+    "a draft's pass time.",
     _add_profile_arguments,
     _run_profile,
 )

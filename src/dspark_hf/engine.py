@@ -6,7 +6,9 @@
    request's context through the attention mask; tokens are then sampled left to right through the sequential head
    ([`sample_block`]), each from exactly the distribution that is kept for rejection sampling.
 2. **Schedule.** The verification policy picks per-request lengths ℓ_r from the calibrated confidences and the
-   load (Algorithm 1 with a cost table, its lagged §5.2 variant, a static threshold, the full block, ...).
+   load (Algorithm 1 with a cost table, its lagged §5.2 variant, a static threshold, the full block, ...). Before
+   step 1 the policy may decide, from earlier rounds only, that drafting cannot pay this round (a cost table with
+   the draft pass time, see `profile_draft_cost`); the round then verifies nothing but the anchors.
 3. **Verify.** ONE target pass over R rows of 1 + ℓ_r tokens (anchor + drafted prefix), right-padded to
    Q = 1 + max ℓ_r, with per-row position ids and a 2-D attention mask over the whole KV cache.
 4. **Accept.** Standard speculative sampling per row: accept x_k with probability min(1, p(x_k)/q(x_k)); at the
@@ -28,6 +30,7 @@ than `compact_threshold` of the width. Requests joining are prefilled in their o
 import dataclasses
 import itertools
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -166,6 +169,7 @@ class EngineStats:
 
     A round is one target verification pass over all active requests; `request_rounds` counts (request, round)
     pairs, so `verified_draft_tokens / request_rounds` is the mean verification budget ℓ per request and round.
+    `draft_passes` counts rounds that drafted, `skipped_drafts` rounds in which the policy chose not to.
     """
 
     rounds: int = 0
@@ -178,6 +182,8 @@ class EngineStats:
     generated_tokens: int = 0
     finished_requests: int = 0
     compactions: int = 0
+    draft_passes: int = 0
+    skipped_drafts: int = 0
     busy_time_s: float = 0.0
     prefill_time_s: float = 0.0
     draft_time_s: float = 0.0
@@ -407,6 +413,97 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
+def draft_blocks(
+    draft: DSparkDraftModel,
+    draft_cache: DSparkContextCache,
+    context_valid: torch.BoolTensor,
+    anchors: torch.LongTensor,
+    positions: torch.LongTensor,
+    budget: int,
+    warper: LogitsProcessor,
+) -> DraftBlock:
+    """One batched backbone pass over R blocks, then left-to-right sampling of `budget` tokens per request.
+
+    Args:
+        draft_cache: the draft's context, `(R, ..., P)` slots.
+        context_valid: `(R, P)` which context slots each request sees (holes are False).
+        anchors, positions: `(R,)` anchor tokens and their positions.
+        warper: per-request sampling processor; drafted tokens are sampled from exactly its distributions.
+    """
+    gamma = draft.config.block_size
+    rows, width = context_valid.shape
+    block_ids = torch.full((rows, gamma), draft.config.mask_token_id, dtype=torch.long, device=anchors.device)
+    block_ids[:, 0] = anchors
+    block_positions = positions.unsqueeze(-1) + torch.arange(gamma, device=anchors.device)
+    # Block positions see their request's verified context (all of it lies before the anchor) and the whole block.
+    attention_mask = torch.cat(
+        [
+            context_valid[:, None, None, :].expand(rows, 1, gamma, width),
+            torch.ones(rows, 1, gamma, gamma, dtype=torch.bool, device=anchors.device),
+        ],
+        dim=-1,
+    )
+    hidden = draft(
+        block_ids, block_positions, attention_mask=attention_mask, cache=draft_cache, compute_logits=False
+    ).hidden_states
+    return sample_block(draft, hidden[:, :budget], anchors, logits_processor=LogitsProcessorList([warper]), do_sample=True)
+
+
+@torch.inference_mode()
+def profile_draft_cost(
+    draft: DSparkDraftModel,
+    num_requests: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    context_length: int = 256,
+    repeats: int = 7,
+    warmup: int = 2,
+    seed: int = 0,
+) -> tuple[list[int], list[float]]:
+    """Measures d(R), the seconds of one [`DSparkEngine`] draft pass (backbone, sequential head, confidences) over
+    R requests with `context_length` context slots each, drafting the full block. The draft must be attached to its
+    target (it borrows the target's embedding and LM head).
+
+    The context holds random target features; like `profile_cost_table`, sizes are visited in a rotating order and
+    the median of `repeats` timed passes is kept. Returns `(num_requests, seconds)` for `CostTable.with_draft_cost`.
+
+    Example:
+        >>> table = profile_cost_table(target, shape="Bx1").with_draft_cost(*profile_draft_cost(draft))
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"Need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    sizes = sorted(set(int(r) for r in num_requests))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"`num_requests` must be positive integers, got {list(num_requests)}.")
+    device, config = draft.device, draft.config
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for rows in sizes:
+        cache = DSparkContextCache(config.num_hidden_layers)
+        features = torch.randn(rows, context_length, draft.fc.in_features, generator=generator).to(device, draft.dtype)
+        context_positions = torch.arange(context_length, device=device).expand(rows, -1)
+        draft.extend_context(cache, features, context_positions)
+        anchors = torch.randint(config.vocab_size, (rows,), generator=generator).to(device)
+        positions = torch.full((rows,), context_length, device=device)
+        valid = torch.ones(rows, context_length, dtype=torch.bool, device=device)
+        warper = RequestSamplingWarper([SamplingParams()] * rows, device)
+        inputs[rows] = (cache, valid, anchors, positions, warper)
+
+    def timed_pass(rows: int) -> float:
+        cache, valid, anchors, positions, warper = inputs[rows]
+        start = time.perf_counter()
+        draft_blocks(draft, cache, valid, anchors, positions, config.block_size, warper)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        for rows in sizes:
+            timed_pass(rows)
+    times: dict[int, list[float]] = {rows: [] for rows in sizes}
+    for repeat in range(repeats):
+        shift = repeat % len(sizes)
+        for rows in sizes[shift:] + sizes[:shift]:
+            times[rows].append(timed_pass(rows))
+    return sizes, [statistics.median(times[rows]) for rows in sizes]
+
+
 class DSparkEngine:
     """Continuous-batching speculative decoding over a transformers causal LM with a [`DSparkDraftModel`].
 
@@ -415,8 +512,11 @@ class DSparkEngine:
         draft: a DSpark draft for `target`, or None for plain batched decoding.
         scheduler: a [`VerificationPolicy`] or a policy name of `dspark_hf.scheduling.make_policy` (`"prefix"` =
             Algorithm 1, `"lagged"` = §5.2, `"threshold"`, `"full"`, `"none"`). Default: `"prefix"` when a
-            `cost_table` is given, `"full"` with a draft, `"none"` without. Policies must be lossless.
-        cost_table: SPS(B) table for the `"prefix"` and `"lagged"` policies (see `profile_cost_table`).
+            `cost_table` is given, `"full"` with a draft, `"none"` without. Policies must be lossless. By name,
+            `"prefix"` schedules for this engine's padded verification batch (`layout="padded"`).
+        cost_table: SPS(B) table for the `"prefix"` and `"lagged"` policies (see `profile_cost_table`); with a draft
+            pass time (`CostTable.with_draft_cost`, `profile_draft_cost`) `"prefix"` also skips drafting in rounds
+            where it cannot pay.
         tokenizer: decodes `text` and enables stop strings and string prompts.
         max_batch_size: most requests decoded at once; later ones wait (None: no limit).
         max_draft_tokens: cap on every ℓ_r (1 gives an MTP-1-style one-token draft); default the draft's γ.
@@ -484,6 +584,8 @@ class DSparkEngine:
         if scheduler is None:
             scheduler = "none" if self.draft is None else ("prefix" if cost_table is not None else "full")
         if isinstance(scheduler, str):
+            if scheduler == "prefix":  # the engine's verification batch is padded, see PrefixSchedulerPolicy
+                policy_kwargs = {"layout": "padded", **policy_kwargs}
             policy = make_policy(scheduler, cost_table, **policy_kwargs)
         elif isinstance(scheduler, VerificationPolicy):
             if policy_kwargs:
@@ -703,12 +805,17 @@ class DSparkEngine:
         caps = [min(self.max_draft_tokens, r.remaining - 1) for r in rows]
         warper = RequestSamplingWarper([r.params for r in rows], device)
         block, lengths = None, [0] * len(rows)
+        request_ids = [r.request_id for r in rows]
         if self.speculative and max(caps) > 0:
-            block = self._draft_block(anchors, positions, max(caps), warper)
-            confidences = block.confidences
-            if confidences is None:  # full-block verification without a confidence head
-                confidences = torch.ones(block.tokens.shape)
-            lengths = self.policy.select_lengths(confidences, max_lengths=caps, request_ids=[r.request_id for r in rows])
+            if self.policy.should_draft(request_ids, caps):
+                block = draft_blocks(self.draft, kv.draft_cache, kv.valid, anchors, positions, max(caps), warper)
+                self.stats.draft_passes += 1
+                confidences = block.confidences
+                if confidences is None:  # full-block verification without a confidence head
+                    confidences = torch.ones(block.tokens.shape)
+                lengths = self.policy.select_lengths(confidences, max_lengths=caps, request_ids=request_ids)
+            else:
+                self.stats.skipped_drafts += 1
         drafted = time.perf_counter()
 
         width = 1 + max(lengths)
@@ -765,28 +872,6 @@ class DSparkEngine:
                 self._kv.compact()
                 stats.compactions += 1
         return finished
-
-    def _draft_block(
-        self, anchors: torch.LongTensor, positions: torch.LongTensor, budget: int, warper: RequestSamplingWarper
-    ) -> DraftBlock:
-        """One batched backbone pass over R blocks, then left-to-right sampling of `budget` tokens per request."""
-        kv, gamma = self._kv, self.block_size
-        rows = anchors.shape[0]
-        block_ids = torch.full((rows, gamma), self.draft.config.mask_token_id, dtype=torch.long, device=anchors.device)
-        block_ids[:, 0] = anchors
-        block_positions = positions.unsqueeze(-1) + torch.arange(gamma, device=anchors.device)
-        # Block positions see their request's verified context (all of it lies before the anchor) and the whole block.
-        attention_mask = torch.cat(
-            [
-                kv.valid[:, None, None, :].expand(rows, 1, gamma, kv.width),
-                torch.ones(rows, 1, gamma, gamma, dtype=torch.bool, device=anchors.device),
-            ],
-            dim=-1,
-        )
-        hidden = self.draft(
-            block_ids, block_positions, attention_mask=attention_mask, cache=kv.draft_cache, compute_logits=False
-        ).hidden_states
-        return sample_block(self.draft, hidden[:, :budget], anchors, logits_processor=LogitsProcessorList([warper]), do_sample=True)
 
     def _emit(self, request: EngineRequest, new_tokens: list[int]) -> None:
         """Appends a round's tokens to `request`, cut at stops and `max_new_tokens`, and streams them."""
@@ -850,8 +935,7 @@ class DSparkEngine:
         self.stats.finished_requests += 1
         with self._lock:
             self._requests.pop(request.request_id, None)
-        if hasattr(self.policy, "forget"):
-            self.policy.forget([request.request_id])
+        self.policy.forget([request.request_id])
 
     def _retire(self) -> list[EngineRequest]:
         """Removes finished requests from the batch and returns them."""

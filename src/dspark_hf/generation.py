@@ -122,7 +122,7 @@ class DSparkCandidateGenerator(CandidateGenerator):
                 f"The verification policy {type(self.policy).__name__} needs confidences but this draft has no "
                 "confidence head; set draft.verification_policy = None to verify whole blocks."
             )
-        if hasattr(self.policy, "reset"):  # stateful policies (lagged scheduler) start each call afresh
+        if self.policy is not None:  # stateful policies (lagged scheduler) start each call afresh
             self.policy.reset()
         self.cache = DSparkContextCache(draft.config.num_hidden_layers)
         self.context_length = 0

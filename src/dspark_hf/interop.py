@@ -27,6 +27,7 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 _EXTRA_KEY = "dspark_hf"
 _EXTRA_FIELDS = (
     "calibration_temperatures",
+    "calibration_biases",
     "embedding_scale",
     "final_logit_softcapping",
     "ce_loss_weight",

@@ -10,6 +10,11 @@ Vocabulary (paper notation, positions 1-based):
 - A verification length ℓ_r sends the anchor plus ℓ_r drafted tokens of request r to the target, so one forward
   over R requests holds B = Σ_r (1 + ℓ_r) tokens and is expected to yield τ = Σ_r (1 + Σ_{k≤ℓ_r} a_{r,k}) tokens.
 - SPS(B) is the number of target forwards per second at B tokens; Θ = τ · SPS(B) is the expected token throughput.
+  A cost table may also hold the time of one draft pass over R requests, d(R); Θ then becomes τ / (1/SPS(B) + d(R))
+  (an extension for verifiers whose draft pass is not negligible, e.g. on CPU; without it Θ is the paper's).
+- Layout: the paper's verifier packs the R requests' tokens (B = Σ_r (1 + ℓ_r)). A padded verifier, like the
+  `DSparkEngine` over a transformers KV cache, computes R · (1 + max_r ℓ_r) tokens; `layout="padded"` schedules
+  for that cost.
 
 Losslessness: speculative decoding recovers the target distribution exactly only if the event ℓ_r ≥ k is decided
 without looking at x_{r,k} (the non-anticipating property). Every policy below states whether it has it.
@@ -35,6 +40,7 @@ from .serialization import JsonFileMixin, parse_document
 COST_TABLE_FORMAT = "dspark_hf.cost_table"
 COST_TABLE_VERSION = 1
 SMOOTHING_MODES = ("none", "monotone")
+LAYOUTS = ("packed", "padded")
 POLICY_NAMES = ("prefix", "global", "lagged", "threshold", "full", "none")
 MAX_BRUTE_FORCE_CANDIDATES = 1_000_000
 
@@ -84,6 +90,10 @@ class CostTable(JsonFileMixin):
         smooth: `"none"` keeps the measurements; `"monotone"` replaces each row by its least-squares non-increasing
             fit (isotonic regression), so the cost of a forward never falls as B grows.
         metadata: free-form JSON-serialisable description (device, dtype, shape, model, ...).
+        draft_requests: optional numbers of requests R at which one draft pass was timed, strictly increasing.
+        draft_seconds: seconds of one draft pass (backbone, sequential head, confidences) at each R; interpolated
+            linearly, clamped below and extrapolated linearly above (see `profile_draft_cost`). Without them the
+            draft pass is taken to be free, as in the paper.
     """
 
     def __init__(
@@ -93,6 +103,8 @@ class CostTable(JsonFileMixin):
         context_lengths: Sequence[int] | None = None,
         smooth: Literal["none", "monotone"] = "none",
         metadata: dict[str, Any] | None = None,
+        draft_requests: Sequence[int] | None = None,
+        draft_seconds: Sequence[float] | None = None,
     ):
         if smooth not in SMOOTHING_MODES:
             raise ValueError(f"`smooth` must be one of {SMOOTHING_MODES}, got {smooth!r}.")
@@ -119,6 +131,23 @@ class CostTable(JsonFileMixin):
         self.smooth = smooth
         self.rows = [_non_increasing_fit(row) if smooth == "monotone" else list(row) for row in self.raw_rows]
         self.metadata = dict(metadata or {})
+        if (draft_requests is None) != (draft_seconds is None):
+            raise ValueError("Give both `draft_requests` and `draft_seconds` (one draft-pass time per R), or neither.")
+        self.draft_requests = None if draft_requests is None else _strictly_increasing_ints(draft_requests, "draft_requests")
+        self.draft_seconds = None
+        if draft_seconds is not None:
+            self.draft_seconds = [float(v) for v in draft_seconds]
+            if len(self.draft_seconds) != len(self.draft_requests):
+                raise ValueError(
+                    f"{len(self.draft_requests)} draft_requests but {len(self.draft_seconds)} draft_seconds."
+                )
+            if not all(math.isfinite(v) and v >= 0 for v in self.draft_seconds):
+                raise ValueError(f"draft_seconds must be finite and non-negative, got {self.draft_seconds}.")
+
+    @property
+    def has_draft_cost(self) -> bool:
+        """Whether the table holds the draft pass time d(R)."""
+        return self.draft_seconds is not None
 
     @property
     def steps_per_second(self) -> list[float] | list[list[float]]:
@@ -148,6 +177,37 @@ class CostTable(JsonFileMixin):
         weight = (batch_tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
         return ys[i - 1] + weight * (ys[i] - ys[i - 1])
 
+    def draft_time(self, num_requests: int) -> float:
+        """Seconds of one draft pass over `num_requests` requests (0 when the table has no draft cost or R = 0)."""
+        if self.draft_seconds is None or num_requests <= 0:
+            return 0.0
+        xs, ys = self.draft_requests, self.draft_seconds
+        if num_requests <= xs[0] or len(xs) == 1:
+            return ys[0]
+        if num_requests >= xs[-1]:
+            slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+            return ys[-1] + slope * (num_requests - xs[-1])
+        i = bisect.bisect_right(xs, num_requests)
+        weight = (num_requests - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + weight * (ys[i] - ys[i - 1])
+
+    def round_seconds(self, batch_tokens: float, drafted_requests: int = 0, context_length: int | None = None) -> float:
+        """Time of one round: a verification forward of `batch_tokens` tokens plus a draft pass over
+        `drafted_requests` requests (0: no draft pass)."""
+        return 1.0 / self.sps(batch_tokens, context_length) + self.draft_time(drafted_requests)
+
+    def with_draft_cost(self, draft_requests: Sequence[int], draft_seconds: Sequence[float]) -> "CostTable":
+        """A copy of this table that also holds the draft pass time d(R) (see `profile_draft_cost`)."""
+        return CostTable(
+            self.batch_tokens,
+            self.raw_rows[0] if self.context_lengths is None else self.raw_rows,
+            context_lengths=self.context_lengths,
+            smooth=self.smooth,
+            metadata=self.metadata,
+            draft_requests=draft_requests,
+            draft_seconds=draft_seconds,
+        )
+
     def for_context(self, context_length: int) -> "CostTable":
         """A single-row table holding the bucket that `sps(..., context_length)` would use."""
         return CostTable(
@@ -155,6 +215,8 @@ class CostTable(JsonFileMixin):
             self.raw_rows[self._bucket(context_length)],
             smooth=self.smooth,
             metadata=self.metadata,
+            draft_requests=self.draft_requests,
+            draft_seconds=self.draft_seconds,
         )
 
     def to_json(self) -> str:
@@ -169,6 +231,9 @@ class CostTable(JsonFileMixin):
         }
         if self.context_lengths is not None:
             data["context_lengths"] = self.context_lengths
+        if self.draft_seconds is not None:
+            data["draft_requests"] = self.draft_requests
+            data["draft_seconds"] = self.draft_seconds
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -181,14 +246,17 @@ class CostTable(JsonFileMixin):
             context_lengths=data.get("context_lengths"),
             smooth=data.get("smooth", "none"),
             metadata=data.get("metadata"),
+            draft_requests=data.get("draft_requests"),
+            draft_seconds=data.get("draft_seconds"),
         )
 
 
     def __repr__(self) -> str:
         buckets = "" if self.context_lengths is None else f", context_lengths={self.context_lengths}"
+        draft = "" if self.draft_seconds is None else f", draft_requests={self.draft_requests}, draft_seconds={self.draft_seconds}"
         return (
             f"CostTable(batch_tokens={self.batch_tokens}, steps_per_second={self.steps_per_second}{buckets}, "
-            f"smooth={self.smooth!r})"
+            f"smooth={self.smooth!r}{draft})"
         )
 
 
@@ -345,16 +413,38 @@ def survival_probabilities(confidences: Confidences) -> list[list[float]]:
     return [_cumprod(row) for row in _confidence_rows(confidences)]
 
 
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
+
+
+def _verified_tokens(lengths: Sequence[int], layout: str) -> int:
+    """Tokens one verification forward computes: Σ_r (1 + ℓ_r) packed, R · (1 + max_r ℓ_r) padded."""
+    if layout == "padded":
+        return len(lengths) * (1 + max(lengths, default=0))
+    return len(lengths) + sum(lengths)
+
+
 def expected_throughput(
-    survival: Sequence[Sequence[float]], lengths: Sequence[int], cost_table: CostTable
+    survival: Sequence[Sequence[float]],
+    lengths: Sequence[int],
+    cost_table: CostTable,
+    layout: Literal["packed", "padded"] = "packed",
+    drafted: bool = True,
 ) -> float:
-    """Θ = τ · SPS(B) with B = Σ_r (1 + ℓ_r) and τ = Σ_r (1 + Σ_{k≤ℓ_r} a_{r,k})."""
+    """Θ = τ / (1/SPS(B) + d(R)) with τ = Σ_r (1 + Σ_{k≤ℓ_r} a_{r,k}) and B the verified tokens of `layout`.
+
+    d(R) is the table's draft pass time (0 without one, which gives the paper's Θ = τ · SPS(B)); `drafted=False`
+    leaves it out (a round that does not draft).
+    """
+    _check_layout(layout)
     if len(lengths) != len(survival):
         raise ValueError(f"{len(survival)} requests but {len(lengths)} lengths.")
     if any(not 0 <= length <= len(row) for length, row in zip(lengths, survival, strict=True)):
         raise ValueError(f"lengths {list(lengths)} exceed the drafted blocks.")
     expected = sum(1.0 + sum(row[:length]) for row, length in zip(survival, lengths, strict=True))
-    return expected * cost_table.sps(len(survival) + sum(lengths))
+    drafted_requests = len(survival) if drafted else 0
+    return expected / cost_table.round_seconds(_verified_tokens(lengths, layout), drafted_requests)
 
 
 def _ranked_candidates(survival: list[list[float]], caps: list[int]) -> list[tuple[float, int, int]]:
@@ -380,29 +470,56 @@ def _lengths_from_ranking(ranked: list[tuple[float, int, int]], num_requests: in
 
 
 def _greedy_lengths(
-    survival: list[list[float]], caps: list[int], cost_table: CostTable, early_stop: bool
+    survival: list[list[float]],
+    caps: list[int],
+    cost_table: CostTable,
+    early_stop: bool,
+    layout: Literal["packed", "padded"] = "packed",
 ) -> list[int]:
     """Walks the admission path of Algorithm 1; with `early_stop` it breaks at the first admission that does not
-    strictly raise Θ, without it returns the (earliest) argmax of Θ over the whole path."""
+    strictly raise Θ, without it returns the (earliest) argmax of Θ over the whole path.
+
+    Packed, the path admits one candidate (r, k) at a time in survival order. Padded, the extra tokens of a width
+    are computed for every request anyway, so the path widens the batch one position at a time and admits every
+    request's next position at once; the event ℓ_r ≥ k then depends on survivals up to position k, never on x_{r,k}.
+    """
     num_requests = len(survival)
     if num_requests == 0:
         return []
+    draft_seconds = cost_table.draft_time(num_requests)
+
+    def theta(expected: float, batch_tokens: int) -> float:
+        return expected / (1.0 / cost_table.sps(batch_tokens) + draft_seconds)
+
+    if layout == "padded":
+        expected, best_theta, best_width = float(num_requests), theta(num_requests, num_requests), 0
+        for width in range(1, max(caps, default=0) + 1):
+            expected += sum(row[width - 1] for row, cap in zip(survival, caps, strict=True) if cap >= width)
+            current = theta(expected, num_requests * (1 + width))
+            if current > best_theta:
+                best_theta, best_width = current, width
+            elif early_stop:
+                break
+        return [min(best_width, cap) for cap in caps]
     ranked = _ranked_candidates(survival, caps)
     batch, expected = num_requests, float(num_requests)
-    best_theta, best_count = expected * cost_table.sps(batch), 0
+    best_theta, best_count = theta(expected, batch), 0
     for count, (a, _, _) in enumerate(ranked, start=1):
         batch += 1
         expected += a
-        theta = expected * cost_table.sps(batch)
-        if theta > best_theta:
-            best_theta, best_count = theta, count
+        current = theta(expected, batch)
+        if current > best_theta:
+            best_theta, best_count = current, count
         elif early_stop:
             break
     return _lengths_from_ranking(ranked, num_requests, best_count)
 
 
 def brute_force_best_lengths(
-    survival: Sequence[Sequence[float]], cost_table: CostTable, max_lengths: Sequence[int] | None = None
+    survival: Sequence[Sequence[float]],
+    cost_table: CostTable,
+    max_lengths: Sequence[int] | None = None,
+    layout: Literal["packed", "padded"] = "packed",
 ) -> list[int]:
     """Exhaustive argmax of Θ over every (ℓ_1, ..., ℓ_R), first in lexicographic order on ties (tests, diagnostics).
 
@@ -414,7 +531,7 @@ def brute_force_best_lengths(
         raise ValueError(f"Exhaustive search over caps {caps} is too large.")
     best_lengths, best_theta = [0] * len(rows), -math.inf
     for lengths in itertools.product(*(range(cap + 1) for cap in caps)):
-        theta = expected_throughput(rows, lengths, cost_table)
+        theta = expected_throughput(rows, lengths, cost_table, layout)
         if theta > best_theta:
             best_lengths, best_theta = list(lengths), theta
     return best_lengths
@@ -453,11 +570,52 @@ class VerificationPolicy(ABC):
         rows = _confidence_rows(confidences)
         return self._select(rows, _caps(rows, max_lengths), request_ids)
 
+    def should_draft(self, request_ids: Sequence[Hashable], max_lengths: Sequence[int]) -> bool:
+        """Whether the next step should draft at all, decided before drafting from earlier steps only (default:
+        always). A step that does not draft verifies nothing (ℓ_r = 0), which is lossless."""
+        return True
+
+    def forget(self, request_ids: Sequence[Hashable]) -> None:  # noqa: B027 - optional hook, a no-op when stateless
+        """Drops what the policy remembers of finished requests (stateless policies remember nothing)."""
+
+    def reset(self) -> None:  # noqa: B027 - optional hook, a no-op when stateless
+        """Drops everything the policy remembers, between independent runs."""
+
     @abstractmethod
     def _select(
         self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
     ) -> list[int]:
         """Lengths from validated confidence rows and caps."""
+
+
+class _HistoryPolicy(VerificationPolicy):
+    """A policy that remembers the last `history_length` confidence rows of every request id."""
+
+    def __init__(self, history_length: int):
+        self._history_length = history_length
+        self._history: dict[Hashable, deque[list[float]]] = {}
+
+    @staticmethod
+    def _ids(request_ids: Sequence[Hashable] | None, num_requests: int) -> list[Hashable]:
+        ids = list(range(num_requests)) if request_ids is None else list(request_ids)
+        if len(set(ids)) != len(ids) or len(ids) != num_requests:
+            raise ValueError(f"Need one distinct request id per request, got {ids} for {num_requests} requests.")
+        return ids
+
+    def observe(self, request_ids: Sequence[Hashable], confidences: Confidences) -> None:
+        """Records one step of confidences for each request."""
+        rows = _confidence_rows(confidences)
+        if len(request_ids) != len(rows):
+            raise ValueError(f"{len(rows)} confidence rows but {len(request_ids)} request ids.")
+        for request_id, row in zip(request_ids, rows, strict=True):
+            self._history.setdefault(request_id, deque(maxlen=self._history_length)).append(row)
+
+    def forget(self, request_ids: Sequence[Hashable]) -> None:
+        for request_id in request_ids:
+            self._history.pop(request_id, None)
+
+    def reset(self) -> None:
+        self._history.clear()
 
 
 class NoSpeculationPolicy(VerificationPolicy):
@@ -507,25 +665,71 @@ class StaticThresholdPolicy(VerificationPolicy):
         return lengths
 
 
-class PrefixSchedulerPolicy(VerificationPolicy):
-    """Hardware-aware prefix scheduler, exactly Algorithm 1 of the paper.
+class PrefixSchedulerPolicy(_HistoryPolicy):
+    """Hardware-aware prefix scheduler, Algorithm 1 of the paper.
 
     Sorts all candidates (r, k) with a_{r,k} > 0 by survival, best first (ties: lower position, then lower
     request index, so a request's positions are always admitted in prefix order), admits them one at a time
     with B = R + admitted and τ* = R + Σ a, and stops at the first admission whose Θ = τ*·SPS(B) does not strictly
     exceed the best so far. The result is the global optimum whenever Θ is unimodal along the path.
 
+    Two extensions, both off unless asked for, adapt it to verifiers unlike the paper's:
+
+    - `layout="padded"`: the target computes R · (1 + max ℓ) tokens (a padded batch, as in `DSparkEngine`), so
+      the path widens all requests one position at a time (see `_greedy_lengths`).
+    - a cost table with a draft pass time d(R) (`CostTable.with_draft_cost`): Θ = τ* / (1/SPS(B) + d(R)), and
+      `should_draft` skips drafting when, predicted from each request's confidences of its last drafted step (the
+      mean of the known requests for a new one), the best Θ of a drafted step does not beat plain decoding's
+      R · SPS(R). After `probe_interval` skipped steps in a row it drafts again to refresh the prediction.
+
     Lossless: the early stop makes the scheduler non-anticipating. Whether (r, k) is admitted depends only on the
     candidates ranked before it, and none of those is computed from x_{r,k} (a_{r,k+1} ≤ a_{r,k} ranks after).
+    `should_draft` only reads confidences of earlier steps.
     """
 
-    def __init__(self, cost_table: CostTable):
+    def __init__(
+        self, cost_table: CostTable, layout: Literal["packed", "padded"] = "packed", probe_interval: int = 16
+    ):
+        _check_layout(layout)
+        if probe_interval < 1:
+            raise ValueError(f"`probe_interval` must be >= 1, got {probe_interval}.")
+        super().__init__(history_length=1)
         self.cost_table = cost_table
+        self.layout = layout
+        self.probe_interval = probe_interval
+        self._skipped = 0
+
+    def should_draft(self, request_ids: Sequence[Hashable], max_lengths: Sequence[int]) -> bool:
+        if not self.cost_table.has_draft_cost or not request_ids:
+            return True
+        known = [self._history[rid][-1] for rid in request_ids if rid in self._history]
+        if not known or self._skipped >= self.probe_interval:
+            self._skipped = 0
+            return True
+        width = max(len(row) for row in known)
+        prior = [statistics.fmean(row[k] if k < len(row) else 0.0 for row in known) for k in range(width)]
+        survival = [_cumprod(self._history[rid][-1] if rid in self._history else prior) for rid in request_ids]
+        caps = [min(int(cap), len(row)) for cap, row in zip(max_lengths, survival, strict=True)]
+        lengths = _greedy_lengths(survival, caps, self.cost_table, early_stop=True, layout=self.layout)
+        drafted = expected_throughput(survival, lengths, self.cost_table, self.layout)
+        plain = len(request_ids) / self.cost_table.round_seconds(len(request_ids))
+        if drafted > plain:
+            self._skipped = 0
+            return True
+        self._skipped += 1
+        return False
+
+    def reset(self) -> None:
+        super().reset()
+        self._skipped = 0
 
     def _select(
         self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
     ) -> list[int]:
-        return _greedy_lengths([_cumprod(row) for row in confidences], caps, self.cost_table, early_stop=True)
+        if self.cost_table.has_draft_cost:
+            self.observe(self._ids(request_ids, len(confidences)), confidences)
+        survival = [_cumprod(row) for row in confidences]
+        return _greedy_lengths(survival, caps, self.cost_table, early_stop=True, layout=self.layout)
 
 
 class GlobalSearchPolicy(VerificationPolicy):
@@ -550,7 +754,7 @@ class GlobalSearchPolicy(VerificationPolicy):
         )
 
 
-class LaggedSchedulerPolicy(VerificationPolicy):
+class LaggedSchedulerPolicy(_HistoryPolicy):
     """The production variant of §5.2: a budget from stale confidences, filled by the current ranking.
 
     Each call (1) computes the budget K, the number of drafted tokens to verify this step, by an unconstrained
@@ -572,18 +776,10 @@ class LaggedSchedulerPolicy(VerificationPolicy):
             raise ValueError(f"`lag` must be >= 1 (lag 0 is the non-lossless global search), got {lag}.")
         if cold_start_length < 0:
             raise ValueError(f"`cold_start_length` must be >= 0, got {cold_start_length}.")
+        super().__init__(history_length=lag)
         self.cost_table = cost_table
         self.lag = lag
         self.cold_start_length = cold_start_length
-        self._history: dict[Hashable, deque[list[float]]] = {}
-
-    def observe(self, request_ids: Sequence[Hashable], confidences: Confidences) -> None:
-        """Records one step of confidences for each request."""
-        rows = _confidence_rows(confidences)
-        if len(request_ids) != len(rows):
-            raise ValueError(f"{len(rows)} confidence rows but {len(request_ids)} request ids.")
-        for request_id, row in zip(request_ids, rows, strict=True):
-            self._history.setdefault(request_id, deque(maxlen=self.lag)).append(row)
 
     def budget(self, request_ids: Sequence[Hashable]) -> int:
         """Number of drafted tokens to verify in a step over these requests, from `lag`-step-old confidences."""
@@ -596,23 +792,10 @@ class LaggedSchedulerPolicy(VerificationPolicy):
         lengths = _greedy_lengths(survival, [len(row) for row in stale], self.cost_table, early_stop=False)
         return sum(lengths) + cold * self.cold_start_length
 
-    def forget(self, request_ids: Sequence[Hashable]) -> None:
-        """Drops the history of finished requests."""
-        for request_id in request_ids:
-            self._history.pop(request_id, None)
-
-    def reset(self) -> None:
-        """Drops all history."""
-        self._history.clear()
-
     def _select(
         self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
     ) -> list[int]:
-        ids = list(range(len(confidences))) if request_ids is None else list(request_ids)
-        if len(set(ids)) != len(ids) or len(ids) != len(confidences):
-            raise ValueError(
-                f"Need one distinct request id per request, got {ids} for {len(confidences)} requests."
-            )
+        ids = self._ids(request_ids, len(confidences))
         ranked = _ranked_candidates([_cumprod(row) for row in confidences], caps)
         lengths = _lengths_from_ranking(ranked, len(confidences), self.budget(ids))
         self.observe(ids, confidences)
