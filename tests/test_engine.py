@@ -238,9 +238,14 @@ def test_drafting_is_skipped_when_it_cannot_pay(targets, drafts):
     for request, prompt in zip(requests, prompts, strict=True):
         assert request.token_ids == reference(target, prompt, 20)
     stats = engine.stats
-    # The first round drafts (nothing known), then one probe after every 4 skipped rounds.
-    decided = stats.draft_passes + stats.skipped_drafts
-    assert stats.skipped_drafts >= 8 and stats.draft_passes == 1 + (decided - 1) // 5, stats
+    # The first round drafts (nothing known), then probes after 4, 8, 16, ... skipped rounds.
+    expected_passes, interval, skipped = 1, 4, 0
+    for _ in range(stats.draft_passes + stats.skipped_drafts - 1):
+        if skipped == interval:
+            expected_passes, interval, skipped = expected_passes + 1, 2 * interval, 0
+        else:
+            skipped += 1
+    assert stats.skipped_drafts >= 8 and stats.draft_passes == expected_passes, stats
     cheap = DSparkEngine(target, draft, scheduler="prefix", cost_table=LOAD_TABLE.with_draft_cost([1], [1e-6]))
     cheap.generate(prompts, SamplingParams(max_new_tokens=20))
     assert cheap.stats.skipped_drafts == 0

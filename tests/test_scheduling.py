@@ -278,22 +278,25 @@ def test_should_draft_predicts_from_the_last_drafted_step():
     ids = ["a", "b"]
     assert PrefixSchedulerPolicy(table).should_draft(ids, [4, 4])  # no draft cost: always draft
     cheap = PrefixSchedulerPolicy(table.with_draft_cost([1], [0.001]), layout="padded")
-    costly = PrefixSchedulerPolicy(table.with_draft_cost([1], [1.0]), layout="padded", probe_interval=3)
+    costly = PrefixSchedulerPolicy(
+        table.with_draft_cost([1], [1.0]), layout="padded", probe_interval=2, max_probe_interval=4
+    )
     for policy in (cheap, costly):
         assert policy.should_draft(ids, [4, 4])  # nothing known yet: draft to learn
         policy.select_lengths([[0.9, 0.8], [0.9, 0.8]], request_ids=ids)
     assert cheap.should_draft(ids, [4, 4])
-    # A 1 s draft pass can never pay for 0.9 + 0.72 expected tokens per request: skip, and a new request "c"
-    # is predicted from the mean of the known ones.
-    assert not costly.should_draft(ids, [4, 4]) and not costly.should_draft(["a", "c"], [4, 4])
+    # A 1 s draft pass can never pay for 0.9 + 0.72 expected tokens per request: skip. A new request "c" is
+    # predicted from the mean of the known ones.
+    decisions = [costly.should_draft(["a", "c"] if i == 0 else ids, [4, 4]) for i in range(12)]
+    # Probes after 2 skipped steps, then after 4 (doubled, capped at max_probe_interval), then after 4 again.
+    assert decisions == [False, False, True, False, False, False, False, True, False, False, False, False]
+    costly.forget(ids)
+    assert costly.should_draft(ids, [4, 4])  # the 4th skip in a row: probe; forgotten requests use the last step
     assert not costly.should_draft(ids, [4, 4])
-    assert costly.should_draft(ids, [4, 4])  # probe after 3 skipped steps
-    assert not costly.should_draft(ids, [4, 4])
-    costly.forget(["a", "b"])
-    assert costly.should_draft(["a", "b"], [4, 4])  # forgotten: nothing known
-    costly.select_lengths([[0.9]], request_ids=["a"])
     costly.reset()
-    assert costly.should_draft(["a"], [4])
+    assert costly.should_draft(["a"], [4])  # nothing known after a reset
+    with pytest.raises(ValueError, match="probe_interval"):
+        PrefixSchedulerPolicy(table, probe_interval=8, max_probe_interval=4)
 
 
 # Θ along the path of [0.9, 0.9, 0.9]: 1.0, 1.9·0.6 = 1.14, 2.71·0.4 = 1.084, 3.439·0.39 = 1.341.

@@ -404,6 +404,12 @@ def _caps(rows: list[list[float]], max_lengths: Sequence[int] | None) -> list[in
     return [min(int(m), len(row)) for m, row in zip(max_lengths, rows, strict=True)]
 
 
+def _mean_row(rows: Sequence[Sequence[float]]) -> list[float]:
+    """Position-wise mean of ragged confidence rows (a missing position counts as 0)."""
+    width = max((len(row) for row in rows), default=0)
+    return [statistics.fmean(row[k] if k < len(row) else 0.0 for row in rows) for k in range(width)]
+
+
 def _cumprod(row: Sequence[float]) -> list[float]:
     return list(itertools.accumulate(row, lambda a, c: a * c))
 
@@ -678,9 +684,11 @@ class PrefixSchedulerPolicy(_HistoryPolicy):
     - `layout="padded"`: the target computes R · (1 + max ℓ) tokens (a padded batch, as in `DSparkEngine`), so
       the path widens all requests one position at a time (see `_greedy_lengths`).
     - a cost table with a draft pass time d(R) (`CostTable.with_draft_cost`): Θ = τ* / (1/SPS(B) + d(R)), and
-      `should_draft` skips drafting when, predicted from each request's confidences of its last drafted step (the
-      mean of the known requests for a new one), the best Θ of a drafted step does not beat plain decoding's
-      R · SPS(R). After `probe_interval` skipped steps in a row it drafts again to refresh the prediction.
+      `should_draft` skips drafting when, predicted from each request's confidences of its last drafted step (for
+      a new request, the mean of the known ones, else of the last drafted step), the best Θ of a drafted step does
+      not beat plain decoding's R · SPS(R). After `probe_interval` skipped steps in a row it drafts once to refresh
+      the prediction; each probe that still finds drafting unprofitable doubles the wait, up to
+      `max_probe_interval`, and a profitable prediction resets it.
 
     Lossless: the early stop makes the scheduler non-anticipating. Whether (r, k) is admitted depends only on the
     candidates ranked before it, and none of those is computed from x_{r,k} (a_{r,k+1} ≤ a_{r,k} ranks after).
@@ -688,46 +696,58 @@ class PrefixSchedulerPolicy(_HistoryPolicy):
     """
 
     def __init__(
-        self, cost_table: CostTable, layout: Literal["packed", "padded"] = "packed", probe_interval: int = 16
+        self,
+        cost_table: CostTable,
+        layout: Literal["packed", "padded"] = "packed",
+        probe_interval: int = 16,
+        max_probe_interval: int = 256,
     ):
         _check_layout(layout)
-        if probe_interval < 1:
-            raise ValueError(f"`probe_interval` must be >= 1, got {probe_interval}.")
+        if not 1 <= probe_interval <= max_probe_interval:
+            raise ValueError(
+                f"Need 1 <= probe_interval <= max_probe_interval, got {probe_interval} and {max_probe_interval}."
+            )
         super().__init__(history_length=1)
         self.cost_table = cost_table
         self.layout = layout
         self.probe_interval = probe_interval
+        self.max_probe_interval = max_probe_interval
+        self._interval = probe_interval
         self._skipped = 0
+        self._prior: list[float] | None = None
 
     def should_draft(self, request_ids: Sequence[Hashable], max_lengths: Sequence[int]) -> bool:
         if not self.cost_table.has_draft_cost or not request_ids:
             return True
         known = [self._history[rid][-1] for rid in request_ids if rid in self._history]
-        if not known or self._skipped >= self.probe_interval:
+        prior = _mean_row(known) if known else self._prior
+        if prior is None:
+            return True  # nothing drafted yet: draft to learn
+        if self._skipped >= self._interval:  # probe, and wait twice as long before the next one
             self._skipped = 0
+            self._interval = min(2 * self._interval, self.max_probe_interval)
             return True
-        width = max(len(row) for row in known)
-        prior = [statistics.fmean(row[k] if k < len(row) else 0.0 for row in known) for k in range(width)]
         survival = [_cumprod(self._history[rid][-1] if rid in self._history else prior) for rid in request_ids]
         caps = [min(int(cap), len(row)) for cap, row in zip(max_lengths, survival, strict=True)]
         lengths = _greedy_lengths(survival, caps, self.cost_table, early_stop=True, layout=self.layout)
         drafted = expected_throughput(survival, lengths, self.cost_table, self.layout)
         plain = len(request_ids) / self.cost_table.round_seconds(len(request_ids))
         if drafted > plain:
-            self._skipped = 0
+            self._skipped, self._interval = 0, self.probe_interval
             return True
         self._skipped += 1
         return False
 
     def reset(self) -> None:
         super().reset()
-        self._skipped = 0
+        self._skipped, self._interval, self._prior = 0, self.probe_interval, None
 
     def _select(
         self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
     ) -> list[int]:
         if self.cost_table.has_draft_cost:
             self.observe(self._ids(request_ids, len(confidences)), confidences)
+            self._prior = _mean_row(confidences) or self._prior
         survival = [_cumprod(row) for row in confidences]
         return _greedy_lengths(survival, caps, self.cost_table, early_stop=True, layout=self.layout)
 
