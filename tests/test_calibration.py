@@ -211,10 +211,14 @@ def synthetic_rounds(
 ) -> CalibrationData:
     """z_k = T_k · logit(p_k) with p_k ~ U(0.2, 0.97); token k survives its prefix with probability p_k."""
     rng = np.random.default_rng(seed)
-    gamma = len(temperatures)
-    p = rng.uniform(0.2, 0.97, size=(num_rounds, gamma))
-    z = np.asarray(temperatures) * np.log(p / (1 - p))
-    survived = rng.random((num_rounds, gamma)) < p
+    p = rng.uniform(0.2, 0.97, size=(num_rounds, len(temperatures)))
+    return rounds_from_probabilities(p, np.asarray(temperatures) * np.log(p / (1 - p)), rng)
+
+
+def rounds_from_probabilities(p: np.ndarray, z: np.ndarray, rng: np.random.Generator) -> CalibrationData:
+    """Rounds with confidence logits `z` `(rounds, γ)` whose token k survives its prefix with probability p_k."""
+    gamma = p.shape[1]
+    survived = rng.random(p.shape) < p
     accepted = np.where(survived.all(axis=1), gamma, np.argmin(survived, axis=1))
     rounds = [
         CalibrationRound(gamma, int(a), row.tolist(), prompt_index=i)
@@ -290,14 +294,7 @@ def shifted_rounds(
     (T = 1, b = −shift), with p_k ~ U(0.2, 0.97). A temperature alone cannot undo the shift."""
     rng = np.random.default_rng(seed)
     p = rng.uniform(0.2, 0.97, size=(num_rounds, gamma))
-    z = np.log(p / (1 - p)) + shift
-    survived = rng.random((num_rounds, gamma)) < p
-    accepted = np.where(survived.all(axis=1), gamma, np.argmin(survived, axis=1))
-    rounds = [
-        CalibrationRound(gamma, int(a), row.tolist(), prompt_index=i)
-        for i, (a, row) in enumerate(zip(accepted, z, strict=True))
-    ]
-    return CalibrationData(gamma, rounds)
+    return rounds_from_probabilities(p, np.log(p / (1 - p)) + shift, rng)
 
 
 @pytest.fixture(scope="module")
@@ -569,36 +566,11 @@ def test_cli_calibrate_and_refit(target, trained_draft, tmp_path):
         for name in ("reliability_survival.png", "reliability_conditional.png", "threshold_sweep.png"):
             assert (out / name).read_bytes()[:4] == PNG_MAGIC
     # Refit from the saved rounds, without the target.
-    again = run_command(
-        [
-            "calibrate",
-            "--draft",
-            str(draft_dir),
-            "--rounds",
-            str(out / "calibration_rounds.json"),
-            "--test-fraction",
-            "0.25",
-            "--out",
-            str(tmp_path / "again"),
-        ]
-    )
+    refit = ["calibrate", "--draft", str(draft_dir), "--rounds", str(out / "calibration_rounds.json")]
+    again = run_command(refit + ["--test-fraction", "0.25", "--out", str(tmp_path / "again")])
     assert again["temperatures"] == report["temperatures"] and again["biases"] is None
     biased = run_command(
-        [
-            "calibrate",
-            "--draft",
-            str(draft_dir),
-            "--rounds",
-            str(out / "calibration_rounds.json"),
-            "--test-fraction",
-            "0.25",
-            "--method",
-            "sts_bias",
-            "--objective",
-            "log_loss",
-            "--out",
-            str(tmp_path / "bias"),
-        ]
+        refit + "--test-fraction 0.25 --method sts_bias --objective log_loss".split() + ["--out", str(tmp_path / "bias")]
     )
     assert len(biased["biases"]) == GAMMA and biased["fit"] == {"method": "sts_bias", "objective": "log_loss"}
     assert (
@@ -614,35 +586,11 @@ def test_cli_profile(target, tmp_path):
     target_dir, draft_dir = tmp_path / "target", tmp_path / "draft"
     target.save_pretrained(target_dir)
     new_draft(target).save_pretrained(draft_dir)
+    profile = ["profile", "--target", str(target_dir), "--dtype", "float32", "--repeats", "1", "--warmup", "0"]
     table = run_command(
-        [
-            "profile",
-            "--target",
-            str(target_dir),
-            "--dtype",
-            "float32",
-            "--batch-sizes",
-            "1",
-            "2",
-            "4",
-            "--context-length",
-            "8",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--smooth",
-            "monotone",
-            "--out",
-            str(tmp_path / "table.json"),
-            "--plot",
-            str(tmp_path / "table.png"),
-            "--draft",
-            str(draft_dir),
-            "--draft-requests",
-            "1",
-            "3",
-        ]
+        profile
+        + "--batch-sizes 1 2 4 --context-length 8 --smooth monotone --draft-requests 1 3".split()
+        + ["--out", str(tmp_path / "table.json"), "--plot", str(tmp_path / "table.png"), "--draft", str(draft_dir)]
     )
     loaded = CostTable.load(tmp_path / "table.json")
     assert loaded.batch_tokens == [1, 2, 4] and loaded.smooth == "monotone"
@@ -652,26 +600,6 @@ def test_cli_profile(target, tmp_path):
     if HAS_MATPLOTLIB:
         assert (tmp_path / "table.png").read_bytes()[:4] == PNG_MAGIC
     two_contexts = run_command(
-        [
-            "profile",
-            "--target",
-            str(target_dir),
-            "--dtype",
-            "float32",
-            "--batch-sizes",
-            "1",
-            "2",
-            "--context-length",
-            "4",
-            "8",
-            "--shape",
-            "Bx1",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--out",
-            str(tmp_path / "buckets.json"),
-        ]
+        profile + "--batch-sizes 1 2 --context-length 4 8 --shape Bx1".split() + ["--out", str(tmp_path / "buckets.json")]
     )
     assert two_contexts.context_lengths == [4, 8]
