@@ -300,7 +300,7 @@ def sample_pairs(target, draft, prompt, runs, params, concurrency=256, layout="p
     [
         (SamplingParams(max_new_tokens=4, do_sample=True), "packed", 256),
         (SamplingParams(max_new_tokens=4, do_sample=True, temperature=0.8, top_k=6, top_p=0.9), "packed", 256),
-        (SamplingParams(max_new_tokens=4, do_sample=True), "padded", 2),
+        (SamplingParams(max_new_tokens=4, do_sample=True), "padded", 8),
     ],
     ids=["plain", "warped", "padded"],
 )
