@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             **{k: v for k, v in vars(args).items() if k not in ("draft", "cost_table")},
             "draft": draft_name,
-            "cost_table": str(cost_table_path),
+            "cost_table": str(cost_table_path.resolve().relative_to(ROOT) if cost_table_path.resolve().is_relative_to(ROOT) else cost_table_path),
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "machine": platform.processor() or platform.machine(),
