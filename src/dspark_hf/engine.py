@@ -44,7 +44,14 @@ from transformers.utils import logging
 
 from .generation import DraftBlock, sample_block
 from .modeling_dspark import DSparkContextCache, DSparkDraftModel, select_target_features
-from .scheduling import CostTable, FullBlockPolicy, NoSpeculationPolicy, VerificationPolicy, make_policy
+from .scheduling import (
+    CostTable,
+    FullBlockPolicy,
+    NoSpeculationPolicy,
+    VerificationPolicy,
+    _synchronize,
+    make_policy,
+)
 from .stats import SpeculationStats
 
 logger = logging.get_logger(__name__)
@@ -489,8 +496,10 @@ def profile_draft_cost(
 
     def timed_pass(rows: int) -> float:
         cache, valid, anchors, positions, warper = inputs[rows]
+        _synchronize(device)
         start = time.perf_counter()
         draft_blocks(draft, cache, valid, anchors, positions, config.block_size, warper)
+        _synchronize(device)
         return time.perf_counter() - start
 
     for _ in range(warmup):
