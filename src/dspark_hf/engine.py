@@ -30,7 +30,6 @@ than `compact_threshold` of the width. Requests joining are prefilled in their o
 import dataclasses
 import itertools
 import math
-import statistics
 import threading
 import time
 from collections import deque
@@ -50,6 +49,7 @@ from .scheduling import (
     NoSpeculationPolicy,
     VerificationPolicy,
     _synchronize,
+    interleaved_median_times,
     make_policy,
 )
 from .stats import SpeculationStats
@@ -502,15 +502,7 @@ def profile_draft_cost(
         _synchronize(device)
         return time.perf_counter() - start
 
-    for _ in range(warmup):
-        for rows in sizes:
-            timed_pass(rows)
-    times: dict[int, list[float]] = {rows: [] for rows in sizes}
-    for repeat in range(repeats):
-        shift = repeat % len(sizes)
-        for rows in sizes[shift:] + sizes[:shift]:
-            times[rows].append(timed_pass(rows))
-    return sizes, [statistics.median(times[rows]) for rows in sizes]
+    return sizes, interleaved_median_times(sizes, timed_pass, repeats, warmup)
 
 
 class DSparkEngine:

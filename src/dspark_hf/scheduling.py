@@ -29,7 +29,7 @@ import statistics
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -299,15 +299,23 @@ def _profile_context(
         caches[size].crop(-inputs[size].shape[1])  # back to the prefilled context
         return elapsed
 
+    return [1.0 / seconds for seconds in interleaved_median_times(sizes, timed_forward, repeats, warmup)]
+
+
+def interleaved_median_times(
+    sizes: Sequence[int], timed: Callable[[int], float], repeats: int, warmup: int
+) -> list[float]:
+    """Median of `repeats` calls `timed(size)` per size, after `warmup` untimed rounds; every round visits all
+    sizes in a rotated order, so a slow phase of a shared machine hits every size alike."""
     for _ in range(warmup):
         for size in sizes:
-            timed_forward(size)
+            timed(size)
     times: dict[int, list[float]] = {size: [] for size in sizes}
     for repeat in range(repeats):
-        shift = repeat % len(sizes)  # rotate the order so slow phases of a shared machine hit every size
-        for size in sizes[shift:] + sizes[:shift]:
-            times[size].append(timed_forward(size))
-    return [1.0 / statistics.median(times[size]) for size in sizes]
+        shift = repeat % len(sizes)
+        for size in list(sizes[shift:]) + list(sizes[:shift]):
+            times[size].append(timed(size))
+    return [statistics.median(times[size]) for size in sizes]
 
 
 @torch.inference_mode()
