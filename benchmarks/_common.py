@@ -368,8 +368,8 @@ def verdict(met: bool | None) -> str:
     return "n/a" if met is None else ("met" if met else "**MISSED**")
 
 
-def report_header(title: str, report: dict) -> list[str]:
-    """Title, command, machine and drafts of a report, as markdown lines."""
+def report_header(title: str, report: dict, dtypes: str = f"target and drafts in {DTYPE}") -> list[str]:
+    """Title, command, machine and drafts of a report, as markdown lines (`dtypes` describes the models)."""
     env = report["environment"]
     lines = [
         f"# {title}",
@@ -377,7 +377,7 @@ def report_header(title: str, report: dict) -> list[str]:
         f"Command: `{report['command']}`",
         "",
         f"Machine: {env['machine']}, {env['cpu_count']} CPU cores, {env['torch_threads']} torch threads; "
-        f"torch {env['torch']}, transformers {env['transformers']}; target and drafts in {DTYPE}. "
+        f"torch {env['torch']}, transformers {env['transformers']}; {dtypes}. "
         f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in env['load_average_before'])}"
         + (
             f"; after: {', '.join(f'{v:.2f}' for v in env['load_average_after'])}"

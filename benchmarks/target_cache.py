@@ -10,14 +10,12 @@ Writes benchmarks/results/target_cache.{json,md}.
 """
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _common as common
 import torch
 
 from dspark_hf import DSparkDraftModel
@@ -29,8 +27,6 @@ from dspark_hf.training import (
     compute_dspark_loss,
     load_training_dataset,
 )
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def timed_step(draft, target, batch, seed: int, cached: bool) -> float:
@@ -51,6 +47,29 @@ def timed_step(draft, target, batch, seed: int, cached: bool) -> float:
     return time.perf_counter() - started
 
 
+def markdown(report: dict) -> str:
+    settings, median = report["settings"], report["median_step_s"]
+    tokens, build_s, size = report["tokens"], report["build_s"], report["bytes"]
+    lines = common.report_header(
+        "Offline target cache on SmolLM2-135M-Instruct (CPU)", report, "target in bfloat16, draft in float32"
+    ) + [
+        f"{settings['examples']} conversations ({tokens} tokens) of `{settings['data']}`; fresh γ=4 draft (1 layer, "
+        "Markov rank 128).",
+        "",
+        "| what | measured |",
+        "|---|---|",
+        f"| cache build | {build_s:.1f} s ({tokens / build_s:.0f} tokens/s) |",
+        f"| cache size | {size / 2**20:.1f} MiB ({size / tokens / 1024:.2f} KiB per token) |",
+        f"| training step, online (median of {settings['steps']}) | {median['online']:.2f} s |",
+        f"| training step, from the cache (median of {settings['steps']}) | {median['cached']:.2f} s |",
+        f"| cached / online | {report['cached_over_online']:.2f} |",
+        "",
+        "A step = `compute_dspark_loss` (batch 2, 32 anchors) + backward; both modes use the same batches and anchors,",
+        "interleaved in alternating order.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="runs/data/smollm2_train400", help="Tokenized data (dspark-hf prepare-data).")
@@ -58,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    env = common.setup(args)
     target, tokenizer = load_target("smollm2", dtype="bfloat16")
     dataset = load_training_dataset(args.data, tokenizer).select(range(args.examples))
     torch.manual_seed(0)
@@ -81,43 +100,17 @@ def main(argv: list[str] | None = None) -> int:
                 if step:
                     times[mode].append(elapsed)
     online, from_cache = (statistics.median(times[m]) for m in ("online", "cached"))
-    report = {
-        "command": "python benchmarks/target_cache.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "examples": args.examples,
-        "tokens": tokens,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "build_s": build_s,
-        "bytes": size,
-        "bytes_per_token": size / tokens,
-        "step_s": times,
-        "median_step_s": {"online": online, "cached": from_cache},
-        "cached_over_online": from_cache / online,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "target_cache.json").write_text(json.dumps(report, indent=2))
-    lines = [
-        "# Offline target cache on SmolLM2-135M-Instruct (CPU)",
-        "",
-        f"Command: `{report['command']}`",
-        "",
-        f"{args.examples} conversations ({tokens} tokens) of `{args.data}`; target bf16; fresh γ=4 draft (1 layer, "
-        f"Markov rank 128); {report['threads']} torch threads on {report['cpu_count']} cores.",
-        "",
-        "| what | measured |",
-        "|---|---|",
-        f"| cache build | {build_s:.1f} s ({tokens / build_s:.0f} tokens/s) |",
-        f"| cache size | {size / 2**20:.1f} MiB ({size / tokens / 1024:.2f} KiB per token) |",
-        f"| training step, online (median of {args.steps}) | {online:.2f} s |",
-        f"| training step, from the cache (median of {args.steps}) | {from_cache:.2f} s |",
-        f"| cached / online | {from_cache / online:.2f} |",
-        "",
-        "A step = `compute_dspark_loss` (batch 2, 32 anchors) + backward; both modes use the same batches and anchors,",
-        "interleaved in alternating order.",
-    ]
-    (RESULTS / "target_cache.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report = common.start_report("target_cache", __file__, argv, args, env)
+    report.update(
+        tokens=tokens,
+        build_s=build_s,
+        bytes=size,
+        bytes_per_token=size / tokens,
+        step_s=times,
+        median_step_s={"online": online, "cached": from_cache},
+        cached_over_online=from_cache / online,
+    )
+    common.write_results("target_cache", report, markdown)
     return 0
 
 

@@ -9,14 +9,14 @@ trainer's `train_steps_per_second` (model loading excluded). Writes benchmarks/r
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+import _common as common
+
+ROOT = common.ROOT
 CONFIGS = ROOT / "benchmarks" / "configs"
 # (config, from the target cache?)
 RUNS = (
@@ -70,6 +70,28 @@ def run(config: str, cached: bool, steps: int, threads: int) -> dict:
     }
 
 
+def markdown(report: dict) -> str:
+    settings = report["settings"]
+    lines = common.report_header(
+        "Training memory and step rate on SmolLM2-135M-Instruct (CPU)",
+        report,
+        "target in bfloat16, draft in float32 with AdamW",
+    ) + [
+        f"Each row is one `dspark-hf train` process ({settings['steps']} steps, {settings['threads']} torch threads); "
+        "peak RSS = VmHWM of the process, target and data included.",
+        "",
+        "| config | γ | head | anchors × batch | target | peak RSS (MiB) | steps/s |",
+        "|---|---:|---|---|---|---:|---:|",
+    ]
+    for row in report["runs"]:
+        lines.append(
+            f"| {row['config']} | {row['block_size']} | {row['markov_head_type']} | {row['num_anchors']} × "
+            f"{row['batch_size']} | {'cached' if row['target_cache'] else 'online'} | {row['peak_rss_mib']:.0f} | "
+            f"{row['steps_per_second']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -78,40 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     if not Path("/proc/self/status").exists():
         print("Skipping: peak memory is read from /proc (Linux only).", file=sys.stderr)
         return 0
-    load_before = os.getloadavg()
-    rows = []
+    report = common.start_report("train_memory", __file__, argv, args, common.setup(args))
+    report["runs"] = []
     for config, cached in RUNS:
-        rows.append(run(config, cached, args.steps, args.threads))
-        print(rows[-1], file=sys.stderr)
-    report = {
-        "command": "python benchmarks/train_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "load_average": {"before": load_before, "after": os.getloadavg()},
-        "runs": rows,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_memory.json").write_text(json.dumps(report, indent=2))
-    lines = [
-        "# Training memory and step rate on SmolLM2-135M-Instruct (CPU)",
-        "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Each row is one `dspark-hf train` process ({args.steps} steps, {args.threads} torch threads on "
-        f"{report['cpu_count']} cores, target bf16, draft fp32 with AdamW); peak RSS = VmHWM of the process, "
-        "target and data included.",
-        "",
-        "| config | γ | head | anchors × batch | target | peak RSS (MiB) | steps/s |",
-        "|---|---:|---|---|---|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['config']} | {row['block_size']} | {row['markov_head_type']} | {row['num_anchors']} × "
-            f"{row['batch_size']} | {'cached' if row['target_cache'] else 'online'} | {row['peak_rss_mib']:.0f} | "
-            f"{row['steps_per_second']:.2f} |"
-        )
-    (RESULTS / "train_memory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        report["runs"].append(run(config, cached, args.steps, args.threads))
+        print(report["runs"][-1], file=sys.stderr)
+    common.write_results("train_memory", report, markdown)
     return 0
 
 
