@@ -23,7 +23,7 @@ and the draft pass time d(R) of the draft being benchmarked (`dspark_hf.profile_
 
 Writes `engine_load.json`, `engine_load.md` and `engine_load.png` to `--output-dir` (default benchmarks/results).
 
-Usage: python benchmarks/engine_load.py --draft runs/draft [--concurrency 1 2 4 8 16 32] [--requests 64]
+Usage: python benchmarks/engine_load.py --draft runs/draft [--concurrency 1 2 4 8 16 32] [--requests 64] [--repeats 3]
 Smoke test: python benchmarks/engine_load.py --concurrency 1 2 --requests 2 --max-new-tokens 8 --output-dir /tmp/x
 """
 
@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--requests", type=int, help="Completed requests per (policy, R) (default 2·R, at least 8).")
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="Closed-loop runs per (policy, R); rows report the median of each measurement over the runs.",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=384, help="Skip longer prompts.")
     parser.add_argument("--prompts-per-domain", type=int, default=64)
@@ -177,9 +181,20 @@ def acceptance_checks(report: dict) -> list[dict]:
         ratio = prefix[top]["aggregate_tokens_per_s"] / full[0]["aggregate_tokens_per_s"]
         checks.append({"check": f"R={top}: prefix > full block", "value": ratio, "passed": ratio > 1.0})
     budgets = [prefix[c]["mean_verification_budget"] for c in sorted(prefix)]
-    checks.append({"check": "prefix budget ℓ non-increasing in R", "value": budgets,
-                   "passed": all(b <= a + 1e-9 for a, b in zip(budgets, budgets[1:], strict=False))})
+    checks.append({"check": "prefix budget ℓ non-increasing in R and lower at the highest R than at the lowest",
+                   "value": budgets,
+                   "passed": all(b <= a + 1e-9 for a, b in zip(budgets, budgets[1:], strict=False))
+                   and budgets[-1] < budgets[0]})
     return checks
+
+
+def median_row(runs: list[dict]) -> dict:
+    """One row per (policy, R): the median of every numeric measurement over repeated runs, the runs kept."""
+    row = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    row["concurrency"] = runs[0]["concurrency"]
+    if len(runs) > 1:
+        row["runs"] = runs
+    return row
 
 
 def markdown(report: dict) -> str:
@@ -195,6 +210,8 @@ def markdown(report: dict) -> str:
         "Closed loop: R users each keep one request in flight. Per-user tok/s = tokens / (finish − arrival), "
         "decode = (tokens − 1) / (finish − first token), both averaged over requests; budget = drafted tokens "
         "verified per request and round.",
+        f"Every row is the median over {config.get('repeats', 1)} closed-loop run(s) of that policy at that R; "
+        "the runs of all policies at one R alternate (order rotated each repeat).",
         "",
         "| policy | R | requests | aggregate tok/s | per-user tok/s | per-user decode tok/s | budget ℓ | τ "
         "| tokens / forward | drafted rounds |",
@@ -306,15 +323,23 @@ def main(argv: list[str] | None = None) -> int:
         report["results"][policy] = []
     for concurrency in args.concurrency:
         num_requests = args.requests or max(2 * concurrency, 8)
-        for policy, engine in engines.items():
-            row = closed_loop(engine, prompts, concurrency, num_requests, params)
-            report["results"][policy].append(row)
-            print(
-                f"{policy:>12} R={concurrency:<3} {row['aggregate_tokens_per_s']:7.1f} tok/s total, "
-                f"{row['per_user_tokens_per_s']:6.2f} tok/s/user, budget {row['mean_verification_budget']:.2f}, "
-                f"τ {row['tau']:.2f}, drafted {row['drafted_round_fraction']:.0%}",
-                file=sys.stderr,
-            )
+        runs = {policy: [] for policy in engines}
+        for repeat in range(args.repeats):
+            # Rotate the policy order every repeat so no policy always runs first (or last) in a slow phase.
+            shift = repeat % len(engines)
+            order = list(engines)[shift:] + list(engines)[:shift]
+            for policy in order:
+                row = closed_loop(engines[policy], prompts, concurrency, num_requests, params)
+                runs[policy].append(row)
+                print(
+                    f"{policy:>12} R={concurrency:<3} run {repeat + 1}/{args.repeats} "
+                    f"{row['aggregate_tokens_per_s']:7.1f} tok/s total, {row['per_user_tokens_per_s']:6.2f} tok/s/user, "
+                    f"budget {row['mean_verification_budget']:.2f}, τ {row['tau']:.2f}, "
+                    f"drafted {row['drafted_round_fraction']:.0%}",
+                    file=sys.stderr,
+                )
+        for policy, policy_runs in runs.items():
+            report["results"][policy].append(median_row(policy_runs))
     report["config"]["load_average_after"] = os.getloadavg()
     report["checks"] = acceptance_checks(report)
     out = Path(args.output_dir)
