@@ -118,6 +118,10 @@ def test_load_prompts_filters_and_dedups(tmp_path):
     prompts = load_prompts(path)
     assert [p["turns"] for p in prompts] == [["a"], ["b"], ["c", "d"]]
     assert [p["turns"] for p in load_prompts(path, categories=["chat"], limit=1)] == [["b"]]
+    # Disjoint slices of one shuffled order (parallel generation workers), counted after deduplication.
+    order = [p["id"] for p in load_prompts(path, shuffle=True, seed=3)]
+    slices = [load_prompts(path, shuffle=True, seed=3, offset=k, limit=2) for k in (0, 2)]
+    assert [p["id"] for s in slices for p in s] == order and [len(s) for s in slices] == [2, 1]
     import datasets
 
     assert len(load_prompts(datasets.Dataset.from_list([{"prompt": "x"}, {"prompt": "y"}]))) == 2

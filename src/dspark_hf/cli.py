@@ -261,6 +261,10 @@ def _add_prepare_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--responses", help="Conversations JSONL (default: <output>.responses.jsonl); resumable."
     )
     parser.add_argument("--num-prompts", type=int, help="Use at most this many prompts.")
+    parser.add_argument(
+        "--skip-prompts", type=int, default=0,
+        help="Leave out the first N prompts (after --shuffle): parallel workers take disjoint slices of one order.",
+    )
     parser.add_argument("--categories", help="Comma-separated `category` values to keep.")
     parser.add_argument(
         "--shuffle", action="store_true", help="Shuffle prompts (with --seed) before --num-prompts."
@@ -292,6 +296,7 @@ def _run_prepare_data(args: argparse.Namespace):
     prompts = load_prompts(
         args.prompts,
         limit=args.num_prompts,
+        offset=args.skip_prompts,
         categories=_csv(args.categories),
         shuffle=args.shuffle,
         seed=args.seed,

@@ -121,6 +121,7 @@ def load_prompts(
     source: Any,
     *,
     limit: int | None = None,
+    offset: int = 0,
     categories: Iterable[str] | None = None,
     shuffle: bool = False,
     seed: int = 0,
@@ -132,6 +133,8 @@ def load_prompts(
         categories: keep rows whose `category` is one of these.
         shuffle: shuffle (with `seed`) before taking `limit`; mixes categories of a sorted file.
         limit: keep at most this many prompts.
+        offset: first leave out this many prompts (counted like `limit`, after shuffling): processes given
+            `offset=0, limit=n`, `offset=n, limit=n`, … work on disjoint slices of one shuffled order.
         exclude: prompts to leave out: a set of prompt ids, or any source this function reads (e.g. the
             `.responses.jsonl` a draft was trained on), so that calibration or evaluation prompts are held out.
     """
@@ -163,9 +166,9 @@ def load_prompts(
             continue
         seen.add(prompt["id"])
         prompts.append(prompt)
-        if limit is not None and len(prompts) >= limit:
+        if limit is not None and len(prompts) >= offset + limit:
             break
-    return prompts
+    return prompts[offset:]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
