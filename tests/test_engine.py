@@ -18,7 +18,7 @@ from transformers.generation.logits_process import (
 
 import dspark_hf.engine as engine_module
 from dspark_hf import DSparkDraftModel
-from dspark_hf.engine import DSparkEngine, SamplingParams, warp_logits
+from dspark_hf.engine import DSparkEngine, SamplingParams, draw_tokens, warp_logits
 from dspark_hf.scheduling import (
     CostTable,
     GlobalSearchPolicy,
@@ -339,6 +339,18 @@ def test_biased_drafting_is_detected(sampling_setup, monkeypatch):
     tv = 0.5 * (empirical - exact).abs().sum().item()
     assert tv > tv_bound(exact, runs), (tv, tv_bound(exact, runs))
 
+
+def test_draw_tokens_takes_the_argmax_of_greedy_rows_and_samples_the_others():
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.0, 0.0, 1.0]])
+    greedy = torch.tensor([True, False, True])
+    torch.manual_seed(0)
+    draws = torch.stack([draw_tokens(probs, greedy) for _ in range(400)])
+    assert (draws[:, 0] == 1).all() and (draws[:, 2] == 2).all()
+    counts = torch.bincount(draws[:, 1], minlength=3)
+    assert counts[1] == 0 and 150 < counts[0] < 250  # Binomial(400, 0.5): 5 standard deviations is ±50
+    state = torch.get_rng_state()
+    assert draw_tokens(probs[[0, 2]], greedy[[0, 2]]).tolist() == [1, 2]
+    assert torch.equal(state, torch.get_rng_state())  # all-greedy rows draw no random numbers
 
 def test_warp_logits_matches_transformers_warpers():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))

@@ -287,9 +287,28 @@ class RequestSamplingWarper(LogitsProcessor):
         params = (t.unsqueeze(-1) for t in (self.greedy, self.temperature, self.top_k, self.top_p))
         return torch.softmax(warp_logits(logits, *params), dim=-1)
 
+    @property
+    def all_greedy(self) -> bool:
+        return bool(self.greedy.all())
+
+
+def draw_tokens(probs: torch.Tensor, greedy: torch.BoolTensor | None = None) -> torch.LongTensor:
+    """One token per row of `(R, V)` probabilities. Rows flagged in `greedy` `(R,)` hold one-hot distributions and
+    take their argmax: the token a multinomial draw would return, without drawing V random numbers."""
+    if greedy is None:
+        return torch.multinomial(probs, num_samples=1).squeeze(-1)
+    tokens = probs.argmax(dim=-1)
+    sampling = ~greedy
+    if bool(sampling.any()):
+        tokens[sampling] = torch.multinomial(probs[sampling], num_samples=1).squeeze(-1)
+    return tokens
+
 
 def speculative_accept(
-    target_probs: torch.Tensor, block: DraftBlock | None, lengths: torch.LongTensor
+    target_probs: torch.Tensor,
+    block: DraftBlock | None,
+    lengths: torch.LongTensor,
+    greedy: torch.BoolTensor | None = None,
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """Standard speculative sampling, one row per request.
 
@@ -297,6 +316,7 @@ def speculative_accept(
         target_probs: `(R, Q, V)` target distributions p after the anchor and after each drafted token.
         block: drafted tokens `(R, n)` with the logits they were sampled from, or None when nothing was drafted.
         lengths: `(R,)` verification lengths ℓ_r ≤ min(n, Q − 1).
+        greedy: `(R,)` rows decoded greedily (one-hot p and q): their next token is an argmax, not a draw.
 
     Returns:
         `accepted (R,)`, the number m_r of leading drafted tokens kept, and `next_tokens (R,)`: a draw from
@@ -321,7 +341,7 @@ def speculative_accept(
         next_probs = torch.where(use_residual.unsqueeze(-1), residual, p_next)
     else:
         next_probs = target_probs[rows, accepted]
-    return accepted, torch.multinomial(next_probs, num_samples=1).squeeze(-1)
+    return accepted, draw_tokens(next_probs, greedy)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -453,7 +473,11 @@ def draft_blocks(
     hidden = draft(
         block_ids, block_positions, attention_mask=attention_mask, cache=draft_cache, compute_logits=False
     ).hidden_states
-    return sample_block(draft, hidden[:, :budget], anchors, logits_processor=LogitsProcessorList([warper]), do_sample=True)
+    # Greedy rows' warped logits are one-hot, so when every row is greedy the argmax is the token a draw would give.
+    return sample_block(
+        draft, hidden[:, :budget], anchors, logits_processor=LogitsProcessorList([warper]),
+        do_sample=not warper.all_greedy,
+    )
 
 
 @torch.inference_mode()
@@ -784,7 +808,7 @@ class DSparkEngine:
             features = select_target_features(out.hidden_states, self.draft.config.target_layer_ids)
             self.draft.extend_context(draft_cache, features.to(self.draft.device), position_ids)
         warper = RequestSamplingWarper([r.params for r in joining], device)
-        first = torch.multinomial(warper.probabilities(out.logits[:, -1:])[:, 0], num_samples=1).squeeze(-1)
+        first = draw_tokens(warper.probabilities(out.logits[:, -1:])[:, 0], warper.greedy)
         kv = _RaggedKV(cache, draft_cache, valid)
         if self._kv is None:
             self._kv = kv
@@ -838,7 +862,7 @@ class DSparkEngine:
             use_cache=True,
             **self._hidden_kwargs,
         )
-        accepted, next_tokens = speculative_accept(warper.probabilities(out.logits), block, lengths_t)
+        accepted, next_tokens = speculative_accept(warper.probabilities(out.logits), block, lengths_t, warper.greedy)
         kv.valid = torch.cat([kv.valid, offsets <= accepted.unsqueeze(-1)], dim=1)
         if self.speculative:  # features of the anchor and the accepted tokens; the rest are holes
             features = select_target_features(out.hidden_states, self.draft.config.target_layer_ids)
