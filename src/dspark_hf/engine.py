@@ -997,6 +997,7 @@ __all__ = [
     "EngineStats",
     "RequestSamplingWarper",
     "SamplingParams",
+    "draw_tokens",
     "speculative_accept",
     "warp_logits",
 ]
