@@ -4,7 +4,8 @@
 measured with `target.generate(assistant_model=draft)` through `dspark_hf.evaluation` (whole blocks verified; the
 plain and prompt-lookup baselines are skipped here, see speedup.py). The macro-average is the unweighted mean over
 datasets. When a DSpark draft (sequential head "markov"/"rnn") and a DFlash draft (head "none") of the same γ are
-given, the ratio of their macro τ is checked against the target ≥ 1.15×. Per-position acceptance counts of every
+given, the ratio of their macro τ is checked against the target ≥ 1.15× (every such pair, or only the
+`--pairs DSPARK:DFLASH` given, e.g. drafts trained on the same data). Per-position acceptance counts of every
 dataset are saved in the JSON for acceptance_curves.py and block_size_sweep.py.
 
 Writes benchmarks/results/<output-name>.{json,md,png} (default tau_table). Full run:
@@ -32,14 +33,17 @@ def measure(target, tokenizer, drafts: dict, prompts: dict, args) -> dict:
 
 
 def dspark_dflash_ratios(report: dict) -> list[dict]:
-    """Macro τ of every DSpark draft over every DFlash draft of the same γ, per mode."""
+    """Macro τ of every DSpark draft over every DFlash draft of the same γ (or of the `pairs` setting), per mode."""
     drafts, rows = report["drafts"], []
+    pairs = report["settings"].get("pairs")
+    wanted = None if not pairs else {tuple(pair.split(":", 1)) for pair in pairs}
     for dspark, info in drafts.items():
         for dflash, other in drafts.items():
             if (
                 info["kind"] != "DSpark"
                 or other["kind"] != "DFlash"
                 or info["block_size"] != other["block_size"]
+                or (wanted is not None and (dspark, dflash) not in wanted)
             ):
                 continue
             for mode in report["settings"]["modes"]:
@@ -144,7 +148,12 @@ def plot(report: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepared = common.prepare(common.decoding_parser(__doc__, "tau_table"), __file__, argv)
+    parser = common.decoding_parser(__doc__, "tau_table")
+    parser.add_argument(
+        "--pairs", nargs="+", metavar="DSPARK:DFLASH",
+        help="DSpark/DFlash draft labels to compare (default: every pair of the same γ).",
+    )
+    prepared = common.prepare(parser, __file__, argv)
     if prepared is None:
         return 0
     args, target, tokenizer, drafts, report = prepared
