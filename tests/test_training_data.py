@@ -122,6 +122,8 @@ def test_load_prompts_filters_and_dedups(tmp_path):
     order = [p["id"] for p in load_prompts(path, shuffle=True, seed=3)]
     slices = [load_prompts(path, shuffle=True, seed=3, offset=k, limit=2) for k in (0, 2)]
     assert [p["id"] for s in slices for p in s] == order and [len(s) for s in slices] == [2, 1]
+    with pytest.raises(ValueError, match="offset"):
+        load_prompts(path, offset=-1)
     import datasets
 
     assert len(load_prompts(datasets.Dataset.from_list([{"prompt": "x"}, {"prompt": "y"}]))) == 2

@@ -138,6 +138,8 @@ def load_prompts(
         exclude: prompts to leave out: a set of prompt ids, or any source this function reads (e.g. the
             `.responses.jsonl` a draft was trained on), so that calibration or evaluation prompts are held out.
     """
+    if offset < 0:
+        raise ValueError(f"offset (--skip-prompts) must be 0 or more, got {offset}: it counts prompts to leave out.")
     skip: set[str] = set()
     if exclude is not None:
         if isinstance(exclude, (set, frozenset)):
