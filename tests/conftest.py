@@ -1,5 +1,7 @@
 """Tiny random targets built from configs (nothing is downloaded)."""
 
+import math
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -98,6 +100,16 @@ def exact_two_token_distribution(target, prompt, warp=None):
             seqs = torch.cat([seq.expand(vocab, -1), torch.arange(vocab).unsqueeze(1)], dim=1)
             joint += p1[t1] * probs(seq)[0].unsqueeze(1) * probs(seqs)
     return joint
+
+
+def tv_bound(exact: torch.Tensor, n: int, delta: float = 1e-6) -> float:
+    """A bound that the TV distance of n i.i.d. samples from `exact` exceeds with probability < delta.
+
+    E[TV] = ½ Σ E|p̂_i − p_i| ≤ ½ Σ √(p_i(1 − p_i)/n); one sample moves TV by at most 1/n, so by McDiarmid
+    P(TV ≥ E[TV] + t) ≤ exp(−2nt²), t = √(ln(1/δ)/(2n)).
+    """
+    mean_bound = 0.5 * (exact * (1 - exact) / n).sqrt().sum().item()
+    return mean_bound + math.sqrt(math.log(1 / delta) / (2 * n))
 
 
 def smollm2_available() -> bool:

@@ -1,10 +1,10 @@
 """DSparkEngine: lossless batched speculative decoding under continuous batching."""
 
-import math
+import copy
 
 import pytest
 import torch
-from conftest import briefly_train, exact_two_token_distribution, make_target
+from conftest import briefly_train, exact_two_token_distribution, make_target, tv_bound
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -256,16 +256,6 @@ def test_drafting_is_skipped_when_it_cannot_pay(targets, drafts):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def tv_bound(exact: torch.Tensor, n: int, delta: float = 1e-6) -> float:
-    """A bound that the TV distance of n i.i.d. samples from `exact` exceeds with probability < delta.
-
-    E[TV] = ½ Σ E|p̂_i − p_i| ≤ ½ Σ √(p_i(1 − p_i)/n); one sample moves TV by at most 1/n, so by McDiarmid
-    P(TV ≥ E[TV] + t) ≤ exp(−2nt²), t = √(ln(1/δ)/(2n)).
-    """
-    mean_bound = 0.5 * (exact * (1 - exact) / n).sqrt().sum().item()
-    return mean_bound + math.sqrt(math.log(1 / delta) / (2 * n))
-
-
 @pytest.fixture(scope="module")
 def sampling_setup():
     target = make_target("llama", vocab_size=8, hidden_size=32, num_layers=3, seed=3)
@@ -296,20 +286,24 @@ def sample_pairs(target, draft, prompt, runs, params, concurrency=256, layout="p
 
 
 @pytest.mark.parametrize(
-    ("params", "layout", "concurrency"),
+    ("params", "layout", "concurrency", "draft_vocabulary"),
     [
-        (SamplingParams(max_new_tokens=4, do_sample=True), "packed", 256),
-        (SamplingParams(max_new_tokens=4, do_sample=True, temperature=0.8, top_k=6, top_p=0.9), "packed", 256),
-        (SamplingParams(max_new_tokens=4, do_sample=True), "padded", 8),
+        (SamplingParams(max_new_tokens=4, do_sample=True), "packed", 256, None),
+        (SamplingParams(max_new_tokens=4, do_sample=True, temperature=0.8, top_k=6, top_p=0.9), "packed", 256, None),
+        (SamplingParams(max_new_tokens=4, do_sample=True), "padded", 8, None),
+        (SamplingParams(max_new_tokens=4, do_sample=True), "packed", 256, [0, 2, 3, 5, 6]),
     ],
-    ids=["plain", "warped", "padded"],
+    ids=["plain", "warped", "padded", "draft_vocab"],
 )
-def test_sampling_matches_target_distribution(sampling_setup, params, layout, concurrency):
+def test_sampling_matches_target_distribution(sampling_setup, params, layout, concurrency, draft_vocabulary):
     """20k requests: TV(empirical, exact) of (t2, t3) stays within the bound derived from the sample size.
 
     t1 comes from the prefill, t2 (and t3 when accepted) from the first speculative round, verified by Algorithm 1.
+    With a draft vocabulary, tokens 1, 4 and 7 are never drafted and reach the output only through the residual.
     """
     target, draft, prompt = sampling_setup
+    if draft_vocabulary is not None:
+        draft = copy.deepcopy(draft).set_draft_vocabulary(draft_vocabulary).attach(target)
     greedy = torch.tensor(False)
     warp = lambda logits: warp_logits(  # noqa: E731
         logits, greedy, torch.tensor(params.temperature), torch.tensor(params.top_k), torch.tensor(params.top_p)

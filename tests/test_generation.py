@@ -1,8 +1,10 @@
 """Lossless DSpark drafting inside target.generate(assistant_model=draft)."""
 
+import copy
+
 import pytest
 import torch
-from conftest import briefly_train, exact_two_token_distribution, make_target
+from conftest import briefly_train, exact_two_token_distribution, make_target, tv_bound
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
@@ -67,18 +69,21 @@ def make_policy(name, block_size):
     policy=st.sampled_from([None, "threshold", "scheduler"]),
     prompt=st.lists(st.integers(0, VOCAB - 2), min_size=1, max_size=12),
     max_new_tokens=st.integers(1, 40),
+    draft_vocabulary=st.sampled_from([None, list(range(0, VOCAB, 2))]),
 )
 def test_greedy_output_identical_to_plain_generate(
-    targets, trained_drafts, family, head, block_size, trained, policy, prompt, max_new_tokens
+    targets, trained_drafts, family, head, block_size, trained, policy, prompt, max_new_tokens, draft_vocabulary
 ):
     target = targets[family]
     draft = trained_drafts[(family, head)] if trained else new_draft(target, head, block_size)
     draft.config.block_size = block_size
     draft.verification_policy = make_policy(policy, block_size)
+    draft.set_draft_vocabulary(draft_vocabulary)
     try:
         reference, speculative = greedy_pair(target, draft, torch.tensor([prompt]), max_new_tokens=max_new_tokens)
     finally:
         draft.config.block_size, draft.verification_policy = 16 if trained else block_size, None
+        draft.set_draft_vocabulary(None)
     assert torch.equal(reference, speculative)
     stats = draft.last_generate_stats
     generated = reference.shape[1] - len(prompt)
@@ -212,6 +217,27 @@ def test_sample_block_draws_from_returned_logits():
     assert ((counts - expected).abs() / expected.clamp(min=1).sqrt()).max() < 5
 
 
+def test_sample_block_with_draft_vocabulary_keeps_its_tokens_logits():
+    """Drafting within a draft vocabulary: its tokens keep their full-vocabulary logits, the others get −inf."""
+    target = make_target("llama", vocab_size=16, hidden_size=32, num_layers=3)
+    for head in HEADS:
+        draft = new_draft(target, head=head, block_size=3)
+        if draft.markov_head is not None:
+            torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=1.0)
+        vocabulary = torch.tensor([0, 3, 4, 9, 14])
+        draft.set_draft_vocabulary(vocabulary)
+        hidden, anchors = torch.randn(200, 3, 32), torch.randint(0, 16, (200,))
+        block = sample_block(draft, hidden, anchors, do_sample=True)
+        assert torch.isin(block.tokens, vocabulary).all()
+        prev = torch.cat([anchors[:, None], block.tokens[:, :-1]], dim=1)  # teacher-force the drawn tokens
+        with torch.no_grad():
+            full = draft.sequential_logits(draft.compute_logits(hidden), hidden, prev).float()
+        torch.testing.assert_close(block.logits[..., vocabulary], full[..., vocabulary])
+        outside = torch.ones(16, dtype=torch.bool)
+        outside[vocabulary] = False
+        assert torch.isneginf(block.logits[..., outside]).all()
+
+
 def _empirical_two_token_distribution(target, draft, prompt, runs):
     vocab = target.config.vocab_size
     counts = torch.zeros(vocab, vocab, dtype=torch.float64)
@@ -253,6 +279,18 @@ def test_sampling_matches_target_distribution(sampling_setup):
     assert draft.last_generate_stats.num_rounds >= 1
     tv = 0.5 * (empirical - exact).abs().sum().item()
     assert tv < 0.035, tv
+
+
+def test_sampling_with_a_draft_vocabulary_matches_target_distribution(sampling_setup):
+    """4k sampled generations with tokens 1, 4 and 7 never drafted (they come only from the residual): TV of
+    (t2, t3) stays within the McDiarmid bound for that sample size."""
+    target, draft, prompt, exact = sampling_setup
+    restricted = copy.deepcopy(draft).set_draft_vocabulary([0, 2, 3, 5, 6])
+    torch.manual_seed(1)
+    empirical = _empirical_two_token_distribution(target, restricted, prompt, runs=4_000)
+    assert restricted.last_generate_stats.num_rounds >= 1
+    tv = 0.5 * (empirical - exact).abs().sum().item()
+    assert tv < tv_bound(exact, 4_000), (tv, tv_bound(exact, 4_000))
 
 
 def test_biased_drafting_is_detected(sampling_setup, monkeypatch):

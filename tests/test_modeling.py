@@ -171,6 +171,41 @@ def test_save_load_bit_exact(tmp_path, llama_target, head, layout):
     assert torch.equal(run_blocks(draft, features, ids, [5]).logits, run_blocks(loaded, features, ids, [5]).logits)
 
 
+@pytest.mark.parametrize("layout", ["hf", "deepspec"])
+def test_draft_vocabulary_round_trips(tmp_path, llama_target, layout):
+    draft = make_draft(llama_target).set_draft_vocabulary([40, 3, 7, 3, 0])  # kept sorted, without repeats
+    assert draft.draft_vocab_ids.tolist() == [0, 3, 7, 40] and draft.config.draft_vocab_size == 4
+    draft.save_pretrained(tmp_path / "restricted", layout=layout)
+    loaded = DSparkDraftModel.from_pretrained(tmp_path / "restricted", target_model=llama_target)
+    assert loaded.draft_vocab_ids.tolist() == [0, 3, 7, 40] and loaded.config.draft_vocab_size == 4
+    assert "draft vocabulary: 4 of 96 tokens" in (tmp_path / "restricted" / "README.md").read_text()
+    if layout == "deepspec":  # the reference state dict keeps only tensors vLLM/SGLang know; the ids go to config
+        with safe_open(tmp_path / "restricted" / "model.safetensors", "pt") as f:
+            assert "draft_vocab_ids" not in set(f.keys())
+    loaded.set_draft_vocabulary(None).save_pretrained(tmp_path / "whole", layout=layout)
+    reloaded = DSparkDraftModel.from_pretrained(tmp_path / "whole", target_model=llama_target)
+    assert reloaded.draft_vocab_ids is None and reloaded.config.draft_vocab_size is None
+
+
+@pytest.mark.parametrize("token_ids", [[], [3, VOCAB], [-1, 2]])
+def test_bad_draft_vocabulary_raises_clear_error(llama_target, token_ids):
+    with pytest.raises(ValueError, match=f"all in \\[0, {VOCAB}\\)"):
+        make_draft(llama_target).set_draft_vocabulary(token_ids)
+
+
+def test_draft_vocabulary_rows_follow_weight_updates(llama_target):
+    draft = make_draft(llama_target).set_draft_vocabulary([1, 5, 9])
+    weight = draft.markov_head.markov_w2.weight
+    with torch.no_grad():
+        rows = draft.draft_vocabulary_rows(weight)
+        assert torch.equal(rows, weight[[1, 5, 9]]) and draft.draft_vocabulary_rows(weight) is rows  # cached
+        weight.add_(1.0)  # an in-place update (an optimizer step) invalidates the copy
+        assert torch.equal(draft.draft_vocabulary_rows(weight), weight[[1, 5, 9]])
+        draft.set_draft_vocabulary([2, 5])
+        assert torch.equal(draft.draft_vocabulary_rows(weight), weight[[2, 5]])
+    assert draft.draft_vocabulary_rows(weight).requires_grad  # with gradients: a differentiable slice, not cached
+
+
 def test_hf_layout_stores_no_target_weights(tmp_path, llama_target):
     make_draft(llama_target).save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
@@ -289,6 +324,8 @@ def test_mask_token_prefers_unused_special_token(llama_target):
         ({"num_attention_heads": 4, "num_key_value_heads": 3}, "multiple"),
         ({"tv_loss_weight": -1.0}, "tv_loss_weight"),
         ({"loss_position_decay": 0.0}, "loss_position_decay"),
+        ({"draft_vocab_size": 0}, "draft_vocab_size"),
+        ({"draft_vocab_size": VOCAB + 1}, "draft_vocab_size"),
     ],
 )
 def test_bad_config_raises_clear_error(overrides, message):

@@ -12,6 +12,7 @@ from dspark_hf.training import (
     build_training_dataset,
     conversation_features,
     default_sampling_settings,
+    frequent_token_ids,
     load_prompts,
     normalize_prompt,
     read_jsonl,
@@ -242,6 +243,45 @@ def test_cli_prepare_data(tmp_path, target, tokenizer):
     )
     assert len(datasets.load_from_disk(str(tmp_path / "out"))) == 3
     assert len(read_jsonl(tmp_path / "out.responses.jsonl")) == 3
+
+
+def _answers_dataset():
+    import datasets
+
+    # Assistant tokens (mask 1): 5 ×4, 9 ×2, 7 ×2, 3 ×1, 6 ×1; the prompt tokens 1, 2 and 8 are not counted.
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": [[1, 2, 5, 5, 9, 6], [8, 8, 8, 5, 7, 9], [2, 5, 7, 3]],
+            "loss_mask": [[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 1, 1, 1]],
+        }
+    )
+
+
+def test_frequent_token_ids_counts_answer_tokens_only():
+    dataset = _answers_dataset()
+    assert frequent_token_ids(dataset, 3) == ([5, 7, 9], 8 / 10)  # 7 and 9 tie: lower id first
+    assert frequent_token_ids(dataset, 3, always_include=[6]) == ([6, 5, 7], 7 / 10)
+    assert frequent_token_ids(dataset, 50) == ([5, 7, 9, 3, 6], 1.0)  # fewer distinct tokens than asked
+    with pytest.raises(ValueError, match="always_include"):
+        frequent_token_ids(dataset, 1, always_include=[6, 7])
+    with pytest.raises(ValueError, match="loss_mask"):
+        frequent_token_ids(dataset.remove_columns("loss_mask"), 3)
+
+
+def test_cli_draft_vocab(tmp_path, target):
+    from dspark_hf import DSparkDraftModel
+    from dspark_hf.cli import run_command
+
+    draft = DSparkDraftModel.from_target(target, block_size=3, markov_rank=4, mask_token_id=VOCAB - 1)
+    draft.save_pretrained(tmp_path / "draft")
+    _answers_dataset().save_to_disk(str(tmp_path / "data"))
+    token_ids, coverage = run_command(
+        ["draft-vocab", "--draft", str(tmp_path / "draft"), "--data", str(tmp_path / "data"), "--size", "3",
+         "--out", str(tmp_path / "restricted")]
+    )
+    assert token_ids == [6, 5, 7] and coverage == 7 / 10  # the target's EOS (6) is always kept
+    loaded = DSparkDraftModel.from_pretrained(tmp_path / "restricted")
+    assert loaded.draft_vocab_ids.tolist() == [5, 6, 7]
 
 
 # -- collator and anchors --------------------------------------------------------------------------------------------

@@ -40,6 +40,11 @@ class DSparkDraftConfig(PreTrainedConfig):
         calibration_biases (`list[float]`, *optional*): One bias per block position, added after the temperature:
             c_k = σ(z_k / T_k + b_k). Fitted by `dspark_hf.calibration` with `method="sts_bias"` (an extension
             beyond the paper's STS); None means no bias.
+        draft_vocab_size (`int`, *optional*): Size of the draft vocabulary: drafting samples only among these
+            `draft_vocab_size` token ids (stored in the checkpoint as the buffer `draft_vocab_ids`), so the LM head
+            and the sequential head compute that many logits instead of `vocab_size`. Verification is unchanged and
+            stays lossless (tokens outside it simply get draft probability 0). Set it with
+            [`DSparkDraftModel.set_draft_vocabulary`]; None drafts over the whole vocabulary.
         embedding_scale (`float`): Factor applied to token embeddings (√hidden for Gemma-family targets).
         final_logit_softcapping (`float`, *optional*): Logit soft-capping of the target, applied to draft logits.
         ce_loss_weight, tv_loss_weight, confidence_loss_weight (`float`): Weights α_ce, α_tv, α_conf of the
@@ -72,6 +77,7 @@ class DSparkDraftConfig(PreTrainedConfig):
     confidence_head: bool = True
     calibration_temperatures: list[float] | None = None
     calibration_biases: list[float] | None = None
+    draft_vocab_size: int | None = None
     embedding_scale: float = 1.0
     final_logit_softcapping: float | None = None
     ce_loss_weight: float = 0.1
@@ -158,6 +164,15 @@ class DSparkDraftConfig(PreTrainedConfig):
                 raise ValueError(
                     f"calibration_biases must all be finite, got {self.calibration_biases}; refit them or set None."
                 )
+        if self.draft_vocab_size is not None and (
+            not isinstance(self.draft_vocab_size, int)
+            or isinstance(self.draft_vocab_size, bool)
+            or not 1 <= self.draft_vocab_size <= self.vocab_size
+        ):
+            raise ValueError(
+                f"draft_vocab_size must be an integer in [1, vocab_size={self.vocab_size}] or None (whole vocabulary), "
+                f"got {self.draft_vocab_size!r}."
+            )
         for name in ("ce_loss_weight", "tv_loss_weight", "confidence_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")

@@ -47,6 +47,9 @@ def sample_block(
 ) -> DraftBlock:
     """Samples a block left to right: p_k = softmax(process(U_k + B_k(prefix))) (paper eq. 4).
 
+    A draft with a draft vocabulary (`draft.set_draft_vocabulary`) samples among its tokens only: the returned
+    logits are −inf elsewhere, so they still are exactly the distributions the tokens were drawn from.
+
     Args:
         hidden_states: `(batch, n, d)` backbone states of the first n block positions.
         anchor_ids: `(batch,)` anchor tokens x_0.
@@ -55,15 +58,21 @@ def sample_block(
             that every drafted token is sampled from exactly the distribution returned in `DraftBlock.logits`.
         do_sample: sample (True) or take the argmax (False).
     """
-    base_logits = draft.compute_logits(hidden_states).float()
+    # With a draft vocabulary, logits are computed for its tokens only and the rest of the vocabulary gets −inf.
+    vocab_ids = draft.draft_vocab_ids
+    base_logits = draft.compute_logits(hidden_states, draft_vocabulary=True).float()
     head = draft.markov_head
+    head_weight = None if head is None or vocab_ids is None else draft.draft_vocabulary_rows(head.markov_w2.weight)
     prev, state = anchor_ids, None
     tokens, logits, confidence_logits = [], [], []
     for k in range(hidden_states.shape[1]):
         step_logits = base_logits[:, k]
         if head is not None:
-            bias, state = head.step(prev, hidden_states[:, k], state)
+            bias, state = head.step(prev, hidden_states[:, k], state, output_weight=head_weight)
             step_logits = step_logits + bias.float()
+        if vocab_ids is not None:
+            full = step_logits.new_full((step_logits.shape[0], draft.config.vocab_size), float("-inf"))
+            step_logits = full.index_copy_(1, vocab_ids, step_logits)
         if draft.confidence_head is not None:
             confidence_logits.append(draft.confidence_head(hidden_states[:, k], draft.previous_token_features(prev)))
         if logits_processor:

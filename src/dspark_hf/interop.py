@@ -35,6 +35,9 @@ _EXTRA_FIELDS = (
     "confidence_loss_weight",
     "loss_position_decay",
 )
+# The draft vocabulary (`DSparkDraftModel.set_draft_vocabulary`) travels as a token-id list under _EXTRA_KEY, so the
+# reference state dict holds only tensors that vLLM and SGLang know.
+_VOCABULARY_KEY = "draft_vocab_ids"
 _SHARED_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -104,6 +107,10 @@ def reference_config(config: DSparkDraftConfig, dtype: torch.dtype) -> dict:
     return flat
 
 
+def _draft_vocabulary(draft) -> list[int] | None:
+    return None if draft.draft_vocab_ids is None else draft.draft_vocab_ids.tolist()
+
+
 def config_from_reference(flat: dict) -> DSparkDraftConfig:
     """Inverse of [`reference_config`]; raises `ValueError` on a layout this library cannot serve."""
     missing = [k for k in ("block_size", "target_layer_ids", "mask_token_id", "hidden_size", "vocab_size") if k not in flat]
@@ -124,7 +131,7 @@ def config_from_reference(flat: dict) -> DSparkDraftConfig:
     rope = flat.get("rope_parameters") or flat.get("rope_scaling") or {"rope_type": "default"}
     rope = {**rope, "rope_theta": rope.get("rope_theta", flat.get("rope_theta", 10000.0))}
     fields = {name: flat[name] for name in _SHARED_FIELDS if name in flat}
-    fields.update(flat.get(_EXTRA_KEY) or {})
+    fields.update({k: v for k, v in (flat.get(_EXTRA_KEY) or {}).items() if k != _VOCABULARY_KEY})
     fields.update(
         rope_parameters=rope,
         markov_head_type=head,
@@ -141,13 +148,17 @@ def save_deepspec_checkpoint(draft, save_directory: str | os.PathLike) -> None:
         raise ValueError("The reference layout has no LM-head bias; this target's LM head has one.")
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in draft.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head."))}
+    state = {
+        k: v for k, v in draft.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head.", _VOCABULARY_KEY))
+    }
     state["embed_tokens.weight"] = embed.weight
     state["lm_head.weight"] = lm_head.weight
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    flat = reference_config(draft.config, draft.dtype)
+    flat[_EXTRA_KEY][_VOCABULARY_KEY] = _draft_vocabulary(draft)
     with open(directory / "config.json", "w", encoding="utf-8") as f:
-        json.dump(reference_config(draft.config, draft.dtype), f, indent=2, sort_keys=True)
+        json.dump(flat, f, indent=2, sort_keys=True)
 
 
 def load_deepspec_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = None, **kwargs):
@@ -159,7 +170,8 @@ def load_deepspec_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str |
     from .modeling_dspark import DSparkDraftModel
 
     dtype = kwargs.pop("torch_dtype", None) or dtype
-    config = config_from_reference(_read_config(path, **kwargs))
+    flat = _read_config(path, **kwargs)
+    config = config_from_reference(flat)
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     state = load_file(cached_file(str(path), WEIGHTS_NAME, **hub_kwargs))
     for key in ("embed_tokens.weight", "lm_head.weight"):
@@ -173,4 +185,5 @@ def load_deepspec_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str |
     model.embed_tokens = nn.Embedding(*state["embed_tokens.weight"].shape)
     model.lm_head = nn.Linear(state["lm_head.weight"].shape[1], state["lm_head.weight"].shape[0], bias=False)
     model.load_state_dict(state, strict=True)
+    model.set_draft_vocabulary((flat.get(_EXTRA_KEY) or {}).get(_VOCABULARY_KEY))
     return model.to(dtype).eval()

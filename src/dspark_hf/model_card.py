@@ -265,6 +265,12 @@ def model_card_section(draft: "DSparkDraftModel", model_id: str | None = None, l
                 "none" if temperatures is None else ", ".join(f"{t:.3f}" for t in temperatures),
             ),
             *([] if biases is None else [("calibration biases", ", ".join(f"{b:+.3f}" for b in biases))]),
+            (
+                "draft vocabulary",
+                "whole vocabulary"
+                if config.draft_vocab_size is None
+                else f"{config.draft_vocab_size:,} of {config.vocab_size:,} tokens (`draft_vocab_ids`)",
+            ),
             ("draft parameters (without the target's)", f"{own:,}"),
             ("checkpoint layout", layout),
         ]

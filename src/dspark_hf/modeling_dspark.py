@@ -1,6 +1,7 @@
 """DSpark draft model: parallel backbone with KV injection, sequential heads and confidence head."""
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -279,14 +280,25 @@ class DSparkMarkovHead(nn.Module):
         return self.markov_w1(prev_ids)
 
     def step(
-        self, prev_ids: torch.LongTensor, hidden: torch.Tensor, state: torch.Tensor | None
+        self,
+        prev_ids: torch.LongTensor,
+        hidden: torch.Tensor,
+        state: torch.Tensor | None,
+        output_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One position: prev `(batch,)`, hidden `(batch, d)` → bias `(batch, V)`, next state (unused: None)."""
-        return self.markov_w2(self.markov_w1(prev_ids)), None
+        """One position: prev `(batch,)`, hidden `(batch, d)` → bias `(batch, V)`, next state (unused: None).
+
+        `output_weight` `(V', r)` replaces W2 (e.g. its draft-vocabulary rows), giving a `(batch, V')` bias.
+        """
+        return self.project(self.markov_w1(prev_ids), output_weight), None
+
+    def project(self, features: torch.Tensor, output_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`(..., r)` → `(..., V)` through W2, or `(..., V')` through `output_weight`."""
+        return F.linear(features, self.markov_w2.weight if output_weight is None else output_weight)
 
     def teacher_forced(self, prev_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.Tensor:
         """All positions at once: prev `(..., γ)`, hidden `(..., γ, d)` → bias `(..., γ, V)`."""
-        return self.markov_w2(self.markov_w1(prev_ids))
+        return self.project(self.markov_w1(prev_ids))
 
 
 class DSparkRNNHead(DSparkMarkovHead):
@@ -298,7 +310,11 @@ class DSparkRNNHead(DSparkMarkovHead):
         self.rnn_proj = nn.Linear(2 * config.markov_rank + config.hidden_size, 3 * config.markov_rank)
 
     def step(
-        self, prev_ids: torch.LongTensor, hidden: torch.Tensor, state: torch.Tensor | None
+        self,
+        prev_ids: torch.LongTensor,
+        hidden: torch.Tensor,
+        state: torch.Tensor | None,
+        output_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         token = self.markov_w1(prev_ids)
         if state is None:
@@ -306,7 +322,7 @@ class DSparkRNNHead(DSparkMarkovHead):
         gate, candidate, output = self.rnn_proj(torch.cat([state, token, hidden.to(token.dtype)], dim=-1)).chunk(3, -1)
         gate = torch.sigmoid(gate)
         new_state = gate * state + (1 - gate) * torch.tanh(candidate)
-        return self.markov_w2(torch.tanh(output)), new_state
+        return self.project(torch.tanh(output), output_weight), new_state
 
     def teacher_forced(self, prev_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.Tensor:
         state, biases = None, []
@@ -388,6 +404,10 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         head_classes = {"markov": DSparkMarkovHead, "rnn": DSparkRNNHead}
         self.markov_head = head_classes[config.markov_head_type](config) if config.has_sequential_head else None
         self.confidence_head = DSparkConfidenceHead(config) if config.confidence_head else None
+        # Token ids drafting samples among (sorted), or None for the whole vocabulary; see set_draft_vocabulary.
+        vocab_ids = None if config.draft_vocab_size is None else torch.arange(config.draft_vocab_size)
+        self.register_buffer("draft_vocab_ids", vocab_ids)
+        self._vocabulary_rows: dict[int, tuple[tuple, torch.Tensor]] = {}
         self._shared_modules: tuple[nn.Module, nn.Module] | None = None
         # How many drafted tokens generate() verifies per round (a dspark_hf.scheduling policy; None = whole block).
         self.verification_policy = None
@@ -453,14 +473,67 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             embeddings = embeddings * self.config.embedding_scale
         return embeddings.to(self.fc.weight.dtype)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Hidden states `(..., hidden)` → logits `(..., vocab)` through the target's LM head."""
+    def compute_logits(self, hidden_states: torch.Tensor, draft_vocabulary: bool = False) -> torch.Tensor:
+        """Hidden states `(..., hidden)` → logits `(..., vocab)` through the target's LM head.
+
+        With `draft_vocabulary=True` and a draft vocabulary set, only its tokens' logits are computed:
+        `(..., draft_vocab_size)`, in the order of `draft_vocab_ids`.
+        """
         lm_head = self.get_output_embeddings()
-        logits = lm_head(hidden_states.to(lm_head.weight.dtype))
+        if draft_vocabulary and self.draft_vocab_ids is not None:
+            weight = self.draft_vocabulary_rows(lm_head.weight)
+            bias = None if getattr(lm_head, "bias", None) is None else self.draft_vocabulary_rows(lm_head.bias)
+            logits = F.linear(hidden_states.to(weight.dtype), weight, bias)
+        else:
+            logits = lm_head(hidden_states.to(lm_head.weight.dtype))
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def set_draft_vocabulary(self, token_ids: Sequence[int] | torch.Tensor | None) -> "DSparkDraftModel":
+        """Restricts drafting to `token_ids`, or drafts over the whole vocabulary again with `None`.
+
+        The LM head and the sequential head then compute `len(token_ids)` logits per drafted token instead of
+        `vocab_size` (on a CPU the draft pass is mostly the LM head's weight reads). Tokens outside get draft
+        probability 0; verification is unchanged, so decoding stays lossless, and only the acceptance of targets'
+        tokens outside the set is lost. Choose frequent tokens of the target's own responses, e.g. with
+        [`dspark_hf.training.frequent_token_ids`]. Training ignores the restriction. Saved with the draft
+        (`config.draft_vocab_size` and the buffer `draft_vocab_ids`).
+        """
+        if token_ids is None:
+            self.draft_vocab_ids = None
+            self.config.draft_vocab_size = None
+            return self
+        with torch.inference_mode(False):
+            ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique()  # sorted, without repeats
+        vocab_size = self.config.vocab_size
+        if ids.numel() == 0 or ids[0] < 0 or ids[-1] >= vocab_size:
+            raise ValueError(
+                f"A draft vocabulary needs at least one token id, all in [0, {vocab_size}); got {ids.numel()} ids "
+                f"spanning [{ids.min().item() if ids.numel() else None}, {ids.max().item() if ids.numel() else None}]."
+            )
+        self.draft_vocab_ids = ids.to(self.fc.weight.device)
+        self.config.draft_vocab_size = ids.numel()
+        return self
+
+    def draft_vocabulary_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight[draft_vocab_ids]`: the draft-vocabulary rows of a `(vocab, ...)` output weight or bias.
+
+        Without gradients the copy is kept and reused until `weight` or the vocabulary changes (a new tensor, or
+        an in-place update, which bumps the tensor's version), so drafting reads only these rows.
+        """
+        rows = self.draft_vocab_ids
+        if rows is None:
+            raise ValueError("This draft has no draft vocabulary; set one with draft.set_draft_vocabulary(token_ids).")
+        if torch.is_grad_enabled():
+            return weight[rows]
+        stamp = (weight.data_ptr(), weight._version, weight.dtype, weight.device, rows.data_ptr(), rows._version)
+        cached = self._vocabulary_rows.get(id(weight))
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, weight.detach()[rows])
+            self._vocabulary_rows[id(weight)] = cached
+        return cached[1]
 
     def project_context(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
         """Concatenated target features `(batch, c, m·d)` → context states H_ctx `(batch, c, d)` (paper eq. 2)."""

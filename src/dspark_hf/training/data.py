@@ -32,6 +32,7 @@ __all__ = [
     "build_training_dataset",
     "conversation_features",
     "default_sampling_settings",
+    "frequent_token_ids",
     "load_prompts",
     "load_training_dataset",
     "normalize_prompt",
@@ -536,3 +537,36 @@ def load_training_dataset(path: str | os.PathLike, tokenizer=None, max_length: i
     if tokenizer is None:
         raise ValueError(f"{path} is a JSONL of conversations; pass the tokenizer to tokenize it.")
     return tokenize_conversations(read_jsonl(path), tokenizer, max_length=max_length)
+
+
+def frequent_token_ids(dataset, size: int, always_include: Iterable[int] = ()) -> tuple[list[int], float]:
+    """A draft vocabulary for [`DSparkDraftModel.set_draft_vocabulary`] from a tokenized training dataset.
+
+    Counts the assistant tokens (`loss_mask` 1: the target's own answers, what a draft proposes) and returns
+    `(token_ids, coverage)`: `always_include` (e.g. the end-of-turn ids) followed by the most frequent other
+    tokens (ties: lower id first), at most `size` ids in all, and the share of counted tokens they cover.
+    Fewer than `size` ids come back when fewer distinct tokens occur.
+    """
+    if size < 1:
+        raise ValueError(f"`size` must be a positive number of tokens, got {size}.")
+    forced = list(dict.fromkeys(int(i) for i in always_include))
+    if len(forced) > size:
+        raise ValueError(f"`always_include` has {len(forced)} ids, more than `size`={size}; raise `size`.")
+    if not {"input_ids", "loss_mask"} <= set(dataset.column_names):
+        raise ValueError(
+            f"Need a tokenized dataset with `input_ids` and `loss_mask` columns (from `dspark-hf prepare-data`), got "
+            f"columns {dataset.column_names}."
+        )
+    counts: dict[int, int] = {}
+    for example in dataset:
+        for token, counted in zip(example["input_ids"], example["loss_mask"], strict=True):
+            if counted:
+                counts[token] = counts.get(token, 0) + 1
+    total = sum(counts.values())
+    if total == 0:
+        raise ValueError("The dataset has no assistant tokens (`loss_mask` is 0 everywhere); nothing to count.")
+    chosen = set(forced)
+    ranked = sorted((token for token in counts if token not in chosen), key=lambda t: (-counts[t], t))
+    token_ids = forced + ranked[: size - len(forced)]
+    coverage = sum(counts.get(token, 0) for token in token_ids) / total
+    return token_ids, coverage
