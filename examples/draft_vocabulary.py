@@ -1,14 +1,14 @@
-"""Restrict the built-in SmolLM2 draft to a draft vocabulary and compare draft-pass time and greedy output.
+"""The built-in SmolLM2 draft with and without its draft vocabulary: draft-pass time, τ and greedy output.
 
-    python examples/draft_vocabulary.py                          # answers regenerated for 16 training prompts
-    python examples/draft_vocabulary.py --data runs/data/train   # a dataset from `dspark-hf prepare-data`
+    python examples/draft_vocabulary.py                                      # the vocabulary it ships with
+    python examples/draft_vocabulary.py --data runs/data/train --size 4096   # one built from your answers
 
-The vocabulary is the most frequent tokens of the target's own answers (`frequent_token_ids`). Decoding stays
-lossless: in float32 (used here) greedy output equals plain `generate` with and without the vocabulary.
+A draft vocabulary is the most frequent tokens of the target's own answers (`frequent_token_ids` on a dataset from
+`dspark-hf prepare-data`). Decoding stays lossless: in float32 (used here) greedy output equals plain `generate`
+with and without it.
 """
 
 import argparse
-import tempfile
 
 import torch
 
@@ -16,32 +16,28 @@ import dspark_hf  # noqa: F401  (installs the generate() hook)
 from dspark_hf.cli import load_target
 from dspark_hf.demo import load_default_draft
 from dspark_hf.engine import profile_draft_cost
-from dspark_hf.training import build_training_dataset, frequent_token_ids, load_prompts, load_training_dataset
-
-
-def answers_dataset(target, tokenizer, args):
-    if args.data:
-        return load_training_dataset(args.data)
-    prompts = load_prompts(args.prompts, limit=args.num_prompts, shuffle=True, seed=0)
-    folder = tempfile.mkdtemp(prefix="dspark_answers_")
-    return build_training_dataset(target, tokenizer, prompts, f"{folder}/data", max_new_tokens=128, batch_size=8)
+from dspark_hf.training import frequent_token_ids, load_training_dataset
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="Tokenized answers (prepare-data output); default: regenerate a few.")
-    parser.add_argument("--prompts", default="../shared/data/train/train_prompts.jsonl")
-    parser.add_argument("--num-prompts", type=int, default=16)
-    parser.add_argument("--size", type=int, default=8192, help="Tokens in the draft vocabulary.")
+    parser.add_argument("--data", help="Tokenized answers (prepare-data output) to build the vocabulary from.")
+    parser.add_argument("--size", type=int, default=8192, help="Tokens in a vocabulary built from --data.")
     parser.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")
     args = parser.parse_args()
 
     target, tokenizer = load_target("smollm2", dtype="float32")
     draft, source = load_default_draft(target, tokenizer)
-    token_ids, coverage = frequent_token_ids(
-        answers_dataset(target, tokenizer, args), args.size, always_include=[tokenizer.eos_token_id]
-    )
-    print(f"{source}: draft vocabulary of {len(token_ids)} tokens covers {coverage:.1%} of the answer tokens")
+    if args.data:
+        token_ids, coverage = frequent_token_ids(
+            load_training_dataset(args.data), args.size, always_include=[tokenizer.eos_token_id]
+        )
+        print(f"A draft vocabulary of {len(token_ids)} tokens covers {coverage:.1%} of the answer tokens in {args.data}")
+    elif draft.draft_vocab_ids is not None:
+        token_ids = draft.draft_vocab_ids.tolist()
+        print(f"{source} ships a draft vocabulary of {len(token_ids)} tokens")
+    else:
+        raise SystemExit(f"{source} has no draft vocabulary; pass --data (a dataset from dspark-hf prepare-data).")
 
     input_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True

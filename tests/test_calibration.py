@@ -20,6 +20,7 @@ from dspark_hf.calibration import (
     brier_score,
     calibration_metrics,
     calibration_report,
+    cross_fitted_metrics,
     collect_calibration_rounds,
     expected_calibration_error,
     fit_sequential_calibration,
@@ -349,6 +350,36 @@ def test_fit_sequential_calibration_checks():
         fit_sequential_calibration(data, "sts_bias", bias_grid=[0.0, float("nan")])
 
 
+def test_folds_partition_prompts_evenly():
+    data = synthetic_rounds(num_rounds=10)
+    folds = data.folds(3, seed=1)
+    prompts = [{r.prompt_index for r in fold.rounds} for fold in folds]
+    assert sorted(len(p) for p in prompts) == [3, 3, 4] and set().union(*prompts) == set(range(10))
+    assert [f.rounds for f in data.folds(3, seed=1)] == [f.rounds for f in folds]
+    for bad in (1, 11):
+        with pytest.raises(ValueError, match="num_folds"):
+            data.folds(bad)
+
+
+def test_cross_fitted_metrics_pool_out_of_fold_fits(synthetic):
+    data, _ = synthetic
+    # With T = 1 as the only candidate every fold's fit is the identity: "after" equals "before" on all rounds.
+    identity = cross_fitted_metrics(data, num_folds=3, grid=[1.0])
+    for before, after in zip(identity["before"]["positions"], identity["after"]["positions"], strict=True):
+        for kind in ("survival", "conditional"):
+            assert after[kind]["count"] == before[kind]["count"]
+            assert after[kind]["ece"] == pytest.approx(before[kind]["ece"])
+            assert after[kind]["brier"] == pytest.approx(before[kind]["brier"])
+    # Each fold recovers the true temperatures from the others, so the pooled out-of-sample ECE becomes small.
+    cross = cross_fitted_metrics(data, num_folds=2, seed=3)
+    assert cross["rounds"] == data.num_rounds and cross["prompts"] == data.num_rounds and len(cross["parameters"]) == 2
+    for fold in cross["parameters"]:
+        assert fold["temperatures"][0] == pytest.approx(TRUE_TEMPERATURES[0], rel=0.1) and fold["biases"] is None
+    before = [p["survival"]["ece"] for p in cross["before"]["positions"]]
+    after = [p["survival"]["ece"] for p in cross["after"]["positions"]]
+    assert before[0] > 0.05 and all(a < 0.015 for a in after), (before, after)
+
+
 def test_report_and_plots(synthetic, tmp_path):
     pytest.importorskip("matplotlib")
     data, fitted = synthetic
@@ -567,8 +598,10 @@ def test_cli_calibrate_and_refit(target, trained_draft, tmp_path):
             assert (out / name).read_bytes()[:4] == PNG_MAGIC
     # Refit from the saved rounds, without the target.
     refit = ["calibrate", "--draft", str(draft_dir), "--rounds", str(out / "calibration_rounds.json")]
-    again = run_command(refit + ["--test-fraction", "0.25", "--out", str(tmp_path / "again")])
+    again = run_command(refit + ["--test-fraction", "0.25", "--cross-fit", "2", "--out", str(tmp_path / "again")])
     assert again["temperatures"] == report["temperatures"] and again["biases"] is None
+    assert again["cross_fitted"]["folds"] == 2 and again["cross_fitted"]["prompts"] == 4
+    assert "## Cross-fitted: 2 folds" in (tmp_path / "again" / "report.md").read_text()
     biased = run_command(
         refit + "--test-fraction 0.25 --method sts_bias --objective log_loss".split() + ["--out", str(tmp_path / "bias")]
     )

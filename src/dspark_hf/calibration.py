@@ -155,6 +155,18 @@ class CalibrationData(JsonFileMixin):
         )
         return tuple(CalibrationData(self.block_size, rounds, dict(self.metadata)) for rounds in parts)
 
+    def folds(self, num_folds: int, seed: int = 0) -> list["CalibrationData"]:
+        """The rounds in `num_folds` groups by prompt, prompt counts differing by at most one (shuffled with `seed`)."""
+        prompts = sorted({r.prompt_index for r in self.rounds})
+        if not 2 <= num_folds <= len(prompts):
+            raise ValueError(f"num_folds must be between 2 and the number of prompts ({len(prompts)}), got {num_folds}.")
+        random.Random(seed).shuffle(prompts)
+        fold_of = {prompt: i % num_folds for i, prompt in enumerate(prompts)}
+        return [
+            CalibrationData(self.block_size, [r for r in self.rounds if fold_of[r.prompt_index] == i], dict(self.metadata))
+            for i in range(num_folds)
+        ]
+
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -424,24 +436,71 @@ def calibration_metrics(
     class). `mean` is the unweighted mean over positions that have a value.
     """
     t, b = _parameters(data.block_size, temperatures, biases)
-    kinds = ("conditional", "survival")
-    per_kind = {kind: position_samples(data, kind, temperatures, biases) for kind in kinds}
-    positions = [
-        {"position": k + 1, **{kind: _summary(*per_kind[kind][k], num_bins) for kind in kinds}}
-        for k in range(data.block_size)
-    ]
-    mean = {}
-    for kind in kinds:
-        mean[kind] = {}
-        for metric in ("ece", "auroc", "brier"):
-            values = [p[kind][metric] for p in positions if p[kind][metric] is not None]
-            mean[kind][metric] = float(np.mean(values)) if values else None
+    per_kind = {kind: position_samples(data, kind, temperatures, biases) for kind in _KINDS}
     return {
         "num_bins": num_bins,
         "temperatures": t.tolist(),
         "biases": None if biases is None else b.tolist(),
-        "positions": positions,
-        "mean": mean,
+        **_metrics_of_samples(per_kind, num_bins),
+    }
+
+
+_KINDS = ("conditional", "survival")
+
+
+def _metrics_of_samples(per_kind: Mapping[str, list[tuple[np.ndarray, np.ndarray]]], num_bins: int) -> dict[str, Any]:
+    """`{"positions": [...], "mean": {...}}` of [`calibration_metrics`] from per-kind, per-position samples."""
+    positions = [
+        {"position": k + 1, **{kind: _summary(*per_kind[kind][k], num_bins) for kind in _KINDS}}
+        for k in range(len(per_kind["survival"]))
+    ]
+    mean = {}
+    for kind in _KINDS:
+        mean[kind] = {}
+        for metric in ("ece", "auroc", "brier"):
+            values = [p[kind][metric] for p in positions if p[kind][metric] is not None]
+            mean[kind][metric] = float(np.mean(values)) if values else None
+    return {"positions": positions, "mean": mean}
+
+
+def cross_fitted_metrics(
+    data: CalibrationData,
+    num_folds: int = 2,
+    seed: int = 0,
+    num_bins: int = DEFAULT_NUM_BINS,
+    **fit_kwargs,
+) -> dict[str, Any]:
+    """Out-of-sample metrics of a calibration fit over every round, by K-fold cross-fitting on prompts.
+
+    The prompts are split into `num_folds` groups ([`CalibrationData.folds`]); each group's rounds are calibrated
+    with parameters fitted ([`fit_sequential_calibration`] with `fit_kwargs`, e.g. `method="sts"`) on the other
+    groups only, and the metrics are computed over all rounds pooled. Every confidence is thus scored out of
+    sample, as with a single held-out split, but on `num_folds` times as many rounds, which lowers the sampling
+    noise of ECE. Returns `{"folds", "seed", "rounds", "prompts", "parameters": [{"temperatures", "biases"} per
+    fold], "before": calibration_metrics(data), "after": {"num_bins", "positions", "mean"}}`.
+    """
+    folds = data.folds(num_folds, seed)
+    parameters, samples = [], []
+    for i, fold in enumerate(folds):
+        rest = CalibrationData(data.block_size, [r for j, f in enumerate(folds) if j != i for r in f.rounds])
+        temperatures, biases = fit_sequential_calibration(rest, num_bins=num_bins, **fit_kwargs)
+        parameters.append({"temperatures": temperatures, "biases": biases})
+        samples.append({kind: position_samples(fold, kind, temperatures, biases) for kind in _KINDS})
+    pooled = {
+        kind: [
+            tuple(np.concatenate([fold[kind][k][part] for fold in samples]) for part in (0, 1))
+            for k in range(data.block_size)
+        ]
+        for kind in _KINDS
+    }
+    return {
+        "folds": num_folds,
+        "seed": seed,
+        "rounds": data.num_rounds,
+        "prompts": len({r.prompt_index for r in data.rounds}),
+        "parameters": parameters,
+        "before": calibration_metrics(data, None, num_bins),
+        "after": {"num_bins": num_bins, **_metrics_of_samples(pooled, num_bins)},
     }
 
 
@@ -720,6 +779,15 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _mean_line(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    return (
+        f"Mean over positions: survival ECE {_percent(before['survival']['ece'])} → "
+        f"{_percent(after['survival']['ece'])}, conditional ECE {_percent(before['conditional']['ece'])} → "
+        f"{_percent(after['conditional']['ece'])}, survival Brier {_number(before['survival']['brier'])} → "
+        f"{_number(after['survival']['brier'])}."
+    )
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """Markdown summary of a [`calibration_report`]."""
     evaluation = report["evaluation_split"]
@@ -755,12 +823,32 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"{_number(sa['std_confidence'])} | {_number(sb['auroc'])} | {_number(sb['brier'])} → "
             f"{_number(sa['brier'])} | {cb['count']} | {_percent(cb['ece'])} → {_percent(ca['ece'])} |"
         )
-    mb, ma = split["before"]["mean"], split["after"]["mean"]
+    lines += ["", _mean_line(split["before"]["mean"], split["after"]["mean"])]
+    cross = report.get("cross_fitted")
+    if cross:
+        lines += [
+            "",
+            f"## Cross-fitted: {cross['folds']} folds by prompt, every round scored out of sample",
+            "",
+            f"All {cross['rounds']} rounds from {cross['prompts']} prompts: the prompts are split into {cross['folds']} "
+            "groups, each group's rounds are calibrated with parameters fitted on the other groups (same method and "
+            "objective), and the metrics pool all rounds.",
+            "",
+            "| k | n (survival) | survival ECE before → after | Brier before → after | n (conditional) | "
+            "conditional ECE before → after |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for k, (before, after) in enumerate(
+            zip(cross["before"]["positions"], cross["after"]["positions"], strict=True)
+        ):
+            sb, sa, cb, ca = before["survival"], after["survival"], before["conditional"], after["conditional"]
+            lines.append(
+                f"| {k + 1} | {sb['count']} | {_percent(sb['ece'])} → {_percent(sa['ece'])} | "
+                f"{_number(sb['brier'])} → {_number(sa['brier'])} | {cb['count']} | "
+                f"{_percent(cb['ece'])} → {_percent(ca['ece'])} |"
+            )
+        lines += ["", _mean_line(cross["before"]["mean"], cross["after"]["mean"])]
     lines += [
-        "",
-        f"Mean over positions: survival ECE {_percent(mb['survival']['ece'])} → {_percent(ma['survival']['ece'])}, "
-        f"conditional ECE {_percent(mb['conditional']['ece'])} → {_percent(ma['conditional']['ece'])}, "
-        f"survival Brier {_number(mb['survival']['brier'])} → {_number(ma['survival']['brier'])}.",
         "",
         "## Static threshold sweep (calibrated c_k, replayed on the recorded rounds)",
         "",
@@ -939,6 +1027,7 @@ __all__ = [
     "brier_score",
     "calibration_metrics",
     "calibration_report",
+    "cross_fitted_metrics",
     "collect_calibration_rounds",
     "expected_calibration_error",
     "fit_sequential_calibration",

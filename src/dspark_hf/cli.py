@@ -692,6 +692,13 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--test-fraction", type=float, default=0.25, help="Share of prompts held out for the reported metrics (0: in-sample)."
     )
+    parser.add_argument(
+        "--cross-fit",
+        type=int,
+        default=0,
+        metavar="K",
+        help="Also report out-of-sample metrics over all rounds by K-fold cross-fitting on prompts (0: off).",
+    )
     parser.add_argument("--num-bins", type=int, default=15, help="Equal-width bins of ECE and the STS objective.")
     parser.add_argument(
         "--method",
@@ -786,6 +793,11 @@ def _run_calibrate(args: argparse.Namespace):
         biases=biases,
         fit={"method": args.method, "objective": args.objective},
     )
+    if args.cross_fit:
+        report["cross_fitted"] = calibration.cross_fitted_metrics(
+            data, args.cross_fit, args.seed, args.num_bins, method=args.method, grid=grid, bias_grid=bias_grid,
+            objective=args.objective,
+        )
     report["settings"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     calibration.apply_calibration(draft, temperatures, biases)
     draft.model_card_data.add_calibration(report)
