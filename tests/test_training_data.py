@@ -282,6 +282,7 @@ def test_cli_draft_vocab(tmp_path, target):
     assert token_ids == [6, 5, 7] and coverage == 7 / 10  # the target's EOS (6) is always kept
     loaded = DSparkDraftModel.from_pretrained(tmp_path / "restricted")
     assert loaded.draft_vocab_ids.tolist() == [5, 6, 7]
+    assert "3 tokens, covering 70.00% of the answer tokens" in (tmp_path / "restricted" / "README.md").read_text()
 
 
 # -- collator and anchors --------------------------------------------------------------------------------------------

@@ -573,6 +573,8 @@ def _run_draft_vocab(args: argparse.Namespace):
     always = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     token_ids, coverage = frequent_token_ids(load_training_dataset(args.data), args.size, always_include=always)
     draft.set_draft_vocabulary(token_ids)
+    note = f"Draft vocabulary: {len(token_ids)} tokens, covering {coverage:.2%} of the answer tokens of {args.data}."
+    draft.model_card_data.notes = "\n\n".join(filter(None, [draft.model_card_data.notes, note]))
     draft.save_pretrained(args.out, layout="deepspec" if is_deepspec_checkpoint(args.draft) else "hf")
     print(
         f"Draft vocabulary of {len(token_ids)} tokens covers {coverage:.2%} of the answer tokens in {args.data}; "
