@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default=str(RESULTS))
     parser.add_argument("--threads", type=int, help="torch.set_num_threads.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--from-json", help="Re-check and re-render a saved engine_load.json into --output-dir (no models are loaded)."
+    )
     return parser.parse_args(argv)
 
 
@@ -175,6 +178,10 @@ def acceptance_checks(report: dict) -> list[dict]:
             ratio = row["aggregate_tokens_per_s"] / best_row["aggregate_tokens_per_s"]
             checks.append({"check": f"R={concurrency}: prefix ≥ 0.95 × best static ({best})", "value": ratio,
                            "passed": ratio >= 0.95})
+        paired = paired_ratio(row, [r for _, r in rivals])
+        if paired is not None:
+            checks.append({"check": f"R={concurrency}: median over repeats of prefix / best static of the same repeat "
+                           "≥ 0.95", "value": paired, "passed": paired >= 0.95})
     top = max(prefix)
     full = [r for r in results.get("full", []) if r["concurrency"] == top]
     if full:
@@ -186,6 +193,20 @@ def acceptance_checks(report: dict) -> list[dict]:
                    "passed": all(b <= a + 1e-9 for a, b in zip(budgets, budgets[1:], strict=False))
                    and budgets[-1] < budgets[0]})
     return checks
+
+
+def paired_ratio(row: dict, rivals: list[dict]) -> float | None:
+    """Median over repeats of prefix's aggregate tokens/s over the best rival's in the same repeat.
+
+    The policies of one repeat run back to back, so their ratio cancels the slow load drift of a shared machine that
+    comparing medians taken at different times does not. None without repeated runs."""
+    runs = row.get("runs")
+    if not runs or not rivals or any(len(r.get("runs", [])) != len(runs) for r in rivals):
+        return None
+    key = "aggregate_tokens_per_s"
+    return statistics.median(
+        run[key] / max(rival["runs"][i][key] for rival in rivals) for i, run in enumerate(runs)
+    )
 
 
 def median_row(runs: list[dict]) -> dict:
@@ -227,7 +248,13 @@ def markdown(report: dict) -> str:
             )
     checks = report.get("checks") or []
     if checks:
-        lines += ["", "## Checks (aggregate tokens/s)", "", "| check | value | passed |", "|---|---|---|"]
+        lines += [
+            "", "## Checks (aggregate tokens/s)", "",
+            "The 5% check twice: on the rows (medians of runs taken at different times), and, with repeats, as the "
+            "median over repeats of prefix / best static policy of the same repeat (a repeat runs its policies back to "
+            "back, so the ratio cancels slow drift of the machine's load).", "",
+            "| check | value | passed |", "|---|---|---|",
+        ]
         for check in checks:
             value = check["value"]
             shown = ", ".join(f"{v:.2f}" for v in value) if isinstance(value, list) else f"{value:.3f}"
@@ -269,8 +296,21 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_load.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "engine_load.md").write_text(markdown(report), encoding="utf-8")
+    plot(report, out / "engine_load.png")
+    print(f"Wrote {out / 'engine_load.json'}, .md and .png", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:  # re-check and re-render a finished run, without the models
+        report = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        report["checks"] = acceptance_checks(report)
+        write_report(report, Path(args.output_dir))
+        return 0
     data_dir = Path(args.data_dir)
     if not all((data_dir / name).exists() for name in DOMAINS.values()):
         print(f"Skipping: the eval prompts ({', '.join(DOMAINS.values())}) are not in {data_dir}.", file=sys.stderr)
@@ -342,12 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             report["results"][policy].append(median_row(policy_runs))
     report["config"]["load_average_after"] = os.getloadavg()
     report["checks"] = acceptance_checks(report)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_load.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "engine_load.md").write_text(markdown(report), encoding="utf-8")
-    plot(report, out / "engine_load.png")
-    print(f"Wrote {out / 'engine_load.json'}, .md and .png", file=sys.stderr)
+    write_report(report, Path(args.output_dir))
     return 0
 
 
