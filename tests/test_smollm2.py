@@ -27,7 +27,8 @@ def test_gguf_target_greedy_identical(smollm2):
 
 
 def test_default_draft_ships_calibrated_and_is_accepted(smollm2):
-    """The built-in draft `dspark-hf demo` runs: bf16 weights, STS temperatures, a model card, lossless, accepted."""
+    """The built-in draft `dspark-hf demo` runs: bf16 weights, STS temperatures, a draft vocabulary, a model card,
+    lossless (greedy, float32), accepted."""
     from dspark_hf.demo import DEFAULT_DRAFT_DIR, load_default_draft
 
     target, tokenizer = smollm2
@@ -36,7 +37,9 @@ def test_default_draft_ships_calibrated_and_is_accepted(smollm2):
     assert "built-in" in description
     assert draft.config.calibration_temperatures is not None
     with safe_open(str(DEFAULT_DRAFT_DIR / "model.safetensors"), framework="pt") as weights:
-        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+        dtypes = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
+    assert dtypes.pop("draft_vocab_ids") == "I64" and set(dtypes.values()) == {"BF16"}  # token ids stay integers
+    assert draft.config.draft_vocab_size == draft.draft_vocab_ids.numel() == 8192
     card = (DEFAULT_DRAFT_DIR / "README.md").read_text()
     assert "## Calibration" in card and "## Evaluation" in card
     ids = tokenizer.apply_chat_template(
