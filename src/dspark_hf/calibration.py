@@ -146,26 +146,27 @@ class CalibrationData(JsonFileMixin):
         """`(fit, test)` split by prompt (rounds of one prompt are correlated), `test_fraction` of the prompts."""
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}.")
-        prompts = sorted({r.prompt_index for r in self.rounds})
-        random.Random(seed).shuffle(prompts)
+        prompts = self._shuffled_prompts(seed)
         test = set(prompts[: round(test_fraction * len(prompts))])
-        parts = (
-            [r for r in self.rounds if r.prompt_index not in test],
-            [r for r in self.rounds if r.prompt_index in test],
-        )
-        return tuple(CalibrationData(self.block_size, rounds, dict(self.metadata)) for rounds in parts)
+        return self._with_prompts(set(prompts) - test), self._with_prompts(test)
 
     def folds(self, num_folds: int, seed: int = 0) -> list["CalibrationData"]:
         """The rounds in `num_folds` groups by prompt, prompt counts differing by at most one (shuffled with `seed`)."""
-        prompts = sorted({r.prompt_index for r in self.rounds})
+        prompts = self._shuffled_prompts(seed)
         if not 2 <= num_folds <= len(prompts):
             raise ValueError(f"num_folds must be between 2 and the number of prompts ({len(prompts)}), got {num_folds}.")
+        return [self._with_prompts(set(prompts[i::num_folds])) for i in range(num_folds)]
+
+    def _shuffled_prompts(self, seed: int) -> list[int]:
+        prompts = sorted({r.prompt_index for r in self.rounds})
         random.Random(seed).shuffle(prompts)
-        fold_of = {prompt: i % num_folds for i, prompt in enumerate(prompts)}
-        return [
-            CalibrationData(self.block_size, [r for r in self.rounds if fold_of[r.prompt_index] == i], dict(self.metadata))
-            for i in range(num_folds)
-        ]
+        return prompts
+
+    def _with_prompts(self, prompts: set[int]) -> "CalibrationData":
+        """The rounds of `prompts` (in their order), with this data's block size and metadata."""
+        return CalibrationData(
+            self.block_size, [r for r in self.rounds if r.prompt_index in prompts], dict(self.metadata)
+        )
 
     def to_json(self) -> str:
         return json.dumps(

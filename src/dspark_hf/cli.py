@@ -502,6 +502,8 @@ register_command(
     _add_prepare_data_arguments,
     _run_prepare_data,
 )
+
+
 def _add_cache_features_arguments(parser: argparse.ArgumentParser) -> None:
     _add_target_arguments(parser)
     parser.add_argument("--data", help="Tokenized dataset folder (prepare-data) or a conversations JSONL.")
@@ -554,6 +556,8 @@ register_command(
     _add_cache_features_arguments,
     _run_cache_features,
 )
+
+
 def _add_draft_vocab_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", help="Saved draft (either layout).")
     parser.add_argument("--data", help="Tokenized training dataset folder (prepare-data) whose answers to count.")
