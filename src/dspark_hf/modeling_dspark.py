@@ -439,6 +439,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
 
         check_target_compatible(self.config, target)
         self._shared_modules = (target.get_input_embeddings(), target.get_output_embeddings())
+        self._vocabulary_rows.clear()  # copies of another target's LM-head rows would only hold memory
         for name in ("embed_tokens", "lm_head"):
             if name in self._modules:
                 del self._modules[name]
@@ -501,6 +502,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         [`dspark_hf.training.frequent_token_ids`]. Training ignores the restriction. Saved with the draft
         (`config.draft_vocab_size` and the buffer `draft_vocab_ids`).
         """
+        self._vocabulary_rows.clear()
         if token_ids is None:
             self.draft_vocab_ids = None
             self.config.draft_vocab_size = None
