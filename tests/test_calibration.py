@@ -636,3 +636,10 @@ def test_cli_profile(target, tmp_path):
         profile + "--batch-sizes 1 2 --context-length 4 8 --shape Bx1".split() + ["--out", str(tmp_path / "buckets.json")]
     )
     assert two_contexts.context_lengths == [4, 8]
+    shaped = run_command(
+        profile + "--batch-sizes 1 2 --requests 1 2 --context-length 8 --shape RxW".split()
+        + ["--out", str(tmp_path / "shaped.json"), "--plot", str(tmp_path / "shaped.png")]
+    )
+    assert CostTable.load(tmp_path / "shaped.json").requests == [1, 2] and shaped.batch_tokens == [1, 2]
+    with pytest.raises(SystemExit, match="one context length"):
+        run_command(profile + "--shape RxW --context-length 4 8".split() + ["--out", str(tmp_path / "x.json")])

@@ -18,13 +18,14 @@ from transformers.generation.logits_process import (
 
 import dspark_hf.engine as engine_module
 from dspark_hf import DSparkDraftModel
-from dspark_hf.engine import DSparkEngine, SamplingParams, draw_tokens, warp_logits
+from dspark_hf.engine import DSparkEngine, SamplingParams, draw_tokens, profile_draft_cost, warp_logits
 from dspark_hf.scheduling import (
     CostTable,
     GlobalSearchPolicy,
     LaggedSchedulerPolicy,
     PrefixSchedulerPolicy,
     StaticThresholdPolicy,
+    profile_verify_cost,
 )
 
 VOCAB = 32
@@ -249,6 +250,22 @@ def test_drafting_is_skipped_when_it_cannot_pay(targets, drafts):
     cheap = DSparkEngine(target, draft, scheduler="prefix", cost_table=LOAD_TABLE.with_draft_cost([1], [1e-6]))
     cheap.generate(prompts, SamplingParams(max_new_tokens=20))
     assert cheap.stats.skipped_drafts == 0
+
+
+def test_engine_schedules_with_a_profiled_shaped_cost_table(targets, drafts):
+    """A table profiled in the engine's own shapes (R rows × width) drives Algorithm 1 end to end; outputs stay exact."""
+    target, draft = targets["llama"], drafts[("llama", True)]
+    widths = range(1, draft.config.block_size + 2)
+    table = profile_verify_cost(target, (1, 3), widths, context_length=8, repeats=1, warmup=0).with_draft_cost(
+        *profile_draft_cost(draft, (1, 3), context_length=8, repeats=1, warmup=0)
+    )
+    assert table.requests == [1, 3] and table.batch_tokens == list(widths)
+    engine = DSparkEngine(target, draft, scheduler="prefix", cost_table=table)
+    prompts = [[s % 30, (3 * s) % 30, 7] for s in range(3)]
+    requests = engine.generate(prompts, SamplingParams(max_new_tokens=16))
+    for request, prompt in zip(requests, prompts, strict=True):
+        assert request.token_ids == reference(target, prompt, 16)
+    assert engine.stats.rounds > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

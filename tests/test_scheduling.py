@@ -21,6 +21,7 @@ from dspark_hf.scheduling import (
     expected_throughput,
     make_policy,
     profile_cost_table,
+    profile_verify_cost,
     schedule_verification_lengths,
     survival_probabilities,
 )
@@ -203,6 +204,51 @@ def test_cost_table_context_buckets():
     assert table.for_context(500).steps_per_second == [8.0, 2.0]
 
 
+def test_cost_table_requests_axis():
+    # Widths 1 and 5; one request: 40 ms → 50 ms, four requests: 50 ms → 100 ms per forward.
+    table = CostTable([1, 5], [[25.0, 20.0], [20.0, 10.0]], requests=[1, 4])
+    assert table.sps(5, requests=1) == pytest.approx(20.0)  # one row of 5 tokens
+    assert table.sps(20, requests=4) == pytest.approx(10.0)  # four rows of 5 tokens
+    assert table.sps(4, requests=4) == pytest.approx(20.0)  # four rows of 1 token
+    assert table.sps(3, requests=1) == pytest.approx(22.5)  # width interpolated within the row
+    # Between profiled R the step time is interpolated: R = 2 at width 5 → 50 + (100 − 50) / 3 ms.
+    assert 1 / table.sps(10, requests=2) == pytest.approx(0.05 + 0.05 / 3)
+    # Past the largest R it is extrapolated linearly; below the smallest, clamped.
+    assert 1 / table.sps(35, requests=7) == pytest.approx(0.1 + 0.05)
+    assert table.round_seconds(5, drafted_requests=0, requests=1) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="requests="):
+        table.sps(5)
+    with pytest.raises(ValueError, match="not both"):
+        CostTable([1], [[1.0]], context_lengths=[8], requests=[1])
+    with pytest.raises(ValueError, match="2 requests but 1 rows"):
+        CostTable([1], [[1.0]], requests=[1, 2])
+    # Round trips keep the axis, with and without a draft cost; smoothing applies per row.
+    priced = table.with_draft_cost([1, 4], [0.01, 0.02])
+    again = CostTable.from_json(priced.to_json())
+    assert again.requests == [1, 4] and again.steps_per_second == [[25.0, 20.0], [20.0, 10.0]]
+    assert again.round_seconds(20, drafted_requests=4, requests=4) == pytest.approx(0.1 + 0.02)
+    assert again.for_context(512) is again and "requests=[1, 4]" in repr(again)
+    assert CostTable([1, 2], [[10.0, 11.0]], requests=[1], smooth="monotone").steps_per_second == [[10.5, 10.5]]
+
+
+def test_requests_axis_prices_the_engine_shape():
+    """SmolLM2 on this CPU, one request (numbers from the committed cost tables): a table by token count, profiled as
+    B requests of one token, prices a 5-token verification at 57 ms; the shaped table at 45 ms. Only the shaped one
+    sees what the engine measured, that verifying the whole block beats plain decoding at R = 1."""
+    survival = survival_probabilities([[0.25, 0.35, 0.4, 0.4]])  # τ of the full block ≈ 1.39, as measured
+    by_count = CostTable([1, 2, 4, 8], [24.66, 23.87, 18.82, 13.53]).with_draft_cost([1], [0.00485])
+    shaped = CostTable([1, 2, 3, 4, 5], [[25.0, 23.9, 23.6, 23.0, 22.1]], requests=[1]).with_draft_cost([1], [0.00485])
+    for table, full_block_pays in ((by_count, False), (shaped, True)):
+        plain = 1 / table.round_seconds(1, requests=1)
+        assert (expected_throughput(survival, [4], table, "padded") > plain) is full_block_pays
+        policy = PrefixSchedulerPolicy(table, layout="padded")
+        policy.select_lengths([[0.25, 0.35, 0.4, 0.4]], request_ids=["a"])
+        assert policy.should_draft(["a"], [4])  # ℓ = 1 pays under both tables
+    # Θ by width 1..4 under the shaped table: 26.8, 28.3, 28.4, 27.7 tokens/s; by count: 26.7, 25.9, 23.7, 22.4.
+    assert PrefixSchedulerPolicy(shaped, layout="padded").select_lengths([[0.25, 0.35, 0.4, 0.4]]) == [3]
+    assert PrefixSchedulerPolicy(by_count, layout="padded").select_lengths([[0.25, 0.35, 0.4, 0.4]]) == [1]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Algorithm 1
 # ----------------------------------------------------------------------------------------------------------------------
@@ -297,6 +343,26 @@ def test_should_draft_predicts_from_the_last_drafted_step():
     assert costly.should_draft(["a"], [4])  # nothing known after a reset
     with pytest.raises(ValueError, match="probe_interval"):
         PrefixSchedulerPolicy(table, probe_interval=8, max_probe_interval=4)
+
+
+def test_should_draft_averages_the_last_drafted_steps():
+    """One unlucky step does not stop drafting: the prediction is the mean survival over `prediction_window` steps."""
+    # SPS 10 at one token, 9 at two; a 10 ms draft pass. Drafting one token with survival a pays iff
+    # (1 + a) / (1/9 + 0.01) > 10, i.e. a > 0.211.
+    table = CostTable([1, 2], [10.0, 9.0]).with_draft_cost([1], [0.01])
+    windowed = PrefixSchedulerPolicy(table, layout="padded", prediction_window=4)
+    last_only = PrefixSchedulerPolicy(table, layout="padded", prediction_window=1)
+    for policy in (windowed, last_only):
+        for confidence in (0.9, 0.9, 0.9, 0.05):  # mean 0.6875, last 0.05
+            assert policy.should_draft(["a"], [1])
+            policy.select_lengths([[confidence]], request_ids=["a"])
+    assert windowed.should_draft(["a"], [1])
+    assert not last_only.should_draft(["a"], [1])
+    # Steps that stop short of a position average that position over the steps that reach it.
+    windowed.select_lengths([[]], request_ids=["a"])
+    assert windowed.should_draft(["a"], [1])
+    with pytest.raises(ValueError, match="prediction_window"):
+        PrefixSchedulerPolicy(table, prediction_window=0)
 
 
 # Θ along the path of [0.9, 0.9, 0.9]: 1.0, 1.9·0.6 = 1.14, 2.71·0.4 = 1.084, 3.439·0.39 = 1.341.
@@ -586,6 +652,30 @@ def test_profile_cost_table_on_tiny_llama(tiny_llama, shape):
     expected_shapes = {(1, b) for b in (1, 2, 4)} if shape == "1xB" else {(b, 1) for b in (1, 2, 4)}
     assert {shape_ for shape_, _ in timed} == expected_shapes
     assert tiny_llama.training  # the profiler switches to eval mode and restores the caller's mode
+
+
+def test_profile_verify_cost_on_tiny_llama(tiny_llama):
+    seen = []
+
+    def record(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        seen.append((tuple(kwargs["input_ids"].shape), kwargs["cache"].get_seq_length(), mask))
+
+    handle = tiny_llama.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        table = profile_verify_cost(tiny_llama, num_requests=(3, 1), widths=(2, 1), context_length=6, repeats=2, warmup=0)
+    finally:
+        handle.remove()
+    assert table.requests == [1, 3] and table.batch_tokens == [1, 2] and table.metadata["shape"] == "RxW"
+    assert all(math.isfinite(v) and v > 0 for row in table.steps_per_second for v in row)
+    timed = seen[1:]  # after the prefill, every shape twice on top of the 6 cached tokens
+    assert sorted({shape for shape, _, _ in timed}) == [(1, 1), (1, 2), (3, 1), (3, 2)] and len(timed) == 8
+    assert all(length == 6 for _, length, _ in timed)
+    # The engine's mask: cache and new tokens, with a hole in slot 0 of every row.
+    for (rows, width), _, mask in timed:
+        assert mask.shape == (rows, 6 + width) and mask[:, 0].eq(0).all() and mask[:, 1:].eq(1).all()
+    with pytest.raises(ValueError, match="repeats"):
+        profile_verify_cost(tiny_llama, repeats=0)
 
 
 def test_profile_cost_table_context_buckets(tiny_llama):

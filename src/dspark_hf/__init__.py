@@ -34,6 +34,7 @@ from .scheduling import (
     StaticThresholdPolicy,
     VerificationPolicy,
     profile_cost_table,
+    profile_verify_cost,
     schedule_verification_lengths,
 )
 from .stats import SpeculationStats
@@ -61,6 +62,7 @@ __all__ = [
     "StaticThresholdPolicy",
     "VerificationPolicy",
     "profile_cost_table",
+    "profile_verify_cost",
     "profile_draft_cost",
     "schedule_verification_lengths",
     "DSparkEngine",

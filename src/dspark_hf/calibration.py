@@ -984,28 +984,30 @@ def plot_threshold_sweep(
 def plot_cost_table(
     tables: CostTable | Mapping[str, CostTable], path: str | os.PathLike, title: str | None = None
 ) -> None:
-    """Plots SPS(B) (left) and the forward time relative to B = 1 (right) of one or several labelled cost tables;
-    raw measurements as markers, the smoothed curve as a line when the table is smoothed."""
+    """Plots SPS(B) (left) and the forward time relative to the row's first B (right) of one or several labelled
+    cost tables, one line per context length or number of requests (B = R · width); raw measurements as markers,
+    the smoothed curve as a line when the table is smoothed."""
     if isinstance(tables, CostTable):
         tables = {tables.metadata.get("shape", "table"): tables}
     figure = _figure(9.0, 3.6)
     sps_ax, cost_ax = figure.subplots(1, 2)
+    ticks = set()
     for label, table in tables.items():
-        for row, raw, context in zip(
-            table.rows, table.raw_rows, table.context_lengths or [None], strict=True
-        ):
-            name = label if context is None else f"{label}, context {context}"
-            line = sps_ax.plot(
-                table.batch_tokens, raw, marker="o", ls="-" if table.smooth == "none" else ":", label=name
-            )[0]
+        for i, (row, raw) in enumerate(zip(table.rows, table.raw_rows, strict=True)):
+            name, tokens = label, table.batch_tokens
+            if table.context_lengths is not None:
+                name = f"{label}, context {table.context_lengths[i]}"
+            if table.requests is not None:
+                name = f"{label}, {table.requests[i]} request(s)"
+                tokens = [table.requests[i] * width for width in table.batch_tokens]
+            ticks.update(tokens)
+            line = sps_ax.plot(tokens, raw, marker="o", ls="-" if table.smooth == "none" else ":", label=name)[0]
             if table.smooth != "none":
-                sps_ax.plot(table.batch_tokens, row, color=line.get_color(), label=f"{name} ({table.smooth})")
-            cost_ax.plot(
-                table.batch_tokens, [raw[0] / v for v in raw], marker="o", color=line.get_color(), label=name
-            )
+                sps_ax.plot(tokens, row, color=line.get_color(), label=f"{name} ({table.smooth})")
+            cost_ax.plot(tokens, [raw[0] / v for v in raw], marker="o", color=line.get_color(), label=name)
     sps_ax.set(xscale="log", xlabel="B (tokens per target forward)", ylabel="SPS (forwards / s)")
-    cost_ax.set(xscale="log", xlabel="B (tokens per target forward)", ylabel="forward time / time at B = 1")
-    ticks = sorted({b for table in tables.values() for b in table.batch_tokens})
+    cost_ax.set(xscale="log", xlabel="B (tokens per target forward)", ylabel="forward time / time at first B")
+    ticks = sorted(ticks)
     for ax in (sps_ax, cost_ax):
         ax.set_xticks(ticks, labels=[str(b) for b in ticks])
         ax.grid(alpha=0.3)

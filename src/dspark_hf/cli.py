@@ -839,7 +839,16 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--context-length", type=int, nargs="+", default=[256], help="Cached context; several give one row per length."
     )
-    parser.add_argument("--shape", choices=["1xB", "Bx1"], default="1xB", help="One request of B tokens, or B of one.")
+    parser.add_argument(
+        "--shape",
+        choices=["1xB", "Bx1", "RxW"],
+        default="1xB",
+        help="One request of B tokens, B of one, or the DSparkEngine's R rows of W tokens (--batch-sizes are then "
+        "the widths W, --requests the R; one context length).",
+    )
+    parser.add_argument(
+        "--requests", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="Numbers of requests R (--shape RxW)."
+    )
     parser.add_argument("--repeats", type=int, default=7, help="Timed forwards per size (interleaved; median kept).")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--smooth", choices=["none", "monotone"], default="none")
@@ -859,18 +868,26 @@ def _run_profile(args: argparse.Namespace):
     _require(args, "target", "out")
     import torch
 
-    from .scheduling import profile_cost_table
+    from .scheduling import profile_cost_table, profile_verify_cost
 
+    contexts = args.context_length
+    if args.shape == "RxW" and len(contexts) > 1:
+        raise SystemExit("--shape RxW profiles one context length; run it once per --context-length.")
     if args.threads:
         torch.set_num_threads(args.threads)
     target, _ = load_target(args.target, args.gguf_file, args.dtype, require_tokenizer=False)
     if args.device:
         target.to(args.device)
-    contexts = args.context_length
-    table = profile_cost_table(
-        target, args.batch_sizes, contexts[0] if len(contexts) == 1 else contexts, repeats=args.repeats,
-        warmup=args.warmup, device=args.device, shape=args.shape, smooth=args.smooth, seed=args.seed,
-    )
+    if args.shape == "RxW":
+        table = profile_verify_cost(
+            target, args.requests, args.batch_sizes, contexts[0], repeats=args.repeats, warmup=args.warmup,
+            smooth=args.smooth, seed=args.seed,
+        )
+    else:
+        table = profile_cost_table(
+            target, args.batch_sizes, contexts[0] if len(contexts) == 1 else contexts, repeats=args.repeats,
+            warmup=args.warmup, device=args.device, shape=args.shape, smooth=args.smooth, seed=args.seed,
+        )
     if args.draft:
         from .engine import profile_draft_cost
         from .modeling_dspark import DSparkDraftModel

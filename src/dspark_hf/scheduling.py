@@ -63,6 +63,19 @@ def _non_increasing_fit(values: list[float]) -> list[float]:
     return [mean for mean, count in blocks for _ in range(count)]
 
 
+def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise-linear y(x) through the points: clamped below the first x, extrapolated above the last through the
+    last two points with the slope floored at 0 (a one-point curve stays constant)."""
+    if x <= xs[0] or len(xs) == 1:
+        return ys[0]
+    if x >= xs[-1]:
+        slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+        return ys[-1] + slope * (x - xs[-1])
+    i = bisect.bisect_right(xs, x)
+    weight = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return ys[i - 1] + weight * (ys[i] - ys[i - 1])
+
+
 def _strictly_increasing_ints(values: Sequence[int], name: str) -> list[int]:
     values = [int(v) for v in values]
     if not values:
@@ -80,13 +93,22 @@ class CostTable(JsonFileMixin):
     Between profiled batch sizes SPS is interpolated linearly. Below the smallest profiled B it is clamped to the
     first value. Above the largest, the step time 1/SPS is extrapolated linearly through the last two points
     (slope floored at 0, so SPS never rises; a one-point table stays constant): profile past the largest B you
-    schedule. Optionally the table holds one row per context-length bucket.
+    schedule. Optionally the table holds one row per context-length bucket, or one row per number of requests.
+
+    A forward's cost depends on its shape, not only on B: on a CPU, one request of 8 tokens reads one KV cache and
+    runs far faster than 8 requests of one token. A table with `requests` describes a padded batch of R rows
+    of w tokens each (the shape `DSparkEngine` verifies, see `profile_verify_cost`): `batch_tokens` then lists the
+    profiled widths w and row i holds SPS at `requests[i]` rows. A lookup of B tokens over R requests reads width
+    B / R; between profiled R the step time is interpolated linearly (clamped below, extrapolated above).
 
     Args:
         batch_tokens: profiled batch sizes B (tokens in one target forward), strictly increasing, ≥ 1.
         steps_per_second: SPS at each B; a list of rows, one per context length, when `context_lengths` is given.
         context_lengths: optional context-length buckets, strictly increasing. A lookup at context length L uses
             the first bucket ≥ L (the longest one past the end); a lookup without a context length uses the first.
+        requests: optional numbers of requests R, strictly increasing, one row of `steps_per_second` each; then
+            `batch_tokens` are tokens per request (see above) and lookups need `requests=`. Not combinable with
+            `context_lengths`.
         smooth: `"none"` keeps the measurements; `"monotone"` replaces each row by its least-squares non-increasing
             fit (isotonic regression), so the cost of a forward never falls as B grows.
         metadata: free-form JSON-serialisable description (device, dtype, shape, model, ...).
@@ -105,19 +127,26 @@ class CostTable(JsonFileMixin):
         metadata: dict[str, Any] | None = None,
         draft_requests: Sequence[int] | None = None,
         draft_seconds: Sequence[float] | None = None,
+        requests: Sequence[int] | None = None,
     ):
         if smooth not in SMOOTHING_MODES:
             raise ValueError(f"`smooth` must be one of {SMOOTHING_MODES}, got {smooth!r}.")
+        if context_lengths is not None and requests is not None:
+            raise ValueError(
+                "A cost table has rows per context length or per number of requests, not both: profile one table "
+                "per context length with `requests`, or drop `requests`."
+            )
         self.batch_tokens = _strictly_increasing_ints(batch_tokens, "batch_tokens")
         self.context_lengths = None
+        self.requests = None
         raw_rows = [steps_per_second]
-        if context_lengths is not None:
-            self.context_lengths = _strictly_increasing_ints(context_lengths, "context_lengths")
+        for name, keys in (("context_lengths", context_lengths), ("requests", requests)):
+            if keys is None:
+                continue
+            setattr(self, name, _strictly_increasing_ints(keys, name))
             raw_rows = list(steps_per_second)
-            if len(raw_rows) != len(self.context_lengths):
-                raise ValueError(
-                    f"{len(self.context_lengths)} context lengths but {len(raw_rows)} rows of steps_per_second."
-                )
+            if len(raw_rows) != len(keys):
+                raise ValueError(f"{len(keys)} {name} but {len(raw_rows)} rows of steps_per_second.")
         self.raw_rows: list[list[float]] = []
         for row in raw_rows:
             row = [float(v) for v in row]
@@ -152,64 +181,84 @@ class CostTable(JsonFileMixin):
     @property
     def steps_per_second(self) -> list[float] | list[list[float]]:
         """The (smoothed) values, shaped like the constructor's `steps_per_second`."""
-        return self.rows[0] if self.context_lengths is None else self.rows
+        return self.rows[0] if self.context_lengths is None and self.requests is None else self.rows
 
     def _bucket(self, context_length: int | None) -> int:
         if context_length is None or self.context_lengths is None:
             return 0
         return min(bisect.bisect_left(self.context_lengths, context_length), len(self.rows) - 1)
 
-    def sps(self, batch_tokens: float, context_length: int | None = None) -> float:
-        """SPS at `batch_tokens` tokens per forward (see the class docstring for interpolation and extrapolation)."""
+    def _row_sps(self, row: list[float], batch_tokens: float) -> float:
+        xs = self.batch_tokens
+        if batch_tokens <= xs[0]:
+            return row[0]
+        if batch_tokens >= xs[-1]:
+            if len(xs) == 1:
+                return row[-1]
+            slope = max((1.0 / row[-1] - 1.0 / row[-2]) / (xs[-1] - xs[-2]), 0.0)
+            return 1.0 / (1.0 / row[-1] + slope * (batch_tokens - xs[-1]))
+        i = bisect.bisect_right(xs, batch_tokens)
+        weight = (batch_tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return row[i - 1] + weight * (row[i] - row[i - 1])
+
+    def sps(self, batch_tokens: float, context_length: int | None = None, requests: int | None = None) -> float:
+        """SPS at `batch_tokens` tokens per forward, over `requests` requests for a table with a requests axis (see
+        the class docstring for interpolation and extrapolation)."""
         if not batch_tokens >= 1:
             raise ValueError(
                 f"A verification forward holds at least one token, got batch_tokens={batch_tokens}."
             )
-        xs, ys = self.batch_tokens, self.rows[self._bucket(context_length)]
-        if batch_tokens <= xs[0]:
-            return ys[0]
-        if batch_tokens >= xs[-1]:
-            if len(xs) == 1:
-                return ys[-1]
-            slope = max((1.0 / ys[-1] - 1.0 / ys[-2]) / (xs[-1] - xs[-2]), 0.0)
-            return 1.0 / (1.0 / ys[-1] + slope * (batch_tokens - xs[-1]))
-        i = bisect.bisect_right(xs, batch_tokens)
-        weight = (batch_tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
-        return ys[i - 1] + weight * (ys[i] - ys[i - 1])
+        if self.requests is None:
+            return self._row_sps(self.rows[self._bucket(context_length)], batch_tokens)
+        if requests is None or requests < 1:
+            raise ValueError(
+                f"This cost table has one row per number of requests {self.requests}: pass `requests=` (>= 1), got "
+                f"{requests}."
+            )
+        width = max(batch_tokens / requests, 1.0)
+        step_times = [1.0 / self._row_sps(row, width) for row in self.rows]
+        return 1.0 / _interpolate(self.requests, step_times, requests)
 
     def draft_time(self, num_requests: int) -> float:
         """Seconds of one draft pass over `num_requests` requests (0 when the table has no draft cost or R = 0)."""
         if self.draft_seconds is None or num_requests <= 0:
             return 0.0
-        xs, ys = self.draft_requests, self.draft_seconds
-        if num_requests <= xs[0] or len(xs) == 1:
-            return ys[0]
-        if num_requests >= xs[-1]:
-            slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
-            return ys[-1] + slope * (num_requests - xs[-1])
-        i = bisect.bisect_right(xs, num_requests)
-        weight = (num_requests - xs[i - 1]) / (xs[i] - xs[i - 1])
-        return ys[i - 1] + weight * (ys[i] - ys[i - 1])
+        return _interpolate(self.draft_requests, self.draft_seconds, num_requests)
 
-    def round_seconds(self, batch_tokens: float, drafted_requests: int = 0, context_length: int | None = None) -> float:
-        """Time of one round: a verification forward of `batch_tokens` tokens plus a draft pass over
-        `drafted_requests` requests (0: no draft pass)."""
-        return 1.0 / self.sps(batch_tokens, context_length) + self.draft_time(drafted_requests)
+    def round_seconds(
+        self,
+        batch_tokens: float,
+        drafted_requests: int = 0,
+        context_length: int | None = None,
+        requests: int | None = None,
+    ) -> float:
+        """Time of one round: a verification forward of `batch_tokens` tokens (over `requests` requests, needed by a
+        table with a requests axis) plus a draft pass over `drafted_requests` requests (0: no draft pass)."""
+        return 1.0 / self.sps(batch_tokens, context_length, requests) + self.draft_time(drafted_requests)
 
     def with_draft_cost(self, draft_requests: Sequence[int], draft_seconds: Sequence[float]) -> "CostTable":
         """A copy of this table that also holds the draft pass time d(R) (see `profile_draft_cost`)."""
         return CostTable(
             self.batch_tokens,
-            self.raw_rows[0] if self.context_lengths is None else self.raw_rows,
+            self.steps_per_second_raw,
             context_lengths=self.context_lengths,
             smooth=self.smooth,
             metadata=self.metadata,
             draft_requests=draft_requests,
             draft_seconds=draft_seconds,
+            requests=self.requests,
         )
 
+    @property
+    def steps_per_second_raw(self) -> list[float] | list[list[float]]:
+        """The measurements before smoothing, shaped like the constructor's `steps_per_second`."""
+        return self.raw_rows[0] if self.context_lengths is None and self.requests is None else self.raw_rows
+
     def for_context(self, context_length: int) -> "CostTable":
-        """A single-row table holding the bucket that `sps(..., context_length)` would use."""
+        """A single-row table holding the bucket that `sps(..., context_length)` would use (a table with a requests
+        axis has no context buckets and is returned unchanged)."""
+        if self.requests is not None:
+            return self
         return CostTable(
             self.batch_tokens,
             self.raw_rows[self._bucket(context_length)],
@@ -225,12 +274,14 @@ class CostTable(JsonFileMixin):
             "format": COST_TABLE_FORMAT,
             "version": COST_TABLE_VERSION,
             "batch_tokens": self.batch_tokens,
-            "steps_per_second": self.raw_rows[0] if self.context_lengths is None else self.raw_rows,
+            "steps_per_second": self.steps_per_second_raw,
             "smooth": self.smooth,
             "metadata": self.metadata,
         }
         if self.context_lengths is not None:
             data["context_lengths"] = self.context_lengths
+        if self.requests is not None:
+            data["requests"] = self.requests
         if self.draft_seconds is not None:
             data["draft_requests"] = self.draft_requests
             data["draft_seconds"] = self.draft_seconds
@@ -248,11 +299,12 @@ class CostTable(JsonFileMixin):
             metadata=data.get("metadata"),
             draft_requests=data.get("draft_requests"),
             draft_seconds=data.get("draft_seconds"),
+            requests=data.get("requests"),
         )
-
 
     def __repr__(self) -> str:
         buckets = "" if self.context_lengths is None else f", context_lengths={self.context_lengths}"
+        buckets += "" if self.requests is None else f", requests={self.requests}"
         draft = "" if self.draft_seconds is None else f", draft_requests={self.draft_requests}, draft_seconds={self.draft_seconds}"
         return (
             f"CostTable(batch_tokens={self.batch_tokens}, steps_per_second={self.steps_per_second}{buckets}, "
@@ -266,44 +318,52 @@ def _synchronize(device: torch.device) -> None:
         backend.synchronize()
 
 
-def _profile_context(
+def _forward_seconds(
     model: torch.nn.Module,
-    sizes: list[int],
+    shapes: list[tuple[int, int]],
     context_length: int,
     repeats: int,
     warmup: int,
     device: torch.device,
-    shape: str,
     generator: torch.Generator,
+    masked: bool = False,
 ) -> list[float]:
+    """Median seconds of one forward of `requests × tokens` new tokens after `context_length` cached ones, per
+    shape. `masked` passes what `DSparkEngine` passes: per-row position ids and a 2-D attention mask over cache and
+    new tokens, with one hole (slot 0) per row as the engine's layout has after rejections."""
     vocab_size = model.config.get_text_config().vocab_size
     prompt = torch.randint(vocab_size, (1, context_length), generator=generator).to(device)
     prefix = DynamicCache(config=model.config)
     model(input_ids=prompt, cache=prefix, use_cache=True)
     caches, inputs = {}, {}
-    for size in sizes:
-        requests, tokens = (1, size) if shape == "1xB" else (size, 1)
+    for requests, tokens in shapes:
         cache = prefix
         if requests > 1:
             cache = copy.deepcopy(prefix)
             cache.batch_repeat_interleave(requests)
-        caches[size] = cache
-        inputs[size] = torch.randint(vocab_size, (requests, tokens), generator=generator).to(device)
+        caches[requests, tokens] = cache
+        kwargs = {"input_ids": torch.randint(vocab_size, (requests, tokens), generator=generator).to(device)}
+        if masked:
+            mask = torch.ones(requests, context_length + tokens, dtype=torch.long, device=device)
+            mask[:, 0] = 0
+            positions = torch.arange(context_length - 1, context_length - 1 + tokens, device=device)
+            kwargs.update(attention_mask=mask, position_ids=positions.expand(requests, -1))
+        inputs[requests, tokens] = kwargs
 
-    def timed_forward(size: int) -> float:
+    def timed_forward(shape: tuple[int, int]) -> float:
         _synchronize(device)
         start = time.perf_counter()
-        model(input_ids=inputs[size], cache=caches[size], use_cache=True)
+        model(**inputs[shape], cache=caches[shape], use_cache=True)
         _synchronize(device)
         elapsed = time.perf_counter() - start
-        caches[size].crop(-inputs[size].shape[1])  # back to the prefilled context
+        caches[shape].crop(-shape[1])  # back to the prefilled context
         return elapsed
 
-    return [1.0 / seconds for seconds in interleaved_median_times(sizes, timed_forward, repeats, warmup)]
+    return interleaved_median_times(shapes, timed_forward, repeats, warmup)
 
 
 def interleaved_median_times(
-    sizes: Sequence[int], timed: Callable[[int], float], repeats: int, warmup: int
+    sizes: Sequence[Hashable], timed: Callable[[Hashable], float], repeats: int, warmup: int
 ) -> list[float]:
     """Median of `repeats` calls `timed(size)` per size, after `warmup` untimed rounds; every round visits all
     sizes in a rotated order, so a slow phase of a shared machine hits every size alike."""
@@ -361,8 +421,10 @@ def profile_cost_table(
     was_training = model.training
     model.eval()
     try:
+        shapes = [(1, size) if shape == "1xB" else (size, 1) for size in sizes]
         rows = [
-            _profile_context(model, sizes, c, repeats, warmup, device, shape, generator) for c in contexts
+            [1.0 / t for t in _forward_seconds(model, shapes, c, repeats, warmup, device, generator)]
+            for c in contexts
         ]
     finally:
         model.train(was_training)
@@ -379,6 +441,64 @@ def profile_cost_table(
     if isinstance(context_length, int):
         return CostTable(sizes, rows[0], smooth=smooth, metadata=metadata)
     return CostTable(sizes, rows, context_lengths=contexts, smooth=smooth, metadata=metadata)
+
+
+@torch.inference_mode()
+def profile_verify_cost(
+    model: torch.nn.Module,
+    num_requests: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    widths: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8, 9),
+    context_length: int = 256,
+    repeats: int = 7,
+    warmup: int = 2,
+    smooth: Literal["none", "monotone"] = "monotone",
+    seed: int = 0,
+) -> CostTable:
+    """Measures SPS in the shape `DSparkEngine` verifies: R rows of w tokens (anchor + w − 1 drafted), with the
+    engine's per-row position ids and 2-D attention mask, after `context_length` cached tokens per row.
+
+    Returns a `CostTable` with a requests axis (`table.requests = num_requests`, `table.batch_tokens = widths`), for
+    `DSparkEngine(..., cost_table=...)`; add the draft pass with `.with_draft_cost(*profile_draft_cost(draft))`.
+    Profile widths up to 1 + the draft's block size. Timing as in `profile_cost_table` (warmup, interleaved
+    repeats, medians); `smooth="monotone"` makes each row's SPS non-increasing in w.
+
+    Example:
+        >>> table = profile_verify_cost(target, num_requests=(1, 4, 16), widths=range(1, 6))
+        >>> engine = DSparkEngine(target, draft, cost_table=table.with_draft_cost(*profile_draft_cost(draft)))
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"Need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    requests = _strictly_increasing_ints(sorted(set(num_requests)), "num_requests")
+    widths = _strictly_increasing_ints(sorted(set(widths)), "widths")
+    device = model.device
+    was_training = model.training
+    model.eval()
+    try:
+        shapes = [(r, w) for r in requests for w in widths]
+        seconds = dict(
+            zip(
+                shapes,
+                _forward_seconds(
+                    model, shapes, context_length, repeats, warmup, device, torch.Generator().manual_seed(seed),
+                    masked=True,
+                ),
+                strict=True,
+            )
+        )
+    finally:
+        model.train(was_training)
+    metadata = {
+        "model": getattr(model.config, "name_or_path", "") or type(model).__name__,
+        "device": str(device),
+        "dtype": str(getattr(model, "dtype", "")),
+        "shape": "RxW",
+        "context_lengths": [context_length],
+        "repeats": repeats,
+        "warmup": warmup,
+        "statistic": "median",
+    }
+    rows = [[1.0 / seconds[r, w] for w in widths] for r in requests]
+    return CostTable(widths, rows, smooth=smooth, metadata=metadata, requests=requests)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -422,6 +542,15 @@ def _cumprod(row: Sequence[float]) -> list[float]:
     return list(itertools.accumulate(row, lambda a, c: a * c))
 
 
+def _mean_survival(rows: Sequence[Sequence[float]]) -> list[float]:
+    """Position-wise mean survival of ragged conditional-confidence rows, each position averaged over the rows
+    that reach it, made non-increasing (a running minimum), as Algorithm 1's admission path expects."""
+    survivals = [_cumprod(row) for row in rows]
+    width = max((len(row) for row in survivals), default=0)
+    means = [statistics.fmean(row[k] for row in survivals if k < len(row)) for k in range(width)]
+    return list(itertools.accumulate(means, min))
+
+
 def survival_probabilities(confidences: Confidences) -> list[list[float]]:
     """Prefix survival a_{r,k} = ∏_{i≤k} c_{r,i} of every request (Algorithm 1, line 2)."""
     return [_cumprod(row) for row in _confidence_rows(confidences)]
@@ -458,7 +587,9 @@ def expected_throughput(
         raise ValueError(f"lengths {list(lengths)} exceed the drafted blocks.")
     expected = sum(1.0 + sum(row[:length]) for row, length in zip(survival, lengths, strict=True))
     drafted_requests = len(survival) if drafted else 0
-    return expected / cost_table.round_seconds(_verified_tokens(lengths, layout), drafted_requests)
+    return expected / cost_table.round_seconds(
+        _verified_tokens(lengths, layout), drafted_requests, requests=len(lengths)
+    )
 
 
 def _ranked_candidates(survival: list[list[float]], caps: list[int]) -> list[tuple[float, int, int]]:
@@ -503,7 +634,7 @@ def _greedy_lengths(
     draft_seconds = cost_table.draft_time(num_requests)
 
     def theta(expected: float, batch_tokens: int) -> float:
-        return expected / (1.0 / cost_table.sps(batch_tokens) + draft_seconds)
+        return expected / (1.0 / cost_table.sps(batch_tokens, requests=num_requests) + draft_seconds)
 
     if layout == "padded":
         expected, best_theta, best_width = float(num_requests), theta(num_requests, num_requests), 0
@@ -697,6 +828,11 @@ class PrefixSchedulerPolicy(_HistoryPolicy):
       not beat plain decoding's R · SPS(R). After `probe_interval` skipped steps in a row it drafts once to refresh
       the prediction; each probe that still finds drafting unprofitable doubles the wait, up to
       `max_probe_interval`, and a profitable prediction resets it.
+      The prediction for a request is its mean survival over its last `prediction_window` drafted steps: one
+      step's confidences are a noisy estimate of the next step's, and a single unlucky step would otherwise stop
+      drafting until the next probe.
+    - a cost table with a requests axis (`profile_verify_cost`): each forward is priced in its real shape, R rows
+      of 1 + max ℓ tokens, instead of by its token count alone.
 
     Lossless: the early stop makes the scheduler non-anticipating. Whether (r, k) is admitted depends only on the
     candidates ranked before it, and none of those is computed from x_{r,k} (a_{r,k+1} ≤ a_{r,k} ranks after).
@@ -709,13 +845,16 @@ class PrefixSchedulerPolicy(_HistoryPolicy):
         layout: Literal["packed", "padded"] = "packed",
         probe_interval: int = 16,
         max_probe_interval: int = 256,
+        prediction_window: int = 8,
     ):
         _check_layout(layout)
         if not 1 <= probe_interval <= max_probe_interval:
             raise ValueError(
                 f"Need 1 <= probe_interval <= max_probe_interval, got {probe_interval} and {max_probe_interval}."
             )
-        super().__init__(history_length=1)
+        if prediction_window < 1:
+            raise ValueError(f"`prediction_window` must be >= 1 drafted step, got {prediction_window}.")
+        super().__init__(history_length=prediction_window)
         self.cost_table = cost_table
         self.layout = layout
         self.probe_interval = probe_interval
@@ -727,19 +866,19 @@ class PrefixSchedulerPolicy(_HistoryPolicy):
     def should_draft(self, request_ids: Sequence[Hashable], max_lengths: Sequence[int]) -> bool:
         if not self.cost_table.has_draft_cost or not request_ids:
             return True
-        known = [self._history[rid][-1] for rid in request_ids if rid in self._history]
-        prior = _mean_row(known) if known else self._prior
+        predicted = {rid: _mean_survival(self._history[rid]) for rid in request_ids if rid in self._history}
+        prior = _mean_row(list(predicted.values())) if predicted else self._prior
         if prior is None:
             return True  # nothing drafted yet: draft to learn
         if self._skipped >= self._interval:  # probe, and wait twice as long before the next one
             self._skipped = 0
             self._interval = min(2 * self._interval, self.max_probe_interval)
             return True
-        survival = [_cumprod(self._history[rid][-1] if rid in self._history else prior) for rid in request_ids]
+        survival = [predicted.get(rid, prior) for rid in request_ids]
         caps = [min(int(cap), len(row)) for cap, row in zip(max_lengths, survival, strict=True)]
         lengths = _greedy_lengths(survival, caps, self.cost_table, early_stop=True, layout=self.layout)
         drafted = expected_throughput(survival, lengths, self.cost_table, self.layout)
-        plain = len(request_ids) / self.cost_table.round_seconds(len(request_ids))
+        plain = len(request_ids) / self.cost_table.round_seconds(len(request_ids), requests=len(request_ids))
         if drafted > plain:
             self._skipped, self._interval = 0, self.probe_interval
             return True
@@ -755,7 +894,7 @@ class PrefixSchedulerPolicy(_HistoryPolicy):
     ) -> list[int]:
         if self.cost_table.has_draft_cost:
             self.observe(self._ids(request_ids, len(confidences)), confidences)
-            self._prior = _mean_row(confidences) or self._prior
+            self._prior = _mean_row([_cumprod(row) for row in confidences]) or self._prior
         survival = [_cumprod(row) for row in confidences]
         return _greedy_lengths(survival, caps, self.cost_table, early_stop=True, layout=self.layout)
 
