@@ -50,7 +50,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data" / "eval"
 DOMAINS = {"math": "gsm8k.jsonl", "code": "humaneval.jsonl", "chat": "alpacaeval.jsonl"}
 POLICIES = ("none", "mtp1", "full", "threshold", "prefix", "prefix_paper", "lagged")
-DEFAULT_COST_TABLE = RESULTS / "cost_table_smollm2_cpu_engine.json"
+DEFAULT_COST_TABLE = RESULTS / "cost_table_smollm2_cpu_engine_rxw.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

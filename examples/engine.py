@@ -4,7 +4,8 @@
     python examples/engine.py --draft outputs/draft --cost-table cost.json   # trained draft, Algorithm 1
     python examples/engine.py --sample                                 # sampling (temperature 0.7, top-p 0.9)
 
-Make a cost table with `dspark-hf profile --target smollm2 --shape Bx1 --out cost.json`.
+Make a cost table in the engine's shapes, with the draft pass time, with
+`dspark-hf profile --target smollm2 --shape RxW --batch-sizes 1 2 3 4 5 --draft outputs/draft --out cost.json`.
 """
 
 import argparse

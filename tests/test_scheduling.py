@@ -319,7 +319,7 @@ def test_draft_cost_enters_theta_and_favours_longer_verification():
     assert expected_throughput([[0.9]], [0], costly, drafted=False) == pytest.approx(10.0)
 
 
-def test_should_draft_predicts_from_the_last_drafted_step():
+def test_should_draft_skips_and_probes_with_backoff():
     table = CostTable([1, 2, 3, 4, 5], [10.0, 9.5, 9.0, 8.5, 8.0])
     ids = ["a", "b"]
     assert PrefixSchedulerPolicy(table).should_draft(ids, [4, 4])  # no draft cost: always draft
@@ -332,12 +332,12 @@ def test_should_draft_predicts_from_the_last_drafted_step():
         policy.select_lengths([[0.9, 0.8], [0.9, 0.8]], request_ids=ids)
     assert cheap.should_draft(ids, [4, 4])
     # A 1 s draft pass can never pay for 0.9 + 0.72 expected tokens per request: skip. A new request "c" is
-    # predicted from the mean of the known ones.
+    # predicted from the recent rows of all requests.
     decisions = [costly.should_draft(["a", "c"] if i == 0 else ids, [4, 4]) for i in range(12)]
     # Probes after 2 skipped steps, then after 4 (doubled, capped at max_probe_interval), then after 4 again.
     assert decisions == [False, False, True, False, False, False, False, True, False, False, False, False]
     costly.forget(ids)
-    assert costly.should_draft(ids, [4, 4])  # the 4th skip in a row: probe; forgotten requests use the last step
+    assert costly.should_draft(ids, [4, 4])  # the 4th skip in a row: probe; forgotten requests start from all requests' rows
     assert not costly.should_draft(ids, [4, 4])
     costly.reset()
     assert costly.should_draft(["a"], [4])  # nothing known after a reset
@@ -345,24 +345,37 @@ def test_should_draft_predicts_from_the_last_drafted_step():
         PrefixSchedulerPolicy(table, probe_interval=8, max_probe_interval=4)
 
 
-def test_should_draft_averages_the_last_drafted_steps():
-    """One unlucky step does not stop drafting: the prediction is the mean survival over `prediction_window` steps."""
+def test_should_draft_averages_steps_and_shrinks_towards_all_requests():
+    """One unlucky step does not stop drafting: a request's prediction is its mean survival over its last
+    `prediction_window` steps, shrunk towards the mean over all requests' recent steps (`prior_weight`)."""
     # SPS 10 at one token, 9 at two; a 10 ms draft pass. Drafting one token with survival a pays iff
     # (1 + a) / (1/9 + 0.01) > 10, i.e. a > 0.211.
     table = CostTable([1, 2], [10.0, 9.0]).with_draft_cost([1], [0.01])
-    windowed = PrefixSchedulerPolicy(table, layout="padded", prediction_window=4)
-    last_only = PrefixSchedulerPolicy(table, layout="padded", prediction_window=1)
-    for policy in (windowed, last_only):
+    last_only = PrefixSchedulerPolicy(table, layout="padded", prediction_window=1, prior_weight=0)
+    windowed = PrefixSchedulerPolicy(table, layout="padded", prediction_window=4, prior_weight=0)
+    shrunk = PrefixSchedulerPolicy(table, layout="padded", prediction_window=1, prior_weight=4)
+    for policy in (last_only, windowed, shrunk):
         for confidence in (0.9, 0.9, 0.9, 0.05):  # mean 0.6875, last 0.05
             assert policy.should_draft(["a"], [1])
             policy.select_lengths([[confidence]], request_ids=["a"])
-    assert windowed.should_draft(["a"], [1])
     assert not last_only.should_draft(["a"], [1])
-    # Steps that stop short of a position average that position over the steps that reach it.
-    windowed.select_lengths([[]], request_ids=["a"])
+    assert windowed.predicted_survival("a") == pytest.approx([0.6875])
     assert windowed.should_draft(["a"], [1])
-    with pytest.raises(ValueError, match="prediction_window"):
-        PrefixSchedulerPolicy(table, prediction_window=0)
+    assert shrunk.predicted_survival("a") == pytest.approx([(0.05 + 4 * 0.6875) / 5])
+    assert shrunk.should_draft(["a"], [1])
+    # A request that never drafted starts from the population; without shrinkage it has no prediction.
+    assert shrunk.predicted_survival("new") == pytest.approx([0.6875])
+    assert windowed.predicted_survival("new") == []
+    # Survival is averaged per position over the steps that reach it, then made non-increasing.
+    windowed.select_lengths([[0.5, 1.0]], request_ids=["a"])
+    assert windowed.predicted_survival("a") == pytest.approx([(0.9 + 0.9 + 0.05 + 0.5) / 4, 0.5])
+    windowed.select_lengths([[0.2, 1.0]], request_ids=["a"])
+    assert windowed.predicted_survival("a") == pytest.approx([(0.9 + 0.05 + 0.5 + 0.2) / 4, 0.35])
+    windowed.reset()
+    assert windowed.predicted_survival("a") == [] and windowed.should_draft(["a"], [1])
+    for kwargs in ({"prediction_window": 0}, {"population_window": 0}, {"prior_weight": -1.0}):
+        with pytest.raises(ValueError):
+            PrefixSchedulerPolicy(table, **kwargs)
 
 
 # Θ along the path of [0.9, 0.9, 0.9]: 1.0, 1.9·0.6 = 1.14, 2.71·0.4 = 1.084, 3.439·0.39 = 1.341.

@@ -194,3 +194,22 @@ def test_server_needs_a_chat_template():
     target = make_target("llama", vocab_size=VOCAB)
     with pytest.raises(ValueError, match="chat template"):
         DSparkServer(DSparkEngine(target), port=0)
+
+
+def test_serve_profiles_the_engine_shapes_when_no_cost_table_is_given(tmp_path):
+    """Without --cost-table, start-up profiles R rows × width verification and the draft pass, within the batch limit."""
+    from dspark_hf.serve import build_engine
+
+    target = make_target("llama", vocab_size=VOCAB)
+    target.save_pretrained(tmp_path / "target")
+    make_tokenizer(VOCAB).save_pretrained(tmp_path / "target")
+    DSparkDraftModel.from_target(target, block_size=3, num_hidden_layers=1, mask_token_id=VOCAB - 1).save_pretrained(
+        tmp_path / "draft"
+    )
+    args = build_parser().parse_args([
+        "serve", "--target", str(tmp_path / "target"), "--target-dtype", "float32", "--draft", str(tmp_path / "draft"),
+        "--scheduler", "prefix", "--max-batch-size", "4", "--max-draft-tokens", "2",
+    ])
+    table = build_engine(args).policy.cost_table
+    assert table.requests == [1, 2, 4] and table.batch_tokens == [1, 2, 3]
+    assert table.draft_requests == [1, 2, 4] and table.has_draft_cost

@@ -532,23 +532,28 @@ def _caps(rows: list[list[float]], max_lengths: Sequence[int] | None) -> list[in
     return [min(int(m), len(row)) for m, row in zip(max_lengths, rows, strict=True)]
 
 
-def _mean_row(rows: Sequence[Sequence[float]]) -> list[float]:
-    """Position-wise mean of ragged confidence rows (a missing position counts as 0)."""
-    width = max((len(row) for row in rows), default=0)
-    return [statistics.fmean(row[k] if k < len(row) else 0.0 for row in rows) for k in range(width)]
-
-
 def _cumprod(row: Sequence[float]) -> list[float]:
     return list(itertools.accumulate(row, lambda a, c: a * c))
 
 
-def _mean_survival(rows: Sequence[Sequence[float]]) -> list[float]:
-    """Position-wise mean survival of ragged conditional-confidence rows, each position averaged over the rows
-    that reach it, made non-increasing (a running minimum), as Algorithm 1's admission path expects."""
-    survivals = [_cumprod(row) for row in rows]
-    width = max((len(row) for row in survivals), default=0)
-    means = [statistics.fmean(row[k] for row in survivals if k < len(row)) for k in range(width)]
-    return list(itertools.accumulate(means, min))
+def _position_sums(rows: Sequence[Sequence[float]]) -> tuple[list[float], list[int]]:
+    """Position-wise sum of the survivals of ragged conditional-confidence rows, and how many rows reach each position."""
+    sums: list[float] = []
+    counts: list[int] = []
+    for row in rows:
+        for k, a in enumerate(_cumprod(row)):
+            if k == len(sums):
+                sums.append(0.0)
+                counts.append(0)
+            sums[k] += a
+            counts[k] += 1
+    return sums, counts
+
+
+def _position_means(rows: Sequence[Sequence[float]]) -> list[float]:
+    """Position-wise mean survival of ragged conditional-confidence rows, over the rows that reach each position."""
+    sums, counts = _position_sums(rows)
+    return [total / count for total, count in zip(sums, counts, strict=True)]
 
 
 def survival_probabilities(confidences: Confidences) -> list[list[float]]:
@@ -818,19 +823,18 @@ class PrefixSchedulerPolicy(_HistoryPolicy):
     with B = R + admitted and τ* = R + Σ a, and stops at the first admission whose Θ = τ*·SPS(B) does not strictly
     exceed the best so far. The result is the global optimum whenever Θ is unimodal along the path.
 
-    Two extensions, both off unless asked for, adapt it to verifiers unlike the paper's:
+    Three extensions, all off unless asked for, adapt it to verifiers unlike the paper's:
 
     - `layout="padded"`: the target computes R · (1 + max ℓ) tokens (a padded batch, as in `DSparkEngine`), so
       the path widens all requests one position at a time (see `_greedy_lengths`).
     - a cost table with a draft pass time d(R) (`CostTable.with_draft_cost`): Θ = τ* / (1/SPS(B) + d(R)), and
-      `should_draft` skips drafting when, predicted from each request's confidences of its last drafted step (for
-      a new request, the mean of the known ones, else of the last drafted step), the best Θ of a drafted step does
-      not beat plain decoding's R · SPS(R). After `probe_interval` skipped steps in a row it drafts once to refresh
-      the prediction; each probe that still finds drafting unprofitable doubles the wait, up to
+      `should_draft` skips drafting when the predicted best Θ of a drafted step does not beat plain decoding's
+      R · SPS(R). A request's predicted survival is its mean over its last `prediction_window` drafted steps,
+      shrunk towards the mean of the last `population_window` drafted rows of all requests with the weight of
+      `prior_weight` steps: a new request starts from the population, and one unlucky step of a request moves
+      its prediction only part of the way. After `probe_interval` skipped steps in a row it drafts once to
+      refresh the prediction; each probe that still finds drafting unprofitable doubles the wait, up to
       `max_probe_interval`, and a profitable prediction resets it.
-      The prediction for a request is its mean survival over its last `prediction_window` drafted steps: one
-      step's confidences are a noisy estimate of the next step's, and a single unlucky step would otherwise stop
-      drafting until the next probe.
     - a cost table with a requests axis (`profile_verify_cost`): each forward is priced in its real shape, R rows
       of 1 + max ℓ tokens, instead of by its token count alone.
 
@@ -846,35 +850,60 @@ class PrefixSchedulerPolicy(_HistoryPolicy):
         probe_interval: int = 16,
         max_probe_interval: int = 256,
         prediction_window: int = 8,
+        population_window: int = 64,
+        prior_weight: float = 4.0,
     ):
         _check_layout(layout)
         if not 1 <= probe_interval <= max_probe_interval:
             raise ValueError(
                 f"Need 1 <= probe_interval <= max_probe_interval, got {probe_interval} and {max_probe_interval}."
             )
-        if prediction_window < 1:
-            raise ValueError(f"`prediction_window` must be >= 1 drafted step, got {prediction_window}.")
+        if prediction_window < 1 or population_window < 1:
+            raise ValueError(
+                f"`prediction_window` and `population_window` must be >= 1 drafted step, got {prediction_window} and "
+                f"{population_window}."
+            )
+        if not prior_weight >= 0:
+            raise ValueError(f"`prior_weight` must be >= 0 (0: no shrinkage), got {prior_weight}.")
         super().__init__(history_length=prediction_window)
+        self.prior_weight = float(prior_weight)
+        self._population: deque[list[float]] = deque(maxlen=population_window)
         self.cost_table = cost_table
         self.layout = layout
         self.probe_interval = probe_interval
         self.max_probe_interval = max_probe_interval
         self._interval = probe_interval
         self._skipped = 0
-        self._prior: list[float] | None = None
+
+    def predicted_survival(self, request_id: Hashable) -> list[float]:
+        """Predicted survival row of the next drafted step of `request_id`: position-wise, (n·own + w·population) /
+        (n + w) with own the mean over the request's n stored steps that reach the position, population the mean over
+        the last drafted rows of all requests, w = `prior_weight`; non-increasing. Empty before any drafted step."""
+        return self._shrunk_survival(self._history.get(request_id, ()), _position_means(self._population))
+
+    def _shrunk_survival(self, own: Sequence[Sequence[float]], population: list[float]) -> list[float]:
+        sums, counts = _position_sums(own)
+        survival = []
+        for k in range(max(len(sums), len(population))):
+            weight = self.prior_weight if k < len(population) else 0.0
+            count = counts[k] if k < len(counts) else 0
+            if count + weight == 0:
+                break
+            prior = population[k] if k < len(population) else 0.0
+            survival.append(((sums[k] if k < len(sums) else 0.0) + weight * prior) / (count + weight))
+        return list(itertools.accumulate(survival, min))
 
     def should_draft(self, request_ids: Sequence[Hashable], max_lengths: Sequence[int]) -> bool:
         if not self.cost_table.has_draft_cost or not request_ids:
             return True
-        predicted = {rid: _mean_survival(self._history[rid]) for rid in request_ids if rid in self._history}
-        prior = _mean_row(list(predicted.values())) if predicted else self._prior
-        if prior is None:
+        if not self._population:
             return True  # nothing drafted yet: draft to learn
         if self._skipped >= self._interval:  # probe, and wait twice as long before the next one
             self._skipped = 0
             self._interval = min(2 * self._interval, self.max_probe_interval)
             return True
-        survival = [predicted.get(rid, prior) for rid in request_ids]
+        population = _position_means(self._population)
+        survival = [self._shrunk_survival(self._history.get(rid, ()), population) for rid in request_ids]
         caps = [min(int(cap), len(row)) for cap, row in zip(max_lengths, survival, strict=True)]
         lengths = _greedy_lengths(survival, caps, self.cost_table, early_stop=True, layout=self.layout)
         drafted = expected_throughput(survival, lengths, self.cost_table, self.layout)
@@ -887,14 +916,15 @@ class PrefixSchedulerPolicy(_HistoryPolicy):
 
     def reset(self) -> None:
         super().reset()
-        self._skipped, self._interval, self._prior = 0, self.probe_interval, None
+        self._population.clear()
+        self._skipped, self._interval = 0, self.probe_interval
 
     def _select(
         self, confidences: list[list[float]], caps: list[int], request_ids: Sequence[Hashable] | None
     ) -> list[int]:
         if self.cost_table.has_draft_cost:
             self.observe(self._ids(request_ids, len(confidences)), confidences)
-            self._prior = _mean_row([_cumprod(row) for row in confidences]) or self._prior
+            self._population.extend(confidences)
         survival = [_cumprod(row) for row in confidences]
         return _greedy_lengths(survival, caps, self.cost_table, early_stop=True, layout=self.layout)
 

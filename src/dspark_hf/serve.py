@@ -330,8 +330,9 @@ def build_engine(args: argparse.Namespace) -> DSparkEngine:
 
     from .cli import load_target
     from .demo import load_default_draft
+    from .engine import profile_draft_cost
     from .modeling_dspark import DSparkDraftModel
-    from .scheduling import CostTable, profile_cost_table
+    from .scheduling import CostTable, profile_verify_cost
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -351,8 +352,12 @@ def build_engine(args: argparse.Namespace) -> DSparkEngine:
         if args.cost_table:
             cost_table = CostTable.load(args.cost_table)
         else:
-            print("Profiling the target's cost table SPS(B) (pass --cost-table to skip)...", file=sys.stderr)
-            cost_table = profile_cost_table(target, (1, 2, 4, 8, 16, 32, 64), shape="Bx1", repeats=3, smooth="monotone")
+            print("Profiling the verification and draft costs (pass --cost-table to skip)...", file=sys.stderr)
+            requests = [r for r in (1, 2, 4, 8, 16, 32) if args.max_batch_size is None or r <= args.max_batch_size]
+            widths = range(1, (max_draft_tokens or draft.config.block_size) + 2)
+            cost_table = profile_verify_cost(target, requests, widths, repeats=3).with_draft_cost(
+                *profile_draft_cost(draft, requests, repeats=3)
+            )
     return DSparkEngine(
         target, draft, scheduler=scheduler, cost_table=cost_table, tokenizer=tokenizer,
         max_batch_size=args.max_batch_size, max_draft_tokens=max_draft_tokens, **policy_kwargs,
