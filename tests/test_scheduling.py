@@ -232,21 +232,25 @@ def test_cost_table_requests_axis():
 
 
 def test_requests_axis_prices_the_engine_shape():
-    """SmolLM2 on this CPU, one request (numbers from the committed cost tables): a table by token count, profiled as
-    B requests of one token, prices a 5-token verification at 57 ms; the shaped table at 45 ms. Only the shaped one
-    sees what the engine measured, that verifying the whole block beats plain decoding at R = 1."""
-    survival = survival_probabilities([[0.25, 0.35, 0.4, 0.4]])  # τ of the full block ≈ 1.39, as measured
+    """SmolLM2 on this CPU, one request, with the rows of the committed tables: the table by token count
+    (`cost_table_smollm2_cpu_engine_v8k.json`, profiled as B requests of one token) prices a 5-token verification at
+    57 ms, the engine-shaped one (`cost_table_smollm2_cpu_engine_rxw.json`) at 48 ms. Only the shaped one sees what
+    the engine measured, that verifying the whole block beats plain decoding at R = 1."""
+    confidences = [[0.25, 0.35, 0.4, 0.4]]  # τ of the full block ≈ 1.39, as measured
+    survival = survival_probabilities(confidences)
     by_count = CostTable([1, 2, 4, 8], [24.66, 23.87, 18.82, 13.53]).with_draft_cost([1], [0.00485])
-    shaped = CostTable([1, 2, 3, 4, 5], [[25.0, 23.9, 23.6, 23.0, 22.1]], requests=[1]).with_draft_cost([1], [0.00485])
+    shaped = CostTable([1, 2, 3, 4, 5], [[24.39, 22.68, 22.47, 21.88, 20.75]], requests=[1]).with_draft_cost(
+        [1], [0.00574]
+    )
     for table, full_block_pays in ((by_count, False), (shaped, True)):
         plain = 1 / table.round_seconds(1, requests=1)
         assert (expected_throughput(survival, [4], table, "padded") > plain) is full_block_pays
         policy = PrefixSchedulerPolicy(table, layout="padded")
-        policy.select_lengths([[0.25, 0.35, 0.4, 0.4]], request_ids=["a"])
+        policy.select_lengths(confidences, request_ids=["a"])
         assert policy.should_draft(["a"], [4])  # ℓ = 1 pays under both tables
-    # Θ by width 1..4 under the shaped table: 26.8, 28.3, 28.4, 27.7 tokens/s; by count: 26.7, 25.9, 23.7, 22.4.
-    assert PrefixSchedulerPolicy(shaped, layout="padded").select_lengths([[0.25, 0.35, 0.4, 0.4]]) == [3]
-    assert PrefixSchedulerPolicy(by_count, layout="padded").select_lengths([[0.25, 0.35, 0.4, 0.4]]) == [1]
+    # Θ for ℓ = 1..4 under the shaped table: 25.1, 26.6, 26.7, 25.7 tokens/s; by count: 26.7, 25.9, 23.7, 22.4.
+    assert PrefixSchedulerPolicy(shaped, layout="padded").select_lengths(confidences) == [3]
+    assert PrefixSchedulerPolicy(by_count, layout="padded").select_lengths(confidences) == [1]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
