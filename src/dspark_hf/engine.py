@@ -497,7 +497,7 @@ def profile_draft_cost(
     the median of `repeats` timed passes is kept. Returns `(num_requests, seconds)` for `CostTable.with_draft_cost`.
 
     Example:
-        >>> table = profile_cost_table(target, shape="Bx1").with_draft_cost(*profile_draft_cost(draft))
+        >>> table = profile_verify_cost(target).with_draft_cost(*profile_draft_cost(draft))
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"Need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
@@ -539,9 +539,9 @@ class DSparkEngine:
             Algorithm 1, `"lagged"` = §5.2, `"threshold"`, `"full"`, `"none"`). Default: `"prefix"` when a
             `cost_table` is given, `"full"` with a draft, `"none"` without. Policies must be lossless. By name,
             `"prefix"` schedules for this engine's padded verification batch (`layout="padded"`).
-        cost_table: SPS(B) table for the `"prefix"` and `"lagged"` policies (see `profile_cost_table`); with a draft
-            pass time (`CostTable.with_draft_cost`, `profile_draft_cost`) `"prefix"` also skips drafting in rounds
-            where it cannot pay.
+        cost_table: SPS table for the `"prefix"` and `"lagged"` policies, best profiled in this engine's own shapes
+            (`profile_verify_cost`, R rows × width); with a draft pass time (`CostTable.with_draft_cost`,
+            `profile_draft_cost`) `"prefix"` also skips drafting in rounds where it cannot pay.
         tokenizer: decodes `text` and enables stop strings and string prompts.
         max_batch_size: most requests decoded at once; later ones wait (None: no limit).
         max_draft_tokens: cap on every ℓ_r (1 gives an MTP-1-style one-token draft); default the draft's γ.
