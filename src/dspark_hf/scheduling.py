@@ -21,6 +21,7 @@ without looking at x_{r,k} (the non-anticipating property). Every policy below s
 """
 
 import bisect
+import contextlib
 import copy
 import itertools
 import json
@@ -97,10 +98,10 @@ class CostTable(JsonFileMixin):
 
     A forward's cost depends on its shape and attention path, not only on B (on a 2-core CPU, SmolLM2's 8 new
     tokens take 44 ms as one request and 70 ms as 8 unmasked requests of one). A table with `requests` describes a
-    padded batch of R rows
-    of w tokens each (the shape `DSparkEngine` verifies, see `profile_verify_cost`): `batch_tokens` then lists the
-    profiled widths w and row i holds SPS at `requests[i]` rows. A lookup of B tokens over R requests reads width
-    B / R; between profiled R the step time is interpolated linearly (clamped below, extrapolated above).
+    padded batch of R rows of w tokens each (the shape `DSparkEngine` verifies, see `profile_verify_cost`):
+    `batch_tokens` then lists the profiled widths w and row i holds SPS at `requests[i]` rows. A lookup of B tokens
+    over R requests reads width B / R; between profiled R the step time is interpolated linearly (clamped below,
+    extrapolated above).
 
     Args:
         batch_tokens: profiled batch sizes B (tokens in one target forward), strictly increasing, ≥ 1.
@@ -179,10 +180,14 @@ class CostTable(JsonFileMixin):
         """Whether the table holds the draft pass time d(R)."""
         return self.draft_seconds is not None
 
+    def _shaped(self, rows: list[list[float]]) -> list[float] | list[list[float]]:
+        """`rows` shaped like the constructor's `steps_per_second`: one list without context or requests axis."""
+        return rows[0] if self.context_lengths is None and self.requests is None else rows
+
     @property
     def steps_per_second(self) -> list[float] | list[list[float]]:
         """The (smoothed) values, shaped like the constructor's `steps_per_second`."""
-        return self.rows[0] if self.context_lengths is None and self.requests is None else self.rows
+        return self._shaped(self.rows)
 
     def _bucket(self, context_length: int | None) -> int:
         if context_length is None or self.context_lengths is None:
@@ -253,7 +258,7 @@ class CostTable(JsonFileMixin):
     @property
     def steps_per_second_raw(self) -> list[float] | list[list[float]]:
         """The measurements before smoothing, shaped like the constructor's `steps_per_second`."""
-        return self.raw_rows[0] if self.context_lengths is None and self.requests is None else self.raw_rows
+        return self._shaped(self.raw_rows)
 
     def for_context(self, context_length: int) -> "CostTable":
         """A single-row table holding the bucket that `sps(..., context_length)` would use (a table with a requests
@@ -363,6 +368,33 @@ def _forward_seconds(
     return interleaved_median_times(shapes, timed_forward, repeats, warmup)
 
 
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Puts `model` in eval mode for the block and restores the caller's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _profile_metadata(
+    model: torch.nn.Module, device: torch.device, shape: str, contexts: list[int], repeats: int, warmup: int
+) -> dict[str, Any]:
+    """What a profiled cost table records about how it was measured."""
+    return {
+        "model": getattr(model.config, "name_or_path", "") or type(model).__name__,
+        "device": str(device),
+        "dtype": str(getattr(model, "dtype", "")),
+        "shape": shape,
+        "context_lengths": contexts,
+        "repeats": repeats,
+        "warmup": warmup,
+        "statistic": "median",
+    }
+
+
 def interleaved_median_times(
     sizes: Sequence[Hashable], timed: Callable[[Hashable], float], repeats: int, warmup: int
 ) -> list[float]:
@@ -419,26 +451,13 @@ def profile_cost_table(
     contexts = _strictly_increasing_ints(sorted(set(contexts)), "context_length")
     device = torch.device(device) if device is not None else model.device
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        shapes = [(1, size) if shape == "1xB" else (size, 1) for size in sizes]
+    shapes = [(1, size) if shape == "1xB" else (size, 1) for size in sizes]
+    with _eval_mode(model):
         rows = [
             [1.0 / t for t in _forward_seconds(model, shapes, c, repeats, warmup, device, generator)]
             for c in contexts
         ]
-    finally:
-        model.train(was_training)
-    metadata = {
-        "model": getattr(model.config, "name_or_path", "") or type(model).__name__,
-        "device": str(device),
-        "dtype": str(getattr(model, "dtype", "")),
-        "shape": shape,
-        "context_lengths": contexts,
-        "repeats": repeats,
-        "warmup": warmup,
-        "statistic": "median",
-    }
+    metadata = _profile_metadata(model, device, shape, contexts, repeats, warmup)
     if isinstance(context_length, int):
         return CostTable(sizes, rows[0], smooth=smooth, metadata=metadata)
     return CostTable(sizes, rows, context_lengths=contexts, smooth=smooth, metadata=metadata)
@@ -471,33 +490,12 @@ def profile_verify_cost(
         raise ValueError(f"Need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
     requests = _strictly_increasing_ints(sorted(set(num_requests)), "num_requests")
     widths = _strictly_increasing_ints(sorted(set(widths)), "widths")
-    device = model.device
-    was_training = model.training
-    model.eval()
-    try:
-        shapes = [(r, w) for r in requests for w in widths]
-        seconds = dict(
-            zip(
-                shapes,
-                _forward_seconds(
-                    model, shapes, context_length, repeats, warmup, device, torch.Generator().manual_seed(seed),
-                    masked=True,
-                ),
-                strict=True,
-            )
-        )
-    finally:
-        model.train(was_training)
-    metadata = {
-        "model": getattr(model.config, "name_or_path", "") or type(model).__name__,
-        "device": str(device),
-        "dtype": str(getattr(model, "dtype", "")),
-        "shape": "RxW",
-        "context_lengths": [context_length],
-        "repeats": repeats,
-        "warmup": warmup,
-        "statistic": "median",
-    }
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(r, w) for r in requests for w in widths]
+    with _eval_mode(model):
+        times = _forward_seconds(model, shapes, context_length, repeats, warmup, model.device, generator, masked=True)
+    seconds = dict(zip(shapes, times, strict=True))
+    metadata = _profile_metadata(model, model.device, "RxW", [context_length], repeats, warmup)
     rows = [[1.0 / seconds[r, w] for w in widths] for r in requests]
     return CostTable(widths, rows, smooth=smooth, metadata=metadata, requests=requests)
 
