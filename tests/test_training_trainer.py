@@ -149,7 +149,91 @@ def test_target_logits_are_the_targets_own(target):
                 )
 
 
+@pytest.mark.parametrize("head", ["markov", "rnn", "none"])
+def test_draft_vocabulary_loss_is_the_full_loss_restricted_to_its_tokens(target, head):
+    """With a draft vocabulary, the loss equals `dspark_loss` over the vocabulary's columns of the full-vocabulary
+    draft and target logits, labels renumbered to those columns and CE skipping labels outside."""
+    from dspark_hf.training.losses import dspark_loss
+
+    draft = make_draft(target, markov_head_type=head)
+    batch = DSparkDataCollator(pad_token_id=0)([make_dataset()[i] for i in (1, 4)])
+    vocabulary = torch.arange(0, VOCAB, 3)  # about two thirds of the labels fall outside
+
+    def run():
+        with torch.no_grad():
+            return compute_dspark_loss(
+                draft,
+                target,
+                batch["input_ids"],
+                batch["loss_mask"],
+                batch["attention_mask"],
+                num_anchors=5,
+                generator=torch.Generator().manual_seed(0),
+            )
+
+    _, full_output, blocks = run()
+    full_target = draft.compute_logits(
+        run_target(target, batch["input_ids"], batch["attention_mask"], draft.config.target_layer_ids)[1]
+    )
+    draft.set_draft_vocabulary(vocabulary)
+    restricted, output, same_blocks = run()
+    assert torch.equal(same_blocks.labels, blocks.labels)
+    assert output.logits.shape[-1] == vocabulary.numel()
+    torch.testing.assert_close(output.logits, full_output.logits[..., vocabulary], atol=1e-5, rtol=1e-5)
+
+    target_logits = full_target.gather(
+        1, blocks.target_positions.flatten(1).unsqueeze(-1).expand(-1, -1, VOCAB)
+    ).view(*blocks.target_positions.shape, VOCAB)[..., vocabulary]
+    in_vocabulary = (blocks.labels % 3 == 0) & blocks.valid
+    assert in_vocabulary.any() and (blocks.valid & ~in_vocabulary).any()
+    expected = dspark_loss(
+        full_output.logits[..., vocabulary],
+        target_logits,
+        torch.where(in_vocabulary, blocks.labels // 3, 0),
+        blocks.valid,
+        full_output.confidence_logits,
+        ce_valid=in_vocabulary,
+    )
+    for name in ("loss", "ce_loss", "tv_loss", "confidence_loss", "ce_sum", "tv_sum"):
+        torch.testing.assert_close(getattr(restricted, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
+    assert restricted.ce_count == in_vocabulary.sum() < restricted.num_positions
+    assert restricted.metrics["ce"] == pytest.approx((restricted.ce_sum / restricted.ce_count).item())
+
+
+def test_draft_vocabulary_index(target):
+    draft = make_draft(target).set_draft_vocabulary([40, 2, 7])
+    index, inside = draft.draft_vocabulary_index(torch.tensor([[2, 7, 40], [3, 41, 0]]))
+    assert inside.tolist() == [[True, True, True], [False, False, False]]
+    assert index[0].tolist() == [0, 1, 2]
+    ids = torch.tensor([5, 6])
+    index, inside = draft.set_draft_vocabulary(None).draft_vocabulary_index(ids)
+    assert torch.equal(index, ids) and inside.all()
+
+
 # -- training ----------------------------------------------------------------------------------------------------------
+
+
+def test_evaluation_after_training_uses_the_updated_draft_vocabulary_rows(tmp_path):
+    """Optimizer steps update weights in place without bumping tensor versions, so rows of the Markov head copied
+    for an earlier evaluation must not be reused by a later one."""
+    target = make_target()
+    draft = make_draft(target).set_draft_vocabulary(list(range(0, VOCAB, 2)))
+    trainer = DSparkTrainer(
+        model=draft,
+        args=training_args(tmp_path, max_steps=6, learning_rate=5e-2),
+        target_model=target,
+        train_dataset=make_dataset(12),
+        eval_dataset=make_dataset(6, seed=3),
+    )
+    trainer.evaluate()  # copies the vocabulary rows of the untrained weights
+    trainer.train()
+    after_training = trainer.evaluate()["eval_loss"]
+    fresh = make_draft(target).set_draft_vocabulary(list(range(0, VOCAB, 2)))
+    fresh.load_state_dict(draft.state_dict())
+    evaluator = DSparkTrainer(
+        model=fresh, args=training_args(tmp_path), target_model=target, eval_dataset=make_dataset(6, seed=3)
+    )
+    assert after_training == pytest.approx(evaluator.evaluate()["eval_loss"], rel=1e-5)
 
 
 def test_train_freezes_target_and_logs_metrics(tmp_path):
@@ -329,6 +413,8 @@ def test_cli_train(tmp_path):
             str(tmp_path / "out"),
             "--learning-rate",
             "1e-3",
+            "--draft-vocab-size",
+            "20",
         ]
     )
     assert trainer.state.global_step == 2
@@ -336,4 +422,13 @@ def test_cli_train(tmp_path):
     assert trainer.eval_dataset is not None and len(trainer.eval_dataset) == 2
     saved = DSparkDraftModel.from_pretrained(tmp_path / "out", target_model=target)
     assert saved.config.num_hidden_layers == 1 and saved.config.block_size == BLOCK
+    # The vocabulary counts the training split's answers only (not the eval split's) and is saved with the draft.
+    train_rows = trainer.train_dataset
+    counts = torch.bincount(
+        torch.tensor([t for r in train_rows for t, m in zip(r["input_ids"], r["loss_mask"], strict=True) if m]),
+        minlength=VOCAB,
+    )
+    assert saved.config.draft_vocab_size == 20
+    assert set(saved.draft_vocab_ids.tolist()) <= set(torch.nonzero(counts).flatten().tolist())
+    assert counts[saved.draft_vocab_ids].sum() == counts.sort(descending=True).values[:20].sum()
     assert os.path.exists(tmp_path / "out" / "model.safetensors")

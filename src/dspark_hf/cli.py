@@ -374,6 +374,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="Checkpoints and the final draft go here.")
     parser.add_argument("--draft", help="Start from this saved draft instead of a fresh one.")
     parser.add_argument("--draft-dtype", default="float32", help="dtype of the trainable draft weights.")
+    parser.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        help="Train (and later draft) over the N most frequent answer tokens of --data only: a faster LM head.",
+    )
     group = parser.add_argument_group("draft (fresh drafts only)")
     for name, kind in _DRAFT_OPTIONS.items():
         group.add_argument(f"--{name.replace('_', '-')}", type=kind)
@@ -438,6 +443,12 @@ def _run_train(args: argparse.Namespace):
         draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, **overrides)
     if args.target_cache:
         train_dataset.check_target_layer_ids(draft.config.target_layer_ids)
+    if args.draft_vocab_size:
+        counted = train_dataset
+        if isinstance(counted, TargetCacheDataset):
+            counted = counted.dataset.select(counted.indices)  # the training split's token ids
+        _, coverage = _apply_draft_vocabulary(draft, counted, args.draft_vocab_size, args.data)
+        print(f"Draft vocabulary of {args.draft_vocab_size} tokens covers {coverage:.2%} of the answers.", file=sys.stderr)
     # Trainable weights stay in their own dtype (float32 by default) even when the target runs in bf16; use --bf16
     # for mixed-precision compute.
     draft_dtype = _torch_dtype(args.draft_dtype)
@@ -558,6 +569,20 @@ register_command(
 )
 
 
+def _apply_draft_vocabulary(draft, dataset, size: int, data_name: str) -> tuple[list[int], float]:
+    """Sets the `size` most frequent answer tokens of `dataset` (end-of-turn ids always) as `draft`'s draft
+    vocabulary and notes the coverage in its model card."""
+    from .training.data import frequent_token_ids
+
+    eos = draft.config.eos_token_id
+    always = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    token_ids, coverage = frequent_token_ids(dataset, size, always_include=always)
+    draft.set_draft_vocabulary(token_ids)
+    note = f"Draft vocabulary: {len(token_ids)} tokens, covering {coverage:.2%} of the answer tokens of {data_name}."
+    draft.model_card_data.notes = "\n\n".join(filter(None, [draft.model_card_data.notes, note]))
+    return token_ids, coverage
+
+
 def _add_draft_vocab_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", help="Saved draft (either layout).")
     parser.add_argument("--data", help="Tokenized training dataset folder (prepare-data) whose answers to count.")
@@ -570,15 +595,10 @@ def _run_draft_vocab(args: argparse.Namespace):
 
     from .interop import is_deepspec_checkpoint
     from .modeling_dspark import DSparkDraftModel
-    from .training.data import frequent_token_ids, load_training_dataset
+    from .training.data import load_training_dataset
 
     draft = DSparkDraftModel.from_pretrained(args.draft)
-    eos = draft.config.eos_token_id
-    always = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    token_ids, coverage = frequent_token_ids(load_training_dataset(args.data), args.size, always_include=always)
-    draft.set_draft_vocabulary(token_ids)
-    note = f"Draft vocabulary: {len(token_ids)} tokens, covering {coverage:.2%} of the answer tokens of {args.data}."
-    draft.model_card_data.notes = "\n\n".join(filter(None, [draft.model_card_data.notes, note]))
+    token_ids, coverage = _apply_draft_vocabulary(draft, load_training_dataset(args.data), args.size, args.data)
     draft.save_pretrained(args.out, layout="deepspec" if is_deepspec_checkpoint(args.draft) else "hf")
     print(
         f"Draft vocabulary of {len(token_ids)} tokens covers {coverage:.2%} of the answer tokens in {args.data}; "

@@ -296,9 +296,12 @@ class DSparkMarkovHead(nn.Module):
         """`(..., r)` → `(..., V)` through W2, or `(..., V')` through `output_weight`."""
         return F.linear(features, self.markov_w2.weight if output_weight is None else output_weight)
 
-    def teacher_forced(self, prev_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.Tensor:
-        """All positions at once: prev `(..., γ)`, hidden `(..., γ, d)` → bias `(..., γ, V)`."""
-        return self.project(self.markov_w1(prev_ids))
+    def teacher_forced(
+        self, prev_ids: torch.LongTensor, hidden: torch.Tensor, output_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """All positions at once: prev `(..., γ)`, hidden `(..., γ, d)` → bias `(..., γ, V)` (`(..., γ, V')` with
+        `output_weight`)."""
+        return self.project(self.markov_w1(prev_ids), output_weight)
 
 
 class DSparkRNNHead(DSparkMarkovHead):
@@ -324,10 +327,12 @@ class DSparkRNNHead(DSparkMarkovHead):
         new_state = gate * state + (1 - gate) * torch.tanh(candidate)
         return self.project(torch.tanh(output), output_weight), new_state
 
-    def teacher_forced(self, prev_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.Tensor:
+    def teacher_forced(
+        self, prev_ids: torch.LongTensor, hidden: torch.Tensor, output_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         state, biases = None, []
         for k in range(prev_ids.shape[-1]):
-            bias, state = self.step(prev_ids[..., k], hidden[..., k, :], state)
+            bias, state = self.step(prev_ids[..., k], hidden[..., k, :], state, output_weight)
             biases.append(bias)
         return torch.stack(biases, dim=-2)
 
@@ -499,7 +504,8 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         `vocab_size` (on a CPU the draft pass is mostly the LM head's weight reads). Tokens outside get draft
         probability 0; verification is unchanged, so decoding stays lossless, and only the acceptance of targets'
         tokens outside the set is lost. Choose frequent tokens of the target's own responses, e.g. with
-        [`dspark_hf.training.frequent_token_ids`]. Training ignores the restriction. Saved with the draft
+        [`dspark_hf.training.frequent_token_ids`]. Set before training, it also restricts the training losses to
+        these tokens (see [`dspark_hf.training.compute_dspark_loss`]). Saved with the draft
         (`config.draft_vocab_size` and the buffer `draft_vocab_ids`).
         """
         self._vocabulary_rows.clear()
@@ -519,11 +525,19 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         self.config.draft_vocab_size = ids.numel()
         return self
 
+    def train(self, mode: bool = True) -> "DSparkDraftModel":
+        """Sets training mode (as `nn.Module.train`) and drops the copied draft-vocabulary rows: between a switch
+        to training and back, optimizer steps may have changed the weights in place without bumping tensor
+        versions."""
+        self._vocabulary_rows.clear()
+        return super().train(mode)
+
     def draft_vocabulary_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight[draft_vocab_ids]`: the draft-vocabulary rows of a `(vocab, ...)` output weight or bias.
 
         Without gradients the copy is kept and reused until `weight` or the vocabulary changes (a new tensor, or
-        an in-place update, which bumps the tensor's version), so drafting reads only these rows.
+        an in-place update that bumps the tensor's version), or until `train()` / `eval()` is called, so drafting
+        reads only these rows. After changing weights in place through `.data` or an optimizer, call `eval()`.
         """
         rows = self.draft_vocab_ids
         if rows is None:
@@ -536,6 +550,15 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             cached = (stamp, weight.detach()[rows])
             self._vocabulary_rows[id(weight)] = cached
         return cached[1]
+
+    def draft_vocabulary_index(self, token_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Token ids `(...)` → their columns in draft-vocabulary logits `(...)` and whether they are in it `(...)`
+        (the column of a token outside is meaningless). Without a draft vocabulary: the ids themselves, all True."""
+        vocab_ids = self.draft_vocab_ids
+        if vocab_ids is None:
+            return token_ids, torch.ones_like(token_ids, dtype=torch.bool)
+        index = torch.searchsorted(vocab_ids, token_ids).clamp(max=vocab_ids.numel() - 1)
+        return index, vocab_ids[index] == token_ids
 
     def project_context(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
         """Concatenated target features `(batch, c, m·d)` → context states H_ctx `(batch, c, d)` (paper eq. 2)."""
@@ -599,12 +622,24 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         return None if self.markov_head is None else self.markov_head.token_features(prev_ids)
 
     def sequential_logits(
-        self, base_logits: torch.Tensor, hidden_states: torch.Tensor, prev_ids: torch.LongTensor
+        self,
+        base_logits: torch.Tensor,
+        hidden_states: torch.Tensor,
+        prev_ids: torch.LongTensor,
+        draft_vocabulary: bool = False,
     ) -> torch.Tensor:
-        """Teacher-forced block logits U_k + B_k: base `(..., γ, V)`, hidden `(..., γ, d)`, prev `(..., γ)`."""
+        """Teacher-forced block logits U_k + B_k: base `(..., γ, V)`, hidden `(..., γ, d)`, prev `(..., γ)`.
+
+        With `draft_vocabulary=True` and a draft vocabulary set, base and result are `(..., γ, V')` (see
+        [`compute_logits`]).
+        """
         if self.markov_head is None:
             return base_logits
-        return base_logits + self.markov_head.teacher_forced(prev_ids, hidden_states).to(base_logits.dtype)
+        weight = None
+        if draft_vocabulary and self.draft_vocab_ids is not None:
+            weight = self.draft_vocabulary_rows(self.markov_head.markov_w2.weight)
+        bias = self.markov_head.teacher_forced(prev_ids, hidden_states, weight)
+        return base_logits + bias.to(base_logits.dtype)
 
     def confidence_logits(self, hidden_states: torch.Tensor, prev_ids: torch.LongTensor) -> torch.Tensor | None:
         """Raw (uncalibrated) confidence logits `(..., γ)`; hidden `(..., γ, d)`, prev `(..., γ)`."""

@@ -87,7 +87,9 @@ class DSparkLossOutput:
         ce_loss, tv_loss, confidence_loss: the position-weighted terms (differentiable; confidence_loss is zero
             when the draft has no confidence head).
         num_positions: number of valid (block, position) pairs.
-        ce_sum, tv_sum, confidence_error_sum: unweighted sums over valid positions of CE (nats), TV and |c − c*|.
+        ce_count: how many of them count in CE (fewer with labels outside a draft vocabulary).
+        ce_sum, tv_sum, confidence_error_sum: unweighted sums of CE (nats) over those, and of TV and |c − c*| over
+            valid positions.
         acceptance_sum, acceptance_count: `(γ,)` sums of 1 − TV_k and counts of valid blocks at position k.
         tau_sum, num_full_blocks: sum of τ = 1 + Σ_k Π_{i≤k}(1 − TV_i) over blocks whose γ positions are all valid,
             and their number.
@@ -99,6 +101,7 @@ class DSparkLossOutput:
     tv_loss: torch.Tensor
     confidence_loss: torch.Tensor
     num_positions: torch.Tensor
+    ce_count: torch.Tensor
     ce_sum: torch.Tensor
     tv_sum: torch.Tensor
     confidence_error_sum: torch.Tensor
@@ -113,6 +116,7 @@ class DSparkLossOutput:
         scalars = torch.stack(
             [
                 self.num_positions,
+                self.ce_count,
                 self.ce_sum,
                 self.tv_sum,
                 self.confidence_error_sum,
@@ -140,6 +144,7 @@ def dspark_loss(
     valid: torch.Tensor,
     confidence_logits: torch.Tensor | None = None,
     *,
+    ce_valid: torch.Tensor | None = None,
     ce_weight: float = 0.1,
     tv_weight: float = 0.9,
     confidence_weight: float = 1.0,
@@ -154,6 +159,8 @@ def dspark_loss(
         labels: `(..., γ)` ground-truth tokens x_{p+k}.
         valid: `(..., γ)` bool, True where position k has a label.
         confidence_logits: `(..., γ)` raw confidence-head logits, or None when the draft has no confidence head.
+        ce_valid: `(..., γ)` bool, the valid positions whose label counts in CE (default: all of `valid`); e.g. not
+            those whose label lies outside a draft vocabulary.
         ce_weight, tv_weight, confidence_weight: α_ce, α_tv, α_conf.
         position_decay: g in w_k = exp(−(k−1)/g).
     """
@@ -163,10 +170,11 @@ def dspark_loss(
     mask = valid.float()
     weights = position_weights(block_size, position_decay, device=draft_logits.device) * mask  # (..., γ)
 
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    ce_valid = valid if ce_valid is None else valid & ce_valid.bool()
+    safe_labels = torch.where(ce_valid, labels, torch.zeros_like(labels))
     ce = cross_entropy_per_position(draft_logits, safe_labels)
     tv = total_variation(draft_logits, target_logits)
-    ce_loss = weighted_mean(ce, weights)
+    ce_loss = weighted_mean(ce, weights * ce_valid.float())
     tv_loss = weighted_mean(tv, weights)
 
     acceptance = (1.0 - tv).detach()
@@ -189,7 +197,8 @@ def dspark_loss(
         tv_loss=tv_loss,
         confidence_loss=confidence_loss,
         num_positions=mask.sum(),
-        ce_sum=(ce.detach() * mask).sum(),
+        ce_count=ce_valid.float().sum(),
+        ce_sum=(ce.detach() * ce_valid.float()).sum(),
         tv_sum=(tv.detach() * mask).sum(),
         confidence_error_sum=confidence_error_sum,
         acceptance_sum=(flat_acceptance * flat_mask).sum(dim=0),
@@ -212,7 +221,7 @@ class DSparkMetricAccumulator:
     block_size: int
     sums: torch.Tensor | None = None
     has_confidence: bool = False
-    _num_scalars: int = field(default=9, init=False, repr=False)
+    _num_scalars: int = field(default=10, init=False, repr=False)
 
     def add(self, statistics: torch.Tensor, has_confidence: bool = False) -> None:
         statistics = statistics.detach().double().cpu()
@@ -229,13 +238,13 @@ class DSparkMetricAccumulator:
         if self.sums is None:
             return {}
         s = self.sums.tolist()
-        count, ce, tv, conf_err, tau, full, ce_loss, tv_loss, conf_loss = s[: self._num_scalars]
+        count, ce_count, ce, tv, conf_err, tau, full, ce_loss, tv_loss, conf_loss = s[: self._num_scalars]
         acc_sum = s[self._num_scalars : self._num_scalars + self.block_size]
         acc_count = s[self._num_scalars + self.block_size :]
         if count == 0:
             return {}
         metrics = {
-            "ce": ce / count,
+            "ce": ce / max(ce_count, 1.0),
             "tv": tv / count,
             "ce_loss": ce_loss / count,
             "tv_loss": tv_loss / count,

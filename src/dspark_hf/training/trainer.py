@@ -108,10 +108,10 @@ def _draft_training_forward(
     **kwargs,
 ) -> DSparkTrainingOutput:
     batch, num_blocks, block_size = prev_ids.shape
-    output = backbone_forward(input_ids=input_ids, position_ids=position_ids, compute_logits=True, **kwargs)
-    base = output.logits.view(batch, num_blocks, block_size, -1)
+    output = backbone_forward(input_ids=input_ids, position_ids=position_ids, compute_logits=False, **kwargs)
     hidden = output.hidden_states.view(batch, num_blocks, block_size, -1)
-    logits = draft.sequential_logits(base, hidden, prev_ids)
+    base = draft.compute_logits(hidden, draft_vocabulary=True)
+    logits = draft.sequential_logits(base, hidden, prev_ids, draft_vocabulary=True)
     confidence = draft.confidence_logits(hidden, prev_ids)
     return DSparkTrainingOutput(logits=logits, confidence_logits=confidence, hidden_states=hidden)
 
@@ -184,6 +184,10 @@ def compute_dspark_loss(
     `model` is the draft, or a wrapper around it (DDP, PEFT); it is called once, over every block of the batch.
     With `target_features` `(batch, S, m·d)` and `target_final_hidden` `(batch, S, d)` from a target cache (see
     [`TargetCacheDataset`]) the target's forward is skipped; its LM head is still used at the block positions.
+    A draft with a draft vocabulary (`draft.set_draft_vocabulary`, e.g. `dspark-hf train --draft-vocab-size`)
+    computes draft and target logits over its tokens only: TV and the confidence target compare the two softmaxes
+    over that set, and CE skips labels outside it. This is what the draft samples from at inference, and it makes
+    the LM-head work, most of a small draft's step, `vocab_size / draft_vocab_size` times smaller.
     """
     draft = unwrap_draft(model)
     config = draft.config
@@ -206,7 +210,8 @@ def compute_dspark_loss(
         )
         gather_index = blocks.target_positions.flatten(1).unsqueeze(-1).expand(-1, -1, final_hidden.shape[-1])
         target_hidden = final_hidden.gather(1, gather_index).view(*blocks.target_positions.shape, -1)
-        target_logits = draft.compute_logits(target_hidden)
+        target_logits = draft.compute_logits(target_hidden, draft_vocabulary=True)
+        labels, label_in_vocabulary = draft.draft_vocabulary_index(blocks.labels)
         mask = block_attention_mask(anchors, block_size, length, context_mask=attention_mask)
         context_position_ids = torch.arange(length, device=input_ids.device).expand(batch, -1)
     with _full_training_forward(draft):
@@ -221,9 +226,10 @@ def compute_dspark_loss(
     loss = dspark_loss(
         output.logits,
         target_logits,
-        blocks.labels,
+        labels,
         blocks.valid,
         output.confidence_logits,
+        ce_valid=blocks.valid & label_in_vocabulary,
         ce_weight=config.ce_loss_weight,
         tv_weight=config.tv_loss_weight,
         confidence_weight=config.confidence_loss_weight,
