@@ -5,6 +5,8 @@ checkpoint) so that its peak resident memory (VmHWM of /proc/self/status, Linux)
 trainer's `train_steps_per_second` (model loading excluded). Writes benchmarks/results/train_memory.{json,md}.
 
     python benchmarks/train_memory.py --steps 20 --threads 2
+    python benchmarks/train_memory.py --steps 40 --threads 2 --output-name train_vocab_speed \
+        --configs train_dspark_g4_2k.json train_dspark_g4_5k.json   # whole vocabulary vs draft vocabulary
 """
 
 import argparse
@@ -64,6 +66,7 @@ def run(config: str, cached: bool, steps: int, threads: int) -> dict:
         "markov_head_type": config_data["markov_head_type"],
         "num_anchors": config_data["num_anchors"],
         "batch_size": config_data["per_device_train_batch_size"],
+        "draft_vocab_size": config_data.get("draft_vocab_size"),
         "steps": steps,
         "peak_rss_mib": peaks[-1] / 1024,
         "steps_per_second": results["train_steps_per_second"],
@@ -80,14 +83,15 @@ def markdown(report: dict) -> str:
         f"Each row is one `dspark-hf train` process ({settings['steps']} steps, {settings['threads']} torch threads); "
         "peak RSS = VmHWM of the process, target and data included.",
         "",
-        "| config | γ | head | anchors × batch | target | peak RSS (MiB) | steps/s |",
-        "|---|---:|---|---|---|---:|---:|",
+        "| config | γ | head | anchors × batch | vocabulary | target | peak RSS (MiB) | steps/s |",
+        "|---|---:|---|---|---:|---|---:|---:|",
     ]
     for row in report["runs"]:
+        vocabulary = row.get("draft_vocab_size") or "whole"
         lines.append(
             f"| {row['config']} | {row['block_size']} | {row['markov_head_type']} | {row['num_anchors']} × "
-            f"{row['batch_size']} | {'cached' if row['target_cache'] else 'online'} | {row['peak_rss_mib']:.0f} | "
-            f"{row['steps_per_second']:.2f} |"
+            f"{row['batch_size']} | {vocabulary} | {'cached' if row['target_cache'] else 'online'} | "
+            f"{row['peak_rss_mib']:.0f} | {row['steps_per_second']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -96,16 +100,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--configs", nargs="+", help="Configs under benchmarks/configs, each from its target cache (default: the "
+        "reference set, plus train_dspark_g4.json online)."
+    )
+    parser.add_argument("--output-name", default="train_memory")
     args = parser.parse_args(argv)
     if not Path("/proc/self/status").exists():
         print("Skipping: peak memory is read from /proc (Linux only).", file=sys.stderr)
         return 0
-    report = common.start_report("train_memory", __file__, argv, args, common.setup(args))
+    report = common.start_report(args.output_name, __file__, argv, args, common.setup(args))
     report["runs"] = []
-    for config, cached in RUNS:
+    for config, cached in RUNS if args.configs is None else [(config, True) for config in args.configs]:
         report["runs"].append(run(config, cached, args.steps, args.threads))
         print(report["runs"][-1], file=sys.stderr)
-    common.write_results("train_memory", report, markdown)
+    common.write_results(args.output_name, report, markdown)
     return 0
 
 
