@@ -68,6 +68,25 @@ def training_args(tmp_path, **overrides) -> DSparkTrainingArguments:
     return DSparkTrainingArguments(**settings)
 
 
+def padded_batch(rows: tuple[int, ...] = (1, 4)) -> dict:
+    """These examples of `make_dataset()`, collated; rows 1 and 4 differ in length, so the shorter is padded."""
+    return DSparkDataCollator(pad_token_id=0)([make_dataset()[i] for i in rows])
+
+
+def seeded_loss(draft, target, batch: dict, num_anchors: int = 5):
+    """`compute_dspark_loss` over `batch` with `num_anchors` per row from a fixed generator (no gradients)."""
+    with torch.no_grad():
+        return compute_dspark_loss(
+            draft,
+            target,
+            batch["input_ids"],
+            batch["loss_mask"],
+            batch["attention_mask"],
+            num_anchors=num_anchors,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+
 @pytest.fixture(scope="module")
 def target():
     return make_target()
@@ -79,18 +98,9 @@ def target():
 @pytest.mark.parametrize("head", ["markov", "rnn", "none"])
 def test_training_block_logits_match_per_block_inference(target, head):
     draft = make_draft(target, markov_head_type=head).eval()
-    collator = DSparkDataCollator(pad_token_id=0)
-    batch = collator([make_dataset()[i] for i in (1, 4)])  # different lengths: the shorter row is padded
+    batch = padded_batch()
+    loss, output, blocks = seeded_loss(draft, target, batch)
     with torch.no_grad():
-        loss, output, blocks = compute_dspark_loss(
-            draft,
-            target,
-            batch["input_ids"],
-            batch["loss_mask"],
-            batch["attention_mask"],
-            num_anchors=5,
-            generator=torch.Generator().manual_seed(0),
-        )
         features, _ = run_target(
             target, batch["input_ids"], batch["attention_mask"], draft.config.target_layer_ids
         )
@@ -156,27 +166,14 @@ def test_draft_vocabulary_loss_is_the_full_loss_restricted_to_its_tokens(target,
     from dspark_hf.training.losses import dspark_loss
 
     draft = make_draft(target, markov_head_type=head)
-    batch = DSparkDataCollator(pad_token_id=0)([make_dataset()[i] for i in (1, 4)])
+    batch = padded_batch()
     vocabulary = torch.arange(0, VOCAB, 3)  # about two thirds of the labels fall outside
-
-    def run():
-        with torch.no_grad():
-            return compute_dspark_loss(
-                draft,
-                target,
-                batch["input_ids"],
-                batch["loss_mask"],
-                batch["attention_mask"],
-                num_anchors=5,
-                generator=torch.Generator().manual_seed(0),
-            )
-
-    _, full_output, blocks = run()
+    _, full_output, blocks = seeded_loss(draft, target, batch)
     full_target = draft.compute_logits(
         run_target(target, batch["input_ids"], batch["attention_mask"], draft.config.target_layer_ids)[1]
     )
     draft.set_draft_vocabulary(vocabulary)
-    restricted, output, same_blocks = run()
+    restricted, output, same_blocks = seeded_loss(draft, target, batch)
     assert torch.equal(same_blocks.labels, blocks.labels)
     assert output.logits.shape[-1] == vocabulary.numel()
     torch.testing.assert_close(output.logits, full_output.logits[..., vocabulary], atol=1e-5, rtol=1e-5)
@@ -348,20 +345,10 @@ def test_peft_lora_trains_saves_and_loads(tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
 
-    batch = DSparkDataCollator(pad_token_id=0)([make_dataset()[i] for i in (0, 3)])
+    batch = padded_batch((0, 3))
 
     def block_logits(model):
-        with torch.no_grad():
-            _, output, _ = compute_dspark_loss(
-                model,
-                target,
-                batch["input_ids"],
-                batch["loss_mask"],
-                batch["attention_mask"],
-                num_anchors=3,
-                generator=torch.Generator().manual_seed(0),
-            )
-        return output.logits
+        return seeded_loss(model, target, batch, num_anchors=3)[1].logits
 
     model.eval()
     adapted = block_logits(model)

@@ -62,7 +62,7 @@ def sample_block(
     vocab_ids = draft.draft_vocab_ids
     base_logits = draft.compute_logits(hidden_states, draft_vocabulary=True).float()
     head = draft.markov_head
-    head_weight = None if head is None or vocab_ids is None else draft.draft_vocabulary_rows(head.markov_w2.weight)
+    head_weight = draft.sequential_head_output_weight()
     prev, state = anchor_ids, None
     tokens, logits, confidence_logits = [], [], []
     for k in range(hidden_states.shape[1]):

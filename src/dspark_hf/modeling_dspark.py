@@ -635,11 +635,16 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         """
         if self.markov_head is None:
             return base_logits
-        weight = None
-        if draft_vocabulary and self.draft_vocab_ids is not None:
-            weight = self.draft_vocabulary_rows(self.markov_head.markov_w2.weight)
+        weight = self.sequential_head_output_weight(draft_vocabulary)
         bias = self.markov_head.teacher_forced(prev_ids, hidden_states, weight)
         return base_logits + bias.to(base_logits.dtype)
+
+    def sequential_head_output_weight(self, draft_vocabulary: bool = True) -> torch.Tensor | None:
+        """The draft-vocabulary rows `(V', r)` of the sequential head's W2 when `draft_vocabulary` and a draft
+        vocabulary are set (its logits then match [`compute_logits`]'s), else None: W2 itself."""
+        if self.markov_head is None or not draft_vocabulary or self.draft_vocab_ids is None:
+            return None
+        return self.draft_vocabulary_rows(self.markov_head.markov_w2.weight)
 
     def confidence_logits(self, hidden_states: torch.Tensor, prev_ids: torch.LongTensor) -> torch.Tensor | None:
         """Raw (uncalibrated) confidence logits `(..., γ)`; hidden `(..., γ, d)`, prev `(..., γ)`."""
