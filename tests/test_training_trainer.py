@@ -419,3 +419,11 @@ def test_cli_train(tmp_path):
     assert set(saved.draft_vocab_ids.tolist()) <= set(torch.nonzero(counts).flatten().tolist())
     assert counts[saved.draft_vocab_ids].sum() == counts.sort(descending=True).values[:20].sum()
     assert os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def test_cli_train_rejects_an_empty_draft_vocabulary(tmp_path):
+    from dspark_hf.cli import run_command
+
+    arguments = ["train", "--target", "t", "--data", "d", "--output-dir", str(tmp_path), "--draft-vocab-size", "0"]
+    with pytest.raises(SystemExit, match="--draft-vocab-size must be a positive number"):
+        run_command(arguments)

@@ -407,6 +407,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace):
     _require(args, "target", "data", "output_dir")
+    if args.draft_vocab_size is not None and args.draft_vocab_size < 1:
+        raise SystemExit(
+            f"--draft-vocab-size must be a positive number of tokens (e.g. 8192), got {args.draft_vocab_size}; "
+            "leave it out to train over the whole vocabulary."
+        )
     import torch
 
     from .modeling_dspark import DSparkDraftModel
@@ -443,7 +448,7 @@ def _run_train(args: argparse.Namespace):
         draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, **overrides)
     if args.target_cache:
         train_dataset.check_target_layer_ids(draft.config.target_layer_ids)
-    if args.draft_vocab_size:
+    if args.draft_vocab_size is not None:
         counted = train_dataset
         if isinstance(counted, TargetCacheDataset):
             counted = counted.dataset.select(counted.indices)  # the training split's token ids
