@@ -171,6 +171,25 @@ def test_save_load_bit_exact(tmp_path, llama_target, head, layout):
     assert torch.equal(run_blocks(draft, features, ids, [5]).logits, run_blocks(loaded, features, ids, [5]).logits)
 
 
+@pytest.mark.parametrize("head", HEAD_TYPES)
+def test_added_layers_start_as_identity_and_train(tmp_path, llama_target, head):
+    draft = make_draft(llama_target, head)
+    ids = torch.randint(0, VOCAB - 1, (1, 12))
+    features = context_features(llama_target, ids, draft.config.target_layer_ids)
+    before = run_blocks(draft, features, ids, [3, 7]).logits
+    depth = draft.config.num_hidden_layers
+    draft.add_layers(2)
+    assert draft.config.num_hidden_layers == len(draft.layers) == depth + 2
+    assert torch.equal(run_blocks(draft, features, ids, [3, 7]).logits, before)
+    run_blocks(draft.train(), features, ids, [3, 7]).logits.logsumexp(-1).sum().backward()
+    assert draft.layers[-1].self_attn.o_proj.weight.grad.abs().sum() > 0
+    draft.save_pretrained(tmp_path)
+    loaded = DSparkDraftModel.from_pretrained(tmp_path, target_model=llama_target)
+    assert len(loaded.layers) == depth + 2
+    with pytest.raises(ValueError, match="positive number of layers"):
+        draft.add_layers(0)
+
+
 @pytest.mark.parametrize("layout", ["hf", "deepspec"])
 def test_draft_vocabulary_round_trips(tmp_path, llama_target, layout):
     draft = make_draft(llama_target).set_draft_vocabulary([40, 3, 7, 3, 0])  # kept sorted, without repeats

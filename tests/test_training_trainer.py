@@ -420,6 +420,24 @@ def test_cli_train(tmp_path):
     assert counts[saved.draft_vocab_ids].sum() == counts.sort(descending=True).values[:20].sum()
     assert os.path.exists(tmp_path / "out" / "model.safetensors")
 
+    # --draft with a larger --num-draft-layers continues training a deeper draft; fewer layers are refused.
+    continue_arguments = [
+        "train", "--config", str(tmp_path / "train.json"), "--target", str(tmp_path / "target"),
+        "--data", str(tmp_path / "data"), "--num-draft-layers",
+    ]
+    deeper = run_command(
+        [*continue_arguments, "2", "--draft", str(tmp_path / "out"), "--output-dir", str(tmp_path / "deeper")]
+    )
+    assert deeper.state.global_step == 2
+    deeper_saved = DSparkDraftModel.from_pretrained(tmp_path / "deeper", target_model=target)
+    assert deeper_saved.config.num_hidden_layers == 2 and len(deeper_saved.layers) == 2
+    assert deeper_saved.config.draft_vocab_size == 20
+    assert deeper_saved.layers[1].self_attn.o_proj.weight.abs().sum() > 0  # trained away from its zero start
+    with pytest.raises(SystemExit, match="only be added"):
+        run_command(
+            [*continue_arguments, "1", "--draft", str(tmp_path / "deeper"), "--output-dir", str(tmp_path / "shallow")]
+        )
+
 
 def test_cli_train_rejects_an_empty_draft_vocabulary(tmp_path):
     from dspark_hf.cli import run_command

@@ -379,7 +379,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="Train (and later draft) over the N most frequent answer tokens of --data only: a faster LM head.",
     )
-    group = parser.add_argument_group("draft (fresh drafts only)")
+    group = parser.add_argument_group("draft (fresh drafts only; with --draft, --num-draft-layers adds layers)")
     for name, kind in _DRAFT_OPTIONS.items():
         group.add_argument(f"--{name.replace('_', '-')}", type=kind)
     group.add_argument("--target-layer-ids", help="Comma-separated target layers for the context features.")
@@ -403,6 +403,20 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lora-alpha", type=float)
     group.add_argument("--lora-dropout", type=float, default=0.0)
     group.add_argument("--lora-target-modules", default="q_proj,v_proj")
+
+
+def _deepen(draft, num_layers: int | None) -> None:
+    """`--draft` with `--num-draft-layers`: appends identity-initialised layers up to that depth."""
+    current = draft.config.num_hidden_layers
+    if num_layers is None or num_layers == current:
+        return
+    if num_layers < current:
+        raise SystemExit(
+            f"--num-draft-layers {num_layers} is below the {current} layers of --draft; layers can only be added. "
+            "Leave it out to keep the draft's depth, or train a fresh draft without --draft."
+        )
+    draft.add_layers(num_layers - current)
+    print(f"Added {num_layers - current} identity-initialised layer(s) to the draft ({num_layers} now).", file=sys.stderr)
 
 
 def _run_train(args: argparse.Namespace):
@@ -435,6 +449,7 @@ def _run_train(args: argparse.Namespace):
 
     if args.draft:
         draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target)
+        _deepen(draft, args.num_draft_layers)
     else:
         overrides = {k: getattr(args, k) for k in _DRAFT_OPTIONS if getattr(args, k, None) is not None}
         if "num_draft_layers" in overrides:

@@ -525,6 +525,26 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         self.config.draft_vocab_size = ids.numel()
         return self
 
+    def add_layers(self, num_layers: int) -> "DSparkDraftModel":
+        """Appends `num_layers` decoder layers that start as the identity, to train a deeper draft from this one.
+
+        Each new layer's attention output and MLP down projections are zero, so right after the call the draft
+        computes exactly what it did before; training then grows the new layers from there. Updates
+        `config.num_hidden_layers`.
+        """
+        if num_layers < 1:
+            raise ValueError(f"add_layers needs a positive number of layers, got {num_layers}.")
+        reference = self.fc.weight
+        for _ in range(num_layers):
+            layer = DSparkDecoderLayer(self.config, len(self.layers))
+            for module in layer.modules():
+                self._init_weights(module)
+            nn.init.zeros_(layer.self_attn.o_proj.weight)
+            nn.init.zeros_(layer.mlp.down_proj.weight)
+            self.layers.append(layer.to(dtype=reference.dtype, device=reference.device))
+        self.config.num_hidden_layers = len(self.layers)
+        return self
+
     def train(self, mode: bool = True) -> "DSparkDraftModel":
         """Sets training mode (as `nn.Module.train`) and drops the copied draft-vocabulary rows: between a switch
         to training and back, optimizer steps may have changed the weights in place without bumping tensor
