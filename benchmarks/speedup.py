@@ -80,7 +80,9 @@ def markdown(report: dict) -> str:
         "`greedy identical` compares every turn token for token with plain `generate`. In bf16 the target's "
         "multi-token verification pass rounds differently from its one-token decoding steps, so near-tied logits "
         "can resolve differently and a long answer may then drift; in float32 the outputs are identical "
-        "(tests/test_generation.py, tests/test_smollm2.py).",
+        "(tests/test_generation.py, tests/test_smollm2.py). `greedy agreement` is the share of plain decoding's "
+        "tokens each method reproduces before its first differing token, for DSpark and for transformers' own "
+        "prompt-lookup decoding, which verifies several tokens per pass in the same way.",
         "",
     ]
     for name, modes in report["results"].items():

@@ -63,6 +63,7 @@ def training_summary(run: Path, tokens_per_sample: float) -> dict:
         "curves": {key: [(h["step"], float(h[key])) for h in train_logs if key in h] for key in CURVES},
         "last_train_log": train_logs[-1] if train_logs else None,
         "last_eval": eval_logs[-1] if eval_logs else None,
+        "eval_expected_tau": [(h["step"], h["eval_expected_tau"]) for h in eval_logs if "eval_expected_tau" in h],
         "train_runtime_s": runtime,
         "tokens_per_s": None if runtime is None else steps * batch * tokens_per_sample / runtime,
     }
@@ -112,6 +113,9 @@ def main() -> None:
                                  compare_plain=False, prompt_lookup_num_tokens=None)
         summary.update(
             draft=str(draft_path),
+            head=draft.config.markov_head_type,
+            block_size=draft.config.block_size,
+            layers=draft.config.num_hidden_layers,
             held_out=[{k: d[k] for k in ("dataset", "domain", "turns", "tau", "conditional_acceptance")}
                       for d in datasets_eval],
             held_out_domains=domain_summaries(datasets_eval),
@@ -126,19 +130,27 @@ def main() -> None:
     lines = [
         f"# Draft training on SmolLM2-135M-Instruct ({args.data}, {len(data)} conversations, "
         f"{tokens_per_sample:.0f} tokens/sample)", "",
-        "| run | head | γ | steps | train tokens/s | last loss | last expected τ (train) | held-out τ (greedy, generate) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | starts from | head | γ | layers | steps | train tokens/s | last loss | last expected τ (train) "
+        "| expected τ (eval split) | held-out τ (greedy, generate) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report:
-        config, last = s["config"], s["last_train_log"] or {}
+        last, last_eval = s["last_train_log"] or {}, s["last_eval"] or {}
         taus = ", ".join(f"{d['dataset']} {d['tau']:.2f}" for d in s["held_out"])
         tps = "–" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.0f}"
         lines.append(
-            f"| {s['run']} | {config.get('markov_head_type', '?')} | {config.get('block_size', '?')} | {s['steps']} | "
-            f"{tps} | {float(last.get('loss', 'nan')):.3f} | {float(last.get('expected_tau', 'nan')):.3f} | {taus} |"
+            f"| {s['run']} | {s['config'].get('draft', 'fresh')} | {s['head']} | {s['block_size']} | {s['layers']} | "
+            f"{s['steps']} | {tps} | {float(last.get('loss', 'nan')):.3f} | "
+            f"{float(last.get('expected_tau', 'nan')):.3f} | {float(last_eval.get('eval_expected_tau', 'nan')):.3f} | "
+            f"{taus} |"
         )
+    lines += ["", "Expected τ on the eval split by step: " + "; ".join(
+        f"{s['run']} " + ", ".join(f"{step}: {tau:.3f}" for step, tau in s["eval_expected_tau"]) for s in report
+    ) + "."]
     lines += ["", f"Held-out prompts: first {args.limit} of each of {', '.join(args.datasets)} (all turns), "
-              f"greedy, max_new_tokens={args.max_new_tokens}, target and draft in bf16.", ""]
+              f"greedy, max_new_tokens={args.max_new_tokens}, target and draft in bf16. \"starts from\": a run that "
+              "continues a saved draft (`--draft`; with more `--num-draft-layers`, the new layers start as the "
+              "identity) counts its own steps only.", ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -3,10 +3,18 @@
 import json
 
 import pytest
+import torch
 from conftest import make_target, make_tokenizer
 
 from dspark_hf import DSparkDraftModel, SpeculationStats
-from dspark_hf.evaluation import DatasetResult, domain_summaries, evaluate, load_prompt_sets, markdown_table
+from dspark_hf.evaluation import (
+    DatasetResult,
+    _agreeing_tokens,
+    domain_summaries,
+    evaluate,
+    load_prompt_sets,
+    markdown_table,
+)
 
 
 def hand_made_stats() -> SpeculationStats:
@@ -66,6 +74,21 @@ def test_baseline_speeds_use_their_own_token_counts():
     assert domain["speedup_vs_prompt_lookup"] == pytest.approx(5.5 / 6.0)
 
 
+def test_greedy_agreement_counts_tokens_before_the_first_difference():
+    prompt = [7, 7, 7]
+    plain = torch.tensor([prompt + [1, 2, 3, 4, 5]])
+    assert _agreeing_tokens(plain, torch.tensor([prompt + [1, 2, 9, 4, 5]]), 3) == 2
+    assert _agreeing_tokens(plain, torch.tensor([prompt + [1, 2, 3]]), 3) == 3  # stopped early, no difference
+    assert _agreeing_tokens(plain, plain, 3) == 5
+    result = DatasetResult(
+        dataset="gsm8k", domain="math", prompts=2, turns=2, new_tokens=16, stats=SpeculationStats(block_size=4),
+        dspark_s=1.0, plain_s=1.0, plain_tokens=16, greedy_identical=False, greedy_agreeing_tokens=12,
+    )
+    summary = result.summary()
+    assert summary["greedy_agreement"] == 0.75 and summary["prompt_lookup_greedy_agreement"] is None
+    assert "| False | 75% / – |" in markdown_table([summary])
+
+
 def test_load_prompt_sets(tmp_path):
     (tmp_path / "gsm8k.jsonl").write_text('{"turns": ["a"]}\n{"turns": ["b"]}\n')
     (tmp_path / "mt-bench.jsonl").write_text('{"turns": ["x", "y"]}\n')
@@ -89,6 +112,7 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     assert (math["domain"], chat["domain"]) == ("math", "chat")
     assert chat["turns"] == 2 and chat["new_tokens"] == 24
     assert math["greedy_identical"] is True and chat["greedy_identical"] is True
+    assert math["greedy_agreement"] == 1.0 and chat["prompt_lookup_greedy_agreement"] == 1.0
     # The prefill gives 1 of the 12 tokens; every round gives its accepted tokens plus one.
     assert math["rounds"] * math["tau"] == pytest.approx(11)
     assert math["plain_tokens_per_s"] > 0 and math["prompt_lookup_tokens_per_s"] > 0

@@ -61,6 +61,8 @@ class DatasetResult:
     prompt_lookup_s: float | None = None
     prompt_lookup_tokens: int | None = None
     greedy_identical: bool | None = None
+    greedy_agreeing_tokens: int | None = None
+    prompt_lookup_agreeing_tokens: int | None = None
     mean_confidence: list[float | None] = field(default_factory=list)
 
     @property
@@ -79,6 +81,12 @@ class DatasetResult:
         if self.prompt_lookup_s is None:
             return None
         return self.prompt_lookup_tokens / self.prompt_lookup_s
+
+    def _agreement(self, agreeing_tokens: int | None) -> float | None:
+        """Share of plain greedy decoding's tokens that a method reproduced before its first differing token."""
+        if agreeing_tokens is None or not self.plain_tokens:
+            return None
+        return agreeing_tokens / self.plain_tokens
 
     def summary(self) -> dict:
         plain, lookup = self.plain_tokens_per_s, self.prompt_lookup_tokens_per_s
@@ -101,6 +109,8 @@ class DatasetResult:
             "speedup_vs_plain": None if plain is None else self.dspark_tokens_per_s / plain,
             "speedup_vs_prompt_lookup": None if lookup is None else self.dspark_tokens_per_s / lookup,
             "greedy_identical": self.greedy_identical,
+            "greedy_agreement": self._agreement(self.greedy_agreeing_tokens),
+            "prompt_lookup_greedy_agreement": self._agreement(self.prompt_lookup_agreeing_tokens),
             "draft_time_s": self.stats.draft_time_s,
             "verify_time_s": self.stats.verify_time_s,
         }
@@ -116,6 +126,14 @@ def mean_confidence_by_position(stats: SpeculationStats, draft) -> list[float | 
                 sums[k] += value
                 counts[k] += 1
     return [s / c if c else None for s, c in zip(sums, counts, strict=True)]
+
+
+def _agreeing_tokens(plain: torch.Tensor, output: torch.Tensor, prompt_length: int) -> int:
+    """Number of generated tokens `(1, len)` outputs share with plain decoding before they first differ."""
+    plain, output = plain[0, prompt_length:], output[0, prompt_length:]
+    length = min(plain.numel(), output.numel())
+    differs = torch.nonzero(plain[:length] != output[:length])
+    return int(differs[0, 0]) if differs.numel() else length
 
 
 def _timed_generate(target, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, float]:
@@ -150,6 +168,9 @@ def evaluate_dataset(
     plain_s, plain_tokens = (0.0, 0) if compare_plain else (None, None)
     lookup_s, lookup_tokens = (0.0, 0) if prompt_lookup_num_tokens else (None, None)
     identical = True if compare_plain and not do_sample else None
+    # Greedy only: how far each method follows plain decoding before it first differs (bf16 rounding, see docs).
+    agreeing = 0 if identical is not None else None
+    lookup_agreeing = 0 if identical is not None and prompt_lookup_num_tokens else None
     for conversation in iterator:
         messages = []
         for turn in conversation:
@@ -167,12 +188,15 @@ def evaluate_dataset(
                     plain_tokens += plain.shape[1] - input_ids.shape[1]
                     if identical is not None:
                         identical = identical and torch.equal(plain, output)
+                        agreeing += _agreeing_tokens(plain, output, input_ids.shape[1])
                 if prompt_lookup_num_tokens:
                     lookup, lookup_seconds = _timed_generate(
                         target, input_ids, prompt_lookup_num_tokens=prompt_lookup_num_tokens, **kwargs
                     )
                     lookup_s += lookup_seconds
                     lookup_tokens += lookup.shape[1] - input_ids.shape[1]
+                    if lookup_agreeing is not None:
+                        lookup_agreeing += _agreeing_tokens(plain, lookup, input_ids.shape[1])
             dspark_s += seconds
             new_tokens += output.shape[1] - input_ids.shape[1]
             turns += 1
@@ -192,6 +216,8 @@ def evaluate_dataset(
         prompt_lookup_s=lookup_s,
         prompt_lookup_tokens=lookup_tokens,
         greedy_identical=identical,
+        greedy_agreeing_tokens=agreeing,
+        prompt_lookup_agreeing_tokens=lookup_agreeing,
         mean_confidence=mean_confidence_by_position(stats, draft),
     )
 
@@ -255,14 +281,19 @@ def markdown_table(summaries: list[dict]) -> str:
     def fmt(value, digits=2):
         return "–" if value is None else f"{value:.{digits}f}"
 
+    def percent(value):
+        return "–" if value is None else f"{value:.0%}"
+
     lines = [
-        "| dataset | domain | turns | τ | DSpark tok/s | plain tok/s | prompt lookup tok/s | × plain | × lookup | greedy identical |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | domain | turns | τ | DSpark tok/s | plain tok/s | prompt lookup tok/s | × plain | × lookup "
+        "| greedy identical | greedy agreement DSpark / lookup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         lines.append(
             f"| {s['dataset']} | {s['domain']} | {s['turns']} | {fmt(s['tau'])} | {fmt(s['dspark_tokens_per_s'], 1)} | "
             f"{fmt(s['plain_tokens_per_s'], 1)} | {fmt(s['prompt_lookup_tokens_per_s'], 1)} | "
-            f"{fmt(s['speedup_vs_plain'])} | {fmt(s['speedup_vs_prompt_lookup'])} | {s['greedy_identical']} |"
+            f"{fmt(s['speedup_vs_plain'])} | {fmt(s['speedup_vs_prompt_lookup'])} | {s['greedy_identical']} | "
+            f"{percent(s.get('greedy_agreement'))} / {percent(s.get('prompt_lookup_greedy_agreement'))} |"
         )
     return "\n".join(lines) + "\n"
