@@ -12,6 +12,7 @@ from dspark_hf.evaluation import (
     _agreeing_tokens,
     domain_summaries,
     evaluate,
+    first_divergence,
     load_prompt_sets,
     markdown_table,
 )
@@ -87,6 +88,27 @@ def test_greedy_agreement_counts_tokens_before_the_first_difference():
     summary = result.summary()
     assert summary["greedy_agreement"] == 0.75 and summary["prompt_lookup_greedy_agreement"] is None
     assert "| False | 75% / – |" in markdown_table([summary])
+
+
+def test_first_divergence_reports_the_targets_logits_there():
+    target = make_target("llama", vocab_size=64).eval()
+    plain = torch.tensor([[3, 9, 4, 12, 5, 6]])
+    other = torch.tensor([[3, 9, 4, 12, 30, 31, 32]])
+    divergence = first_divergence(target, plain, other)
+    with torch.no_grad():
+        logits = target(plain[:, :4]).logits[0, -1]
+    assert (divergence.position, divergence.plain_token, divergence.other_token) == (4, 5, 30)
+    assert (divergence.plain_logit, divergence.other_logit) == (float(logits[5]), float(logits[30]))
+    assert not divergence.is_tie  # 0.07 apart in float32
+    # In bf16 two tokens with the same rounded logit are a tie.
+    target = target.to(torch.bfloat16)
+    with torch.no_grad():
+        logits = target(plain[:, :4]).logits[0, -1].tolist()
+    first, second = next((a, b) for a in range(64) for b in range(a + 1, 64) if logits[a] == logits[b])
+    plain[0, 4], other[0, 4] = first, second
+    assert first_divergence(target, plain, other).is_tie
+    assert first_divergence(target, plain, plain) is None
+    assert first_divergence(target, plain, plain[:, :3]) is None  # stopped earlier, no differing token
 
 
 def test_load_prompt_sets(tmp_path):

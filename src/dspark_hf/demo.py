@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .evaluation import first_divergence
 from .modeling_dspark import DSparkDraftModel
 
 # Where a trained default draft ships inside the package (bf16 safetensors, calibrated).
@@ -30,18 +31,15 @@ def load_default_draft(target, tokenizer) -> tuple[DSparkDraftModel, str]:
 
 
 def describe_divergence(target, plain: torch.Tensor, speculative: torch.Tensor) -> tuple[str, bool]:
-    """Where two greedy outputs first differ and whether it is a floating-point tie of the target.
-
-    In bf16 the target's multi-token verification pass and its one-token decoding steps round differently, so
-    two candidates whose logits are within a rounding step of each other can swap. Returns (text, is_tie).
-    """
-    position = int((plain[0, : speculative.shape[1]] != speculative[0, : plain.shape[1]]).nonzero()[0])
-    with torch.no_grad():
-        logits = target(plain[:, :position]).logits[0, -1].float()
-    a, b = int(plain[0, position]), int(speculative[0, position])
-    gap = abs(float(logits[a] - logits[b]))
-    tie = gap <= 2 * torch.finfo(target.dtype).eps * float(logits.abs().max())
-    return f"first differs at token {position}: target logits {float(logits[a]):.3f} vs {float(logits[b]):.3f}", tie
+    """Where two greedy outputs first differ and whether it is a floating-point tie of the target: (text, is_tie)."""
+    divergence = first_divergence(target, plain, speculative)
+    if divergence is None:  # one output stopped earlier, without a differing token
+        return "one output is a prefix of the other", True
+    return (
+        f"first differs at token {divergence.position}: target logits {divergence.plain_logit:.3f} vs "
+        f"{divergence.other_logit:.3f}",
+        divergence.is_tie,
+    )
 
 
 def _timed_generate(target, input_ids, **kwargs) -> tuple[torch.Tensor, float]:

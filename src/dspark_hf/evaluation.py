@@ -128,6 +128,45 @@ def mean_confidence_by_position(stats: SpeculationStats, draft) -> list[float | 
     return [s / c if c else None for s, c in zip(sums, counts, strict=True)]
 
 
+@dataclass
+class GreedyDivergence:
+    """The first token where two greedy outputs of one target differ, with the target's logits of both there."""
+
+    position: int
+    plain_token: int
+    other_token: int
+    plain_logit: float
+    other_logit: float
+    is_tie: bool
+
+
+def first_divergence(target, plain: torch.Tensor, other: torch.Tensor) -> GreedyDivergence | None:
+    """Compares two greedy outputs `(1, len)` of `target` (plain decoding and another method); None if one is a
+    prefix of the other.
+
+    At the first differing position the target is run once over plain decoding's prefix. In bf16 its multi-token
+    passes and one-token steps round differently, so two candidates within a rounding step of each other can swap:
+    `is_tie` when their logits differ by at most 2·eps·max|logit| of the target's dtype.
+    """
+    length = min(plain.shape[1], other.shape[1])
+    differs = torch.nonzero(plain[0, :length] != other[0, :length])
+    if not differs.numel():
+        return None
+    position = int(differs[0, 0])
+    with torch.no_grad():
+        logits = target(plain[:, :position]).logits[0, -1].float()
+    plain_token, other_token = int(plain[0, position]), int(other[0, position])
+    gap = abs(float(logits[plain_token] - logits[other_token]))
+    return GreedyDivergence(
+        position=position,
+        plain_token=plain_token,
+        other_token=other_token,
+        plain_logit=float(logits[plain_token]),
+        other_logit=float(logits[other_token]),
+        is_tie=gap <= 2 * torch.finfo(target.dtype).eps * float(logits.abs().max()),
+    )
+
+
 def _agreeing_tokens(plain: torch.Tensor, output: torch.Tensor, prompt_length: int) -> int:
     """Number of generated tokens `(1, len)` outputs share with plain decoding before they first differ."""
     plain, output = plain[0, prompt_length:], output[0, prompt_length:]
