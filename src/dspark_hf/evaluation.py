@@ -128,6 +128,13 @@ def mean_confidence_by_position(stats: SpeculationStats, draft) -> list[float | 
     return [s / c if c else None for s, c in zip(sums, counts, strict=True)]
 
 
+def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """Index of the first position where token ids `(len,)` differ over their common length, or None."""
+    length = min(a.numel(), b.numel())
+    differs = torch.nonzero(a[:length] != b[:length])
+    return int(differs[0, 0]) if differs.numel() else None
+
+
 @dataclass
 class GreedyDivergence:
     """The first token where two greedy outputs of one target differ, with the target's logits of both there."""
@@ -148,11 +155,9 @@ def first_divergence(target, plain: torch.Tensor, other: torch.Tensor) -> Greedy
     passes and one-token steps round differently, so two candidates within a rounding step of each other can swap:
     `is_tie` when their logits differ by at most 2·eps·max|logit| of the target's dtype.
     """
-    length = min(plain.shape[1], other.shape[1])
-    differs = torch.nonzero(plain[0, :length] != other[0, :length])
-    if not differs.numel():
+    position = _first_difference(plain[0], other[0])
+    if position is None:
         return None
-    position = int(differs[0, 0])
     with torch.no_grad():
         logits = target(plain[:, :position]).logits[0, -1].float()
     plain_token, other_token = int(plain[0, position]), int(other[0, position])
@@ -170,9 +175,8 @@ def first_divergence(target, plain: torch.Tensor, other: torch.Tensor) -> Greedy
 def _agreeing_tokens(plain: torch.Tensor, output: torch.Tensor, prompt_length: int) -> int:
     """Number of generated tokens `(1, len)` outputs share with plain decoding before they first differ."""
     plain, output = plain[0, prompt_length:], output[0, prompt_length:]
-    length = min(plain.numel(), output.numel())
-    differs = torch.nonzero(plain[:length] != output[:length])
-    return int(differs[0, 0]) if differs.numel() else length
+    position = _first_difference(plain, output)
+    return min(plain.numel(), output.numel()) if position is None else position
 
 
 def _timed_generate(target, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, float]:

@@ -537,8 +537,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         reference = self.fc.weight
         for _ in range(num_layers):
             layer = DSparkDecoderLayer(self.config, len(self.layers))
-            for module in layer.modules():
-                self._init_weights(module)
+            layer.apply(self._init_weights)
             nn.init.zeros_(layer.self_attn.o_proj.weight)
             nn.init.zeros_(layer.mlp.down_proj.weight)
             self.layers.append(layer.to(dtype=reference.dtype, device=reference.device))
