@@ -243,6 +243,7 @@ def run_harness(
     mode: str,
     compare_plain: bool = False,
     prompt_lookup_num_tokens: int | None = None,
+    draft_prompt_lookup_num_tokens: int | None = None,
 ) -> list[dict]:
     """`dspark_hf.evaluation.evaluate`, one dataset at a time (seeded, with a progress line each).
 
@@ -255,6 +256,7 @@ def run_harness(
         "temperature": args.temperature,
         "compare_plain": compare_plain,
         "prompt_lookup_num_tokens": prompt_lookup_num_tokens,
+        "draft_prompt_lookup_num_tokens": draft_prompt_lookup_num_tokens,
         "progress": False,
     }
     warm_up(target, tokenizer, draft, prompt_lookup_num_tokens)

@@ -2,6 +2,7 @@
 
     python examples/generate.py                                  # SmolLM2 target, fresh draft
     python examples/generate.py --draft outputs/draft --sample   # a saved draft, sampling
+    python examples/generate.py --draft src/dspark_hf/default_draft --prompt-lookup-tokens 10  # with prompt lookup
 """
 
 import argparse
@@ -23,6 +24,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--sample", action="store_true", help="Sample (temperature 0.7) instead of greedy decoding.")
     parser.add_argument("--threshold", type=float, help="Verify only up to the first confidence below this value.")
+    parser.add_argument(
+        "--prompt-lookup-tokens", type=int, help="Verify prompt-lookup continuations of this length when there is one."
+    )
     args = parser.parse_args()
 
     target, tokenizer = load_target(args.target, dtype="bfloat16")
@@ -44,7 +48,9 @@ def main() -> None:
     plain = target.generate(input_ids, **settings)
     plain_s = time.perf_counter() - started
     started = time.perf_counter()
-    speculative = target.generate(input_ids, assistant_model=draft, **settings)
+    speculative = target.generate(
+        input_ids, assistant_model=draft, prompt_lookup_num_tokens=args.prompt_lookup_tokens, **settings
+    )
     speculative_s = time.perf_counter() - started
 
     stats = draft.last_generate_stats
@@ -54,7 +60,8 @@ def main() -> None:
     elif not args.sample:
         where, tie = describe_divergence(target, plain, speculative)
         print(f"\nidentical to plain greedy decoding: no, {where} ({'a rounding tie' if tie else 'NOT a rounding tie'})")
-    print(f"rounds {stats.num_rounds}, τ {stats.tau:.2f}, conditional acceptance {stats.conditional_acceptance()}")
+    print(f"rounds {stats.num_rounds} ({sum(stats.looked_up)} looked up), τ {stats.tau:.2f}, "
+          f"conditional acceptance {stats.conditional_acceptance()}")
     print(f"plain {plain_s:.2f}s, DSpark {speculative_s:.2f}s (draft {stats.draft_time_s:.2f}s, "
           f"verify {stats.verify_time_s:.2f}s)")
 

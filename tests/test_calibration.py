@@ -198,6 +198,10 @@ def test_calibration_data_validation_json_and_split(tmp_path):
     stats.record_round(2, 1, [])
     with pytest.raises(ValueError, match="no confidence head"):
         CalibrationData(3).add_stats(stats)
+    looked_up = SpeculationStats(block_size=10)
+    looked_up.record_round(10, 4, [], looked_up=True)
+    with pytest.raises(ValueError, match="without prompt_lookup_num_tokens"):
+        CalibrationData(10).add_stats(looked_up)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

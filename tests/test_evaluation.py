@@ -154,6 +154,10 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     assert "speedup_vs_plain" not in domain_summaries(baselines_skipped)[0]
     table = markdown_table(summaries)
     assert table.count("\n") == 4 and "| gsm8k | math | 1 |" in table
+    assert math["looked_up_rounds"] == 0
+    (hybrid,) = evaluate(target, tokenizer, draft, {"gsm8k": [["w1 w2 w1 w2 w1 w2"]]}, max_new_tokens=12,
+                         draft_prompt_lookup_num_tokens=4, progress=False)
+    assert hybrid["greedy_identical"] is True and 0 < hybrid["looked_up_rounds"] <= hybrid["rounds"]
 
 
 def test_eval_cli(tmp_path):
@@ -169,7 +173,9 @@ def test_eval_cli(tmp_path):
     report = run_command([
         "eval", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
         "--prompts-dir", str(tmp_path / "prompts"), "--limit", "1", "--max-new-tokens", "6", "--out", str(tmp_path / "out"),
+        "--draft-lookup-tokens", "3",
     ])
     assert report["datasets"][0]["turns"] == 1 and report["domains"][0]["domain"] == "code"
     assert (tmp_path / "out" / "table.md").read_text().startswith("| dataset |")
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]["limit"] == 1
+    settings = json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]
+    assert settings["limit"] == 1 and settings["draft_lookup_tokens"] == 3

@@ -164,6 +164,51 @@ def test_lagged_policy_is_lossless_in_generate(targets, trained_drafts):
     assert torch.equal(reference, speculative)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_prompt_lookup_with_draft_is_identical_to_plain_greedy(targets, trained_drafts, family):
+    """Rounds verify a prompt-lookup continuation when the sequence has one and a drafted block otherwise; greedy
+    output stays identical to plain decoding, including where max_length cuts a continuation short."""
+    target, draft = targets[family], trained_drafts[(family, "markov")]
+    draft.config.block_size = 4
+    looked_up = drafted = 0
+    try:
+        for seed in range(4):
+            prompt = torch.randint(0, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(seed))
+            for max_new_tokens in (7, 48):
+                reference, speculative = greedy_pair(
+                    target, draft, prompt, max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=6
+                )
+                assert torch.equal(reference, speculative)
+                stats = draft.last_generate_stats
+                assert sum(stats.accepted) + stats.num_rounds == reference.shape[1] - prompt.shape[1] - 1
+                assert all(p <= (6 if lookup else 4) for p, lookup in zip(stats.proposed, stats.looked_up, strict=True))
+                looked_up += sum(stats.looked_up)
+                drafted += stats.num_rounds - sum(stats.looked_up)
+    finally:
+        draft.config.block_size = 16
+    assert looked_up > 0 and drafted > 0, (looked_up, drafted)
+
+
+def test_sampling_with_prompt_lookup_matches_target_distribution(sampling_setup):
+    """8k sampled generations after a prompt whose tokens repeat, so the first round often verifies a looked-up
+    continuation instead of a drafted block: TV of (t2, t3) stays within the McDiarmid bound for that sample size."""
+    target, draft, _, _ = sampling_setup
+    prompt = torch.tensor([[1, 2, 3, 1, 2, 3]])
+    exact = exact_two_token_distribution(target, prompt)
+    runs, first_round_looked_up = 8_000, 0
+    counts = torch.zeros_like(exact)
+    torch.manual_seed(2)
+    for _ in range(runs):
+        out = target.generate(
+            prompt, max_new_tokens=4, do_sample=True, top_k=0, assistant_model=draft, prompt_lookup_num_tokens=3
+        )
+        counts[out[0, prompt.shape[1] + 1], out[0, prompt.shape[1] + 2]] += 1
+        first_round_looked_up += draft.last_generate_stats.looked_up[0]
+    tv = 0.5 * (counts / runs - exact).abs().sum().item()
+    assert 0.2 * runs < first_round_looked_up < 0.9 * runs, first_round_looked_up
+    assert tv < tv_bound(exact, runs), (tv, tv_bound(exact, runs))
+
+
 def test_logits_processors_and_streamer(targets):
     class Collect(BaseStreamer):
         def __init__(self):

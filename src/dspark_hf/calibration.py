@@ -116,6 +116,11 @@ class CalibrationData(JsonFileMixin):
 
     def add_stats(self, stats: SpeculationStats, prompt_index: int = 0) -> None:
         """Appends the rounds of one `generate()` call (`draft.last_generate_stats`)."""
+        if any(stats.looked_up):
+            raise ValueError(
+                "These rounds come from generate(..., prompt_lookup_num_tokens=...): some verified looked-up tokens "
+                "that the confidence head never scored. Collect calibration rounds without prompt_lookup_num_tokens."
+            )
         if stats.block_size != self.block_size:
             raise ValueError(
                 f"Stats of block size {stats.block_size} added to data of block size {self.block_size}."

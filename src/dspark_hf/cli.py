@@ -672,6 +672,12 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", action="store_true", help="Sample at --temperature instead of greedy decoding.")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="0 skips the prompt-lookup baseline.")
+    parser.add_argument(
+        "--draft-lookup-tokens",
+        type=int,
+        help="Give the draft's generate() prompt_lookup_num_tokens=N: rounds verify a prompt-lookup continuation "
+        "when the text so far has one and a drafted block otherwise.",
+    )
     parser.add_argument("--no-plain", action="store_true", help="Skip the plain-generate baseline.")
     parser.add_argument("--out", required=False, help="Output folder (per-dataset JSON, summary.json, table.md).")
 
@@ -690,6 +696,7 @@ def _run_eval(args: argparse.Namespace):
         target, tokenizer, draft, load_prompt_sets(args.prompts_dir, args.datasets, args.limit), output_dir=args.out,
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
         compare_plain=not args.no_plain, prompt_lookup_num_tokens=args.prompt_lookup_tokens or None,
+        draft_prompt_lookup_num_tokens=args.draft_lookup_tokens,
     )
     out = Path(args.out)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}

@@ -111,6 +111,7 @@ class DatasetResult:
             "greedy_identical": self.greedy_identical,
             "greedy_agreement": self._agreement(self.greedy_agreeing_tokens),
             "prompt_lookup_greedy_agreement": self._agreement(self.prompt_lookup_agreeing_tokens),
+            "looked_up_rounds": sum(self.stats.looked_up),
             "draft_time_s": self.stats.draft_time_s,
             "verify_time_s": self.stats.verify_time_s,
         }
@@ -196,10 +197,16 @@ def evaluate_dataset(
     temperature: float = 1.0,
     compare_plain: bool = True,
     prompt_lookup_num_tokens: int | None = 10,
+    draft_prompt_lookup_num_tokens: int | None = None,
     progress: bool = True,
 ) -> DatasetResult:
-    """Runs every turn of `conversations` with the draft (and the baselines) and aggregates the rounds."""
+    """Runs every turn of `conversations` with the draft (and the baselines) and aggregates the rounds.
+
+    `prompt_lookup_num_tokens` sets the prompt-lookup baseline (None skips it); `draft_prompt_lookup_num_tokens` is
+    passed to the draft's own `generate()` calls, whose rounds then verify a looked-up continuation when there is one.
+    """
     settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.eos_token_id}
+    draft_settings = {"assistant_model": draft, "prompt_lookup_num_tokens": draft_prompt_lookup_num_tokens}
     if do_sample:
         settings.update(temperature=temperature, top_k=0, top_p=1.0)
     iterator = conversations
@@ -223,7 +230,7 @@ def evaluate_dataset(
             )["input_ids"].to(target.device)
             kwargs = {**settings, "attention_mask": torch.ones_like(input_ids)}
             with torch.no_grad():
-                output, seconds = _timed_generate(target, input_ids, assistant_model=draft, **kwargs)
+                output, seconds = _timed_generate(target, input_ids, **draft_settings, **kwargs)
                 parts.append(draft.last_generate_stats)
                 if compare_plain:
                     plain, plain_seconds = _timed_generate(target, input_ids, **kwargs)

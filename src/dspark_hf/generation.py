@@ -4,7 +4,9 @@
 each verification pass it receives the target's outputs, appends the hidden states of the newly verified tokens to
 the draft's context cache, runs the backbone once over anchor + γ−1 masks, samples left to right through the
 sequential head, scores each position with the confidence head and lets a verification policy choose how many
-tokens to send to the target. The hook that makes `generate()` pick it lives in `generate_hook.py`.
+tokens to send to the target. With `prompt_lookup_num_tokens` also set, rounds verify transformers' prompt-lookup
+continuation when the sequence so far has one, and a drafted block when it has none. The hook that makes `generate()`
+pick it lives in `generate_hook.py`.
 """
 
 import time
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
-from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.candidate_generator import CandidateGenerator, PromptLookupCandidateGenerator
 from transformers.generation.logits_process import LogitsProcessorList
 
 from .modeling_dspark import DSparkContextCache, DSparkDraftModel
@@ -98,6 +100,11 @@ class DSparkCandidateGenerator(CandidateGenerator):
 
     The number of tokens verified each round is chosen by `draft.verification_policy` (see `dspark_hf.scheduling`);
     with none set, the whole block is verified. Statistics of the call are kept in `draft.last_generate_stats`.
+
+    With `generation_config.prompt_lookup_num_tokens` set, each round first looks for the sequence's last n-gram
+    earlier in the sequence (transformers' prompt lookup, `max_matching_ngram_size`) and verifies the continuation
+    it finds; the draft drafts only in rounds where the lookup finds nothing. The choice depends on the sequence so
+    far only, and looked-up tokens are certain proposals, so sampled outputs keep the target's distribution.
     """
 
     requires_model_outputs = True
@@ -133,11 +140,21 @@ class DSparkCandidateGenerator(CandidateGenerator):
             )
         if self.policy is not None:  # stateful policies (lagged scheduler) start each call afresh
             self.policy.reset()
+        self.lookup = None
+        if generation_config.prompt_lookup_num_tokens is not None:
+            # No logits processor: a looked-up token the target forbids simply fails verification.
+            self.lookup = PromptLookupCandidateGenerator(
+                eos_token_id=generation_config._eos_token_tensor,
+                num_output_tokens=generation_config.prompt_lookup_num_tokens,
+                max_matching_ngram_size=generation_config.max_matching_ngram_size or 2,
+                max_length=generation_config.max_length,
+            )
         self.cache = DSparkContextCache(draft.config.num_hidden_layers)
         self.context_length = 0
-        self.stats = SpeculationStats(block_size=self.block_size)
+        longest = max(self.block_size, generation_config.prompt_lookup_num_tokens or 0)
+        self.stats = SpeculationStats(block_size=longest)
         draft.last_generate_stats = self.stats
-        self._pending_round: tuple[int, list[float]] | None = None
+        self._pending_round: tuple[int, list[float], bool] | None = None
         self._verify_started = 0.0
 
     def get_candidates(
@@ -149,32 +166,47 @@ class DSparkCandidateGenerator(CandidateGenerator):
         n_last_matches: int = 0,
         **kwargs,
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
-        """Returns `input_ids` extended by the verified-length prefix of a drafted block, and its logits."""
+        """Returns `input_ids` extended by the tokens to verify (a drafted block's prefix or a looked-up continuation)
+        and the drafted tokens' logits (None for looked-up tokens)."""
         if is_first_iteration:  # the target has not prefilled yet: propose nothing
             return input_ids, None
         started = time.perf_counter()
         self._extend_context(input_ids, model_outputs)
-        budget = min(self.block_size, self.max_length - input_ids.shape[1] - 1)
-        length, block = 0, None
-        if budget > 0:
-            block = self._draft(input_ids, budget)
-            length = self._verification_length(block, budget)
-        confidences = [] if block is None or block.confidence_logits is None else block.confidence_logits[0, :length].tolist()
-        self._pending_round = (length, confidences)
+        budget = self.max_length - input_ids.shape[1] - 1
+        tokens, logits, confidences = self._look_up(input_ids, budget), None, []
+        looked_up = tokens is not None
+        if not looked_up and budget > 0:
+            block_budget = min(self.block_size, budget)
+            block = self._draft(input_ids, block_budget)
+            length = self._verification_length(block, block_budget)
+            tokens, logits = block.tokens[:, :length], block.logits[:, :length]
+            if block.confidence_logits is not None:
+                confidences = block.confidence_logits[0, :length].tolist()
+        proposed = 0 if tokens is None else tokens.shape[1]
+        self._pending_round = (proposed, confidences, looked_up)
         self.stats.draft_time_s += time.perf_counter() - started
         self._verify_started = time.perf_counter()
-        if length == 0:
+        if proposed == 0:
             return input_ids, None
-        return torch.cat([input_ids, block.tokens[:, :length]], dim=-1), block.logits[:, :length]
+        # Looked-up tokens come without logits: transformers then checks them against tokens the target picks itself.
+        return torch.cat([input_ids, tokens], dim=-1), logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         """Records the round's outcome (called by transformers after each verification)."""
         if self._pending_round is None:  # the prefill pass
             return
         self.stats.verify_time_s += time.perf_counter() - self._verify_started
-        proposed, confidence_logits = self._pending_round
-        self.stats.record_round(proposed, int(num_matches), confidence_logits)
+        proposed, confidence_logits, looked_up = self._pending_round
+        self.stats.record_round(proposed, int(num_matches), confidence_logits, looked_up=looked_up)
         self._pending_round = None
+
+    def _look_up(self, input_ids: torch.LongTensor, budget: int) -> torch.LongTensor | None:
+        """`(1, m)` prompt-lookup continuation of `input_ids`, at most `budget` tokens, or None when there is none."""
+        if self.lookup is None or budget <= 0:
+            return None
+        candidates, _ = self.lookup.get_candidates(input_ids)
+        continuation = candidates[:, input_ids.shape[1] : input_ids.shape[1] + budget]
+        return continuation if continuation.shape[1] else None
 
     def _extend_context(self, input_ids: torch.LongTensor, model_outputs) -> None:
         """Appends target features of every verified token that the draft has not seen (all but the anchor)."""
@@ -216,3 +248,4 @@ class DSparkCandidateGenerator(CandidateGenerator):
             return budget
         lengths = self.policy.select_lengths([block.confidences[0].tolist()], max_lengths=[budget])
         return min(budget, int(lengths[0]))
+

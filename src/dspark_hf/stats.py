@@ -10,21 +10,27 @@ class SpeculationStats:
     A round is one target verification pass after the prefill. `proposed[i]` tokens were sent for verification in
     round `i`, `accepted[i]` of them survived; the target adds one more token (bonus or correction) every round.
     `confidence_logits[i]` holds the raw confidence-head logits of the verified positions (for calibration).
+    `looked_up[i]` says whether round `i` verified a prompt-lookup continuation (`prompt_lookup_num_tokens`) rather
+    than a drafted block; such rounds carry no confidence logits, and `block_size` is the longest proposal allowed.
     """
 
     block_size: int
     proposed: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     confidence_logits: list[list[float]] = field(default_factory=list)
+    looked_up: list[bool] = field(default_factory=list)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
 
-    def record_round(self, proposed: int, accepted: int, confidence_logits: list[float] | None = None) -> None:
+    def record_round(
+        self, proposed: int, accepted: int, confidence_logits: list[float] | None = None, looked_up: bool = False
+    ) -> None:
         if not 0 <= accepted <= proposed:
             raise ValueError(f"accepted ({accepted}) must lie in [0, proposed={proposed}].")
         self.proposed.append(proposed)
         self.accepted.append(accepted)
         self.confidence_logits.append(list(confidence_logits or []))
+        self.looked_up.append(looked_up)
 
     @classmethod
     def merge(cls, parts: "list[SpeculationStats]") -> "SpeculationStats":
@@ -36,6 +42,7 @@ class SpeculationStats:
             merged.proposed += part.proposed
             merged.accepted += part.accepted
             merged.confidence_logits += part.confidence_logits
+            merged.looked_up += part.looked_up
             merged.draft_time_s += part.draft_time_s
             merged.verify_time_s += part.verify_time_s
         return merged
@@ -75,6 +82,7 @@ class SpeculationStats:
             "accepted": self.accepted,
             "conditional_acceptance": self.conditional_acceptance(),
             "prefix_survival": self.prefix_survival(),
+            "looked_up_rounds": sum(self.looked_up),
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,
         }
