@@ -248,4 +248,3 @@ class DSparkCandidateGenerator(CandidateGenerator):
             return budget
         lengths = self.policy.select_lengths([block.confidences[0].tolist()], max_lengths=[budget])
         return min(budget, int(lengths[0]))
-
