@@ -51,3 +51,34 @@ def test_default_draft_ships_calibrated_and_is_accepted(smollm2):
     speculative = target.generate(ids, assistant_model=draft.float(), **kwargs)
     assert torch.equal(reference, speculative)
     assert draft.last_generate_stats.tau > 1.2
+
+
+def test_default_draft_with_prompt_lookup_is_lossless(smollm2):
+    """The built-in draft with prompt lookup (float32, greedy): identical to plain decoding, with looked-up and
+    drafted rounds both taking part."""
+    from dspark_hf.demo import load_default_draft
+
+    target, tokenizer = smollm2
+    draft, _ = load_default_draft(target, tokenizer)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Write a Python function that adds two lists element by element."}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )["input_ids"]
+    kwargs = dict(max_new_tokens=64, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id)
+    reference = target.generate(ids, **kwargs)
+    speculative = target.generate(ids, assistant_model=draft.float(), prompt_lookup_num_tokens=10, **kwargs)
+    assert torch.equal(reference, speculative)
+    stats = draft.last_generate_stats
+    assert 0 < sum(stats.looked_up) < stats.num_rounds, stats.looked_up
+
+
+def test_demo_prints_draft_and_lookup_results(capsys):
+    """`dspark-hf demo` in float32: every answer identical to plain decoding, with and without prompt lookup."""
+    from dspark_hf.demo import DEMO_PROMPTS, run_demo
+
+    results = run_demo(max_new_tokens=12, dtype="float32", prompt_lookup_tokens=10)
+    assert [r["domain"] for r in results] == list(DEMO_PROMPTS)
+    assert all(r["identical"] and r["lookup_identical"] for r in results)
+    assert all(r["speedup"] > 0 and r["lookup_speedup"] > 0 for r in results)
+    printed = capsys.readouterr().out
+    assert printed.count("DSpark + prompt lookup (10 tokens)") == len(DEMO_PROMPTS)
