@@ -9,17 +9,23 @@ from dspark_hf import DSparkDraftModel
 pytestmark = pytest.mark.slow
 
 
+def greedy_inputs(tokenizer, prompt: str, max_new_tokens: int) -> tuple[torch.Tensor, dict]:
+    """(input_ids, generate() settings) for greedy decoding of one chat turn."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
+                    pad_token_id=tokenizer.eos_token_id)
+    return ids, settings
+
+
 def test_gguf_target_greedy_identical(smollm2):
     target, tokenizer = smollm2
     torch.manual_seed(0)
     draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, block_size=4).eval()
     assert draft.config.mask_token_id == tokenizer.convert_tokens_to_ids("<empty_output>")
     assert max(draft.config.target_layer_ids) <= target.config.num_hidden_layers - 2
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 12 times 7?"}], add_generation_prompt=True, return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
-    kwargs = dict(max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id)
+    ids, kwargs = greedy_inputs(tokenizer, "What is 12 times 7?", 24)
     reference = target.generate(ids, **kwargs)
     speculative = target.generate(ids, assistant_model=draft, **kwargs)
     assert torch.equal(reference, speculative)
@@ -42,11 +48,7 @@ def test_default_draft_ships_calibrated_and_is_accepted(smollm2):
     assert draft.config.draft_vocab_size == draft.draft_vocab_ids.numel() == 8192
     card = (DEFAULT_DRAFT_DIR / "README.md").read_text()
     assert "## Calibration" in card and "## Evaluation" in card
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Tom has 3 apples and buys 5 more. How many apples does he have?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
-    )["input_ids"]
-    kwargs = dict(max_new_tokens=48, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id)
+    ids, kwargs = greedy_inputs(tokenizer, "Tom has 3 apples and buys 5 more. How many apples does he have?", 48)
     reference = target.generate(ids, **kwargs)
     speculative = target.generate(ids, assistant_model=draft.float(), **kwargs)
     assert torch.equal(reference, speculative)
@@ -60,11 +62,7 @@ def test_default_draft_with_prompt_lookup_is_lossless(smollm2):
 
     target, tokenizer = smollm2
     draft, _ = load_default_draft(target, tokenizer)
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Write a Python function that adds two lists element by element."}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
-    )["input_ids"]
-    kwargs = dict(max_new_tokens=64, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id)
+    ids, kwargs = greedy_inputs(tokenizer, "Write a Python function that adds two lists element by element.", 64)
     reference = target.generate(ids, **kwargs)
     speculative = target.generate(ids, assistant_model=draft.float(), prompt_lookup_num_tokens=10, **kwargs)
     assert torch.equal(reference, speculative)
