@@ -27,9 +27,9 @@ def runs(target, tokenizer, drafts: dict, prompts: dict, args):
     variants = [(name, draft, None) for name, draft in drafts.items()]
     if args.draft_lookup_tokens:
         variants += [(f"{name}+lookup", draft, args.draft_lookup_tokens) for name, draft in drafts.items()]
+    baselines = {"compare_plain": True, "prompt_lookup_num_tokens": args.prompt_lookup_tokens}
     for name, draft, draft_lookup_tokens in variants:
         for mode in args.modes:
-            baselines = {"compare_plain": True, "prompt_lookup_num_tokens": args.prompt_lookup_tokens}
             yield name, mode, common.run_harness(
                 target, tokenizer, draft, prompts, args, label=name, mode=mode,
                 draft_prompt_lookup_num_tokens=draft_lookup_tokens, **baselines,

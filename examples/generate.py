@@ -13,7 +13,7 @@ import torch
 import dspark_hf  # noqa: F401  (installs the generate() hook)
 from dspark_hf import DSparkDraftModel, StaticThresholdPolicy
 from dspark_hf.cli import load_target
-from dspark_hf.demo import describe_divergence
+from dspark_hf.demo import greedy_verdict
 
 
 def main() -> None:
@@ -55,11 +55,8 @@ def main() -> None:
 
     stats = draft.last_generate_stats
     print(tokenizer.decode(speculative[0, input_ids.shape[1]:], skip_special_tokens=True))
-    if not args.sample and torch.equal(plain, speculative):
-        print("\nidentical to plain greedy decoding: yes")
-    elif not args.sample:
-        where, tie = describe_divergence(target, plain, speculative)
-        print(f"\nidentical to plain greedy decoding: no, {where} ({'a rounding tie' if tie else 'NOT a rounding tie'})")
+    if not args.sample:
+        print(f"\nidentical to plain greedy decoding: {greedy_verdict(target, plain, speculative)[2]}")
     print(f"rounds {stats.num_rounds} ({sum(stats.looked_up)} looked up), τ {stats.tau:.2f}, "
           f"conditional acceptance {stats.conditional_acceptance()}")
     print(f"plain {plain_s:.2f}s, DSpark {speculative_s:.2f}s (draft {stats.draft_time_s:.2f}s, "

@@ -30,16 +30,21 @@ def load_default_draft(target, tokenizer) -> tuple[DSparkDraftModel, str]:
     return draft, "a fresh, untrained draft (no trained default draft ships yet: expect τ ≈ 1 and no speed-up)"
 
 
-def describe_divergence(target, plain: torch.Tensor, speculative: torch.Tensor) -> tuple[str, bool]:
-    """Where two greedy outputs first differ and whether it is a floating-point tie of the target: (text, is_tie)."""
-    divergence = first_divergence(target, plain, speculative)
+def greedy_verdict(target, plain: torch.Tensor, output: torch.Tensor) -> tuple[bool, bool, str]:
+    """Compares a greedy output with plain decoding's: (identical, identical or a floating-point tie of the target,
+    printable verdict naming the first differing token and the target's logits there)."""
+    if torch.equal(plain, output):
+        return True, True, "yes"
+    divergence = first_divergence(target, plain, output)
     if divergence is None:  # one output stopped earlier, without a differing token
-        return "one output is a prefix of the other", True
-    return (
-        f"first differs at token {divergence.position}: target logits {divergence.plain_logit:.3f} vs "
-        f"{divergence.other_logit:.3f}",
-        divergence.is_tie,
-    )
+        where, tie = "one output is a prefix of the other", True
+    else:
+        where = (
+            f"first differs at token {divergence.position}: target logits {divergence.plain_logit:.3f} vs "
+            f"{divergence.other_logit:.3f}"
+        )
+        tie = divergence.is_tie
+    return False, tie, f"no, {where} ({'a rounding tie' if tie else 'NOT a rounding tie'})"
 
 
 def _timed_generate(target, input_ids, **kwargs) -> tuple[torch.Tensor, float]:
@@ -47,14 +52,6 @@ def _timed_generate(target, input_ids, **kwargs) -> tuple[torch.Tensor, float]:
     with torch.no_grad():
         output = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     return output, time.perf_counter() - started
-
-
-def _verdict(target, plain: torch.Tensor, output: torch.Tensor) -> tuple[bool, bool, str]:
-    """(identical, rounding tie, printable verdict) of a greedy output against plain decoding."""
-    if torch.equal(plain, output):
-        return True, True, "yes"
-    divergence, tie = describe_divergence(target, plain, output)
-    return False, tie, f"no, {divergence} ({'a rounding tie' if tie else 'NOT a rounding tie'})"
 
 
 def run_demo(max_new_tokens: int = 64, dtype: str = "bfloat16", prompt_lookup_tokens: int | None = 10) -> list[dict]:
@@ -75,7 +72,7 @@ def run_demo(max_new_tokens: int = 64, dtype: str = "bfloat16", prompt_lookup_to
         plain, plain_s = _timed_generate(target, input_ids, **kwargs)
         speculative, speculative_s = _timed_generate(target, input_ids, assistant_model=draft, **kwargs)
         stats = draft.last_generate_stats
-        identical, tie, verdict = _verdict(target, plain, speculative)
+        identical, tie, verdict = greedy_verdict(target, plain, speculative)
         new_tokens = speculative.shape[1] - input_ids.shape[1]
         acceptance = ", ".join("-" if a is None else f"{a:.2f}" for a in stats.conditional_acceptance())
         print(f"[{domain}] {prompt}\n  answer: {tokenizer.decode(speculative[0, input_ids.shape[1]:], skip_special_tokens=True)!r}")
@@ -91,7 +88,7 @@ def run_demo(max_new_tokens: int = 64, dtype: str = "bfloat16", prompt_lookup_to
                 target, input_ids, assistant_model=draft, prompt_lookup_num_tokens=prompt_lookup_tokens, **kwargs
             )
             both_stats = draft.last_generate_stats
-            both_identical, both_tie, both_verdict = _verdict(target, plain, both)
+            both_identical, both_tie, both_verdict = greedy_verdict(target, plain, both)
             print(
                 f"  DSpark + prompt lookup ({prompt_lookup_tokens} tokens): τ = {both_stats.tau:.2f}, "
                 f"{sum(both_stats.looked_up)} of {both_stats.num_rounds} rounds looked up, "
