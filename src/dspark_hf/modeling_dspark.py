@@ -726,7 +726,8 @@ class DSparkDraftModel(DSparkPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, target_model=None, **kwargs):
         """Loads a draft saved in either layout (detected from its config) with the data of its model card;
-        attaches `target_model` if given."""
+        attaches `target_model` if given and, unless `device_map` is passed, moves the draft to the target's device
+        (`target_model.device`)."""
         from .interop import is_deepspec_checkpoint, load_deepspec_checkpoint
 
         if is_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs):
@@ -735,6 +736,8 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model.model_card_data = load_model_card_data(pretrained_model_name_or_path, **kwargs)
         if target_model is not None:
+            if kwargs.get("device_map") is None:
+                model.to(target_model.device)
             model.attach(target_model)
         return model
 

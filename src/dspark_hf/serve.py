@@ -336,7 +336,9 @@ def build_engine(args: argparse.Namespace) -> DSparkEngine:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target, tokenizer = load_target(args.target, gguf_file=args.gguf_file, dtype=args.target_dtype, tokenizer=args.tokenizer)
+    target, tokenizer = load_target(
+        args.target, gguf_file=args.gguf_file, dtype=args.target_dtype, tokenizer=args.tokenizer, device=args.device
+    )
     draft = None
     if args.scheduler != "none" and args.draft != "none":
         if args.draft == "default":
