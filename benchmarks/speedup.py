@@ -23,8 +23,9 @@ PLAIN_TARGETS = {"math": 2.0, "code": 2.0, "chat": 1.5}
 
 
 def runs(target, tokenizer, drafts: dict, prompts: dict, args):
-    """Yields `(name, mode, summaries)` for every draft, then with --draft-lookup-tokens every draft as `<name>+lookup`."""
-    variants = [(name, draft, None) for name, draft in drafts.items()]
+    """Yields `(name, mode, summaries)` for every draft, then with --draft-lookup-tokens every draft as `<name>+lookup`
+    (with --lookup-only, those alone)."""
+    variants = [] if args.lookup_only else [(name, draft, None) for name, draft in drafts.items()]
     if args.draft_lookup_tokens:
         variants += [(f"{name}+lookup", draft, args.draft_lookup_tokens) for name, draft in drafts.items()]
     baselines = {"compare_plain": True, "prompt_lookup_num_tokens": args.prompt_lookup_tokens}
@@ -205,10 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="Also run every draft with prompt_lookup_num_tokens=N in its own generate() (reported as <name>+lookup).",
     )
+    parser.add_argument(
+        "--lookup-only", action="store_true", help="With --draft-lookup-tokens, skip the drafts run alone."
+    )
     prepared = common.prepare(parser, __file__, argv)
     if prepared is None:
         return 0
     args, target, tokenizer, drafts, report = prepared
+    if args.lookup_only and not args.draft_lookup_tokens:
+        parser.error("--lookup-only runs the <draft>+lookup variants only: give --draft-lookup-tokens N too.")
     report["results"] = measure(target, tokenizer, drafts, common.load_prompts(args), args)
     common.write_results(args.output_name, report, markdown, plot)
     return 0
