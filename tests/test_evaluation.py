@@ -181,6 +181,32 @@ def test_eval_cli(tmp_path):
     assert settings["limit"] == 1 and settings["draft_lookup_tokens"] == 3 and settings["device"] == "cpu"
 
 
+def test_gguf_targets_load_dense(tmp_path, monkeypatch):
+    """A .gguf target is dequantized at load (the draft reads its LM-head matrix; packed layers would fetch Hub
+    kernels), on the device asked for; the tokenizer gets the file but not the quantization settings."""
+    import transformers
+
+    from dspark_hf.cli import load_target
+
+    calls = {}
+
+    def record(name):
+        def from_pretrained(cls, path, **kwargs):
+            calls[name] = (path, kwargs)
+            return torch.nn.Linear(1, 1)
+
+        return classmethod(from_pretrained)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record("model"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record("tokenizer"))
+    (tmp_path / "m.gguf").write_bytes(b"")
+    load_target(str(tmp_path / "m.gguf"), device="cuda:1")
+    path, kwargs = calls["model"]
+    assert path == str(tmp_path) and kwargs["gguf_file"] == "m.gguf" and kwargs["device_map"] == "cuda:1"
+    assert kwargs["quantization_config"].dequantize is True and kwargs["dtype"] == torch.float32
+    assert calls["tokenizer"] == (str(tmp_path), {"gguf_file": "m.gguf"})
+
+
 def test_device_option_places_target_and_draft(tmp_path):
     """`--device` reaches from_pretrained as device_map (meta stands in for a GPU here), the draft follows the target,
     and `train` has no such option because accelerate places the target."""

@@ -187,14 +187,22 @@ def load_target(
             os.path.dirname(os.path.abspath(name_or_path)),
             os.path.basename(name_or_path),
         )
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    extra = {}
+    if gguf_file:
+        from transformers import GgufConfig
+
+        # Dense weights: the draft reads the target's embedding and LM-head matrices, and packed GGUF layers would
+        # fetch their matmul and attention kernels from the Hub at load time.
+        extra = {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
     torch_dtype = _torch_dtype(dtype)
     if gguf_file and torch_dtype == "auto":
         import torch
 
         torch_dtype = torch.float32
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, **({} if tokenizer else extra))
+        tok = AutoTokenizer.from_pretrained(
+            tokenizer or name_or_path, **({"gguf_file": gguf_file} if gguf_file and not tokenizer else {})
+        )
     except (OSError, ValueError, TypeError):
         if require_tokenizer:
             raise
