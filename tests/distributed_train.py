@@ -1,0 +1,45 @@
+"""Trains a tiny draft for three steps in each process of a `torch.distributed.run` launch (DDP over gloo, CPU).
+
+Run by tests/test_distributed.py: `python -m torch.distributed.run --nproc_per_node 2 distributed_train.py OUT`.
+Each rank writes its final draft weights to OUT/rank<r>.safetensors and what it saw to OUT/rank<r>.json.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_training_trainer import make_dataset, make_draft, make_target, training_args  # noqa: E402
+
+from dspark_hf.training import DSparkTrainer  # noqa: E402
+
+
+def main(out: Path) -> None:
+    target = make_target()
+    draft = make_draft(target)
+    target_before = {k: v.clone() for k, v in target.state_dict().items()}
+    draft_before = {k: v.clone() for k, v in draft.state_dict().items()}
+    trainer = DSparkTrainer(
+        model=draft, target_model=target, args=training_args(out, max_steps=3), train_dataset=make_dataset(16)
+    )
+    trainer.train()
+    rank = trainer.args.process_index
+    state = {k: v.detach().contiguous() for k, v in draft.state_dict().items()}
+    save_file(state, str(out / f"rank{rank}.safetensors"))
+    report = {
+        "world_size": trainer.args.world_size,
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "expected_tau": [h["expected_tau"] for h in trainer.state.log_history if "expected_tau" in h],
+        "target_unchanged": all(torch.equal(v, target_before[k]) for k, v in target.state_dict().items()),
+        "draft_changed": any(not torch.equal(v, draft_before[k]) for k, v in state.items()),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
