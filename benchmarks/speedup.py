@@ -192,7 +192,7 @@ def plot(report: dict):
         ax.set_ylabel("speed-up over plain generate")
         ax.set_title(f"batch 1, {mode}")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
     return fig
 
 
