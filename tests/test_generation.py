@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import briefly_train, exact_two_token_distribution, make_target, tv_bound
+from conftest import briefly_train, exact_two_token_distribution, make_target, make_tokenizer, tv_bound
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
@@ -229,6 +229,20 @@ def test_logits_processors_and_streamer(targets):
                                   streamer=streamer, **kwargs)
     assert torch.equal(reference, speculative)
     assert [t for chunk in streamer.chunks for t in chunk] == speculative[0].tolist() and streamer.ended
+
+
+def test_text_generation_pipeline_takes_the_draft(targets):
+    from transformers import pipeline
+
+    tokenizer = make_tokenizer(VOCAB)
+    target = targets["llama"]
+    draft = new_draft(target)
+    draft.last_generate_stats = None
+    settings = dict(max_new_tokens=12, do_sample=False)
+    plain = pipeline("text-generation", model=target, tokenizer=tokenizer)("w4 w5 w6", **settings)
+    speculative = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=draft)("w4 w5 w6", **settings)
+    assert speculative == plain
+    assert draft.last_generate_stats is not None and draft.last_generate_stats.num_rounds > 0
 
 
 def test_return_dict_with_hidden_states_and_scores(targets):
