@@ -3,6 +3,7 @@
     python examples/generate.py                                  # SmolLM2 target, fresh draft
     python examples/generate.py --draft outputs/draft --sample   # a saved draft, sampling
     python examples/generate.py --draft src/dspark_hf/default_draft --prompt-lookup-tokens 10  # with prompt lookup
+    python examples/generate.py --target Qwen/Qwen3-0.6B --device cuda             # any causal LM, on a GPU
 """
 
 import argparse
@@ -19,6 +20,7 @@ from dspark_hf.demo import greedy_verdict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--device", help="cpu (default), cuda, cuda:1 or auto; the draft follows the target.")
     parser.add_argument("--draft", help="A saved draft (either layout); default: a fresh draft for the target.")
     parser.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -29,7 +31,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    target, tokenizer = load_target(args.target, dtype="bfloat16")
+    target, tokenizer = load_target(args.target, dtype="bfloat16", device=args.device)
     if args.draft:
         draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype)
     else:
@@ -39,7 +41,7 @@ def main() -> None:
 
     input_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    )["input_ids"].to(target.device)
     settings = dict(max_new_tokens=args.max_new_tokens, attention_mask=torch.ones_like(input_ids),
                     pad_token_id=tokenizer.eos_token_id)
     settings.update(do_sample=True, temperature=0.7) if args.sample else settings.update(do_sample=False)
