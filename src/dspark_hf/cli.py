@@ -947,9 +947,7 @@ def _run_profile(args: argparse.Namespace):
         raise SystemExit("--shape RxW profiles one context length; run it once per --context-length.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    target, _ = load_target(args.target, args.gguf_file, args.dtype, require_tokenizer=False)
-    if args.device:
-        target.to(args.device)
+    target, _ = load_target(args.target, args.gguf_file, args.dtype, require_tokenizer=False, device=args.device)
     if args.shape == "RxW":
         table = profile_verify_cost(
             target, args.requests, args.batch_sizes, contexts[0], repeats=args.repeats, warmup=args.warmup,

@@ -326,19 +326,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_engine(args: argparse.Namespace) -> DSparkEngine:
     """The engine `dspark-hf serve` runs: target, draft and policy from the command line."""
-    import torch
-
-    from .cli import load_target
+    from .cli import _target_from_args
     from .demo import load_default_draft
     from .engine import profile_draft_cost
     from .modeling_dspark import DSparkDraftModel
     from .scheduling import CostTable, profile_verify_cost
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    target, tokenizer = load_target(
-        args.target, gguf_file=args.gguf_file, dtype=args.target_dtype, tokenizer=args.tokenizer, device=args.device
-    )
+    target, tokenizer = _target_from_args(args)
     draft = None
     if args.scheduler != "none" and args.draft != "none":
         if args.draft == "default":
