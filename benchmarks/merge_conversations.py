@@ -18,9 +18,9 @@ from dspark_hf.training import load_prompts
 TRAIN_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared/data/train/train_prompts.jsonl"
 
 
-def calibration_prompt_ids(count: int, first_training_set: str) -> set[str]:
-    """Ids of the prompts `dspark-hf calibrate --shuffle --seed 1 --limit count` draws for the shipped draft."""
-    prompts = load_prompts(TRAIN_PROMPTS, shuffle=True, seed=1, limit=count, exclude=first_training_set)
+def calibration_prompt_ids(count: int, calibration_exclude: str) -> set[str]:
+    """Ids of the prompts `dspark-hf calibrate --shuffle --seed 1 --limit count --exclude calibration_exclude` draws."""
+    prompts = load_prompts(TRAIN_PROMPTS, shuffle=True, seed=1, limit=count, exclude=calibration_exclude)
     return {p["id"] for p in prompts}
 
 
@@ -29,8 +29,13 @@ def main() -> None:
     parser.add_argument("--inputs", nargs="+", required=True, help="`.responses.jsonl` files, earliest first.")
     parser.add_argument("--output", required=True)
     parser.add_argument("--exclude-calibration", type=int, default=0, help="Leave out this many calibration prompts.")
+    parser.add_argument(
+        "--calibration-exclude",
+        help="The `--exclude` source of that calibration (default: the first input, as for the drafts before 2026-11-30).",
+    )
     args = parser.parse_args()
-    excluded = calibration_prompt_ids(args.exclude_calibration, args.inputs[0]) if args.exclude_calibration else set()
+    calibration_exclude = args.calibration_exclude or args.inputs[0]
+    excluded = calibration_prompt_ids(args.exclude_calibration, calibration_exclude) if args.exclude_calibration else set()
     kept: dict[str, str] = {}
     for path in args.inputs:
         for line in Path(path).read_text().splitlines():
