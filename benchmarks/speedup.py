@@ -18,18 +18,26 @@ Writes benchmarks/results/<output-name>.{json,md,png} (default speedup). Full ru
 import _common as common
 
 from dspark_hf.evaluation import domain_summaries, markdown_table
+from dspark_hf.modeling_dspark import DEFAULT_LOOKUP_MIN_PROBABILITY
 
 PLAIN_TARGETS = {"math": 2.0, "code": 2.0, "chat": 1.5}
 
 
 def runs(target, tokenizer, drafts: dict, prompts: dict, args):
     """Yields `(name, mode, summaries)` for every draft, then with --draft-lookup-tokens every draft as `<name>+lookup`
-    (with --lookup-only, those alone)."""
-    variants = [] if args.lookup_only else [(name, draft, None) for name, draft in drafts.items()]
+    (with --lookup-only, those alone), or as `<name>+lookup@P` for each of several --lookup-min-probability values."""
+    variants = [] if args.lookup_only else [(name, draft, None, None) for name, draft in drafts.items()]
     if args.draft_lookup_tokens:
-        variants += [(f"{name}+lookup", draft, args.draft_lookup_tokens) for name, draft in drafts.items()]
+        thresholds = args.lookup_min_probability
+        variants += [
+            (f"{name}+lookup" + (f"@{p:g}" if len(thresholds) > 1 else ""), draft, args.draft_lookup_tokens, p)
+            for name, draft in drafts.items()
+            for p in thresholds
+        ]
     baselines = {"compare_plain": True, "prompt_lookup_num_tokens": args.prompt_lookup_tokens}
-    for name, draft, draft_lookup_tokens in variants:
+    for name, draft, draft_lookup_tokens, min_probability in variants:
+        if min_probability is not None:
+            draft.lookup_min_probability = min_probability
         for mode in args.modes:
             yield name, mode, common.run_harness(
                 target, tokenizer, draft, prompts, args, label=name, mode=mode,
@@ -113,8 +121,10 @@ def markdown(report: dict) -> str:
     if settings.get("draft_lookup_tokens"):
         lines += [
             f"`<draft>+lookup` runs the same draft with `prompt_lookup_num_tokens={settings['draft_lookup_tokens']}` "
-            "in its own `generate()` call: a round verifies transformers' prompt-lookup continuation when the text so "
-            "far has one, and a drafted block when it has none. Its τ counts both kinds of round.",
+            "in its own `generate()` call: a round verifies transformers' prompt-lookup continuation when it follows "
+            "a 2-gram match, or a 1-token match whose next token the draft gives at least `lookup_min_probability` "
+            f"({', '.join(f'{p:g}' for p in settings.get('lookup_min_probability', [0.0]))}; `@P` names the value when there "
+            "are several, 0 looks up every match), and the drafted block otherwise. Its τ counts both kinds of round.",
             "",
         ]
     for name, modes in report["results"].items():
@@ -208,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--lookup-only", action="store_true", help="With --draft-lookup-tokens, skip the drafts run alone."
+    )
+    parser.add_argument(
+        "--lookup-min-probability",
+        type=float,
+        nargs="+",
+        default=[DEFAULT_LOOKUP_MIN_PROBABILITY],
+        help="With --draft-lookup-tokens: draft.lookup_min_probability, the draft probability a 1-token lookup match "
+        "needs to be verified (0: every match, as transformers' prompt lookup). Several values: one variant each.",
     )
     prepared = common.prepare(parser, __file__, argv)
     if prepared is None:

@@ -173,12 +173,13 @@ def test_eval_cli(tmp_path):
     report = run_command([
         "eval", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
         "--prompts-dir", str(tmp_path / "prompts"), "--limit", "1", "--max-new-tokens", "6", "--out", str(tmp_path / "out"),
-        "--draft-lookup-tokens", "3", "--device", "cpu",
+        "--draft-lookup-tokens", "3", "--lookup-min-probability", "0", "--device", "cpu",
     ])
     assert report["datasets"][0]["turns"] == 1 and report["domains"][0]["domain"] == "code"
     assert (tmp_path / "out" / "table.md").read_text().startswith("| dataset |")
     settings = json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]
     assert settings["limit"] == 1 and settings["draft_lookup_tokens"] == 3 and settings["device"] == "cpu"
+    assert settings["lookup_min_probability"] == 0.0
 
 
 def test_gguf_targets_load_dense(tmp_path, monkeypatch):

@@ -164,13 +164,40 @@ def test_lagged_policy_is_lossless_in_generate(targets, trained_drafts):
     assert torch.equal(reference, speculative)
 
 
+def _lookup_match(sequence: list[int]) -> int:
+    """Length (2, 1 or 0) of the longest suffix n-gram, n ≤ 2, that occurs earlier with a token after it."""
+    for n in (2, 1):
+        if len(sequence) > n and any(sequence[i : i + n] == sequence[-n:] for i in range(len(sequence) - n)):
+            return n
+    return 0
+
+
+@pytest.fixture
+def lookup_results(monkeypatch):
+    """Whether each round's prompt lookup found a continuation (none at the end of the budget or before an EOS)."""
+    found = []
+    look_up = DSparkCandidateGenerator._look_up
+
+    def recording_look_up(self, input_ids, budget):
+        continuation = look_up(self, input_ids, budget)
+        found.append(continuation is not None)
+        return continuation
+
+    monkeypatch.setattr(DSparkCandidateGenerator, "_look_up", recording_look_up)
+    return found
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_prompt_lookup_with_draft_is_identical_to_plain_greedy(targets, trained_drafts, family):
-    """Rounds verify a prompt-lookup continuation when the sequence has one and a drafted block otherwise; greedy
+@pytest.mark.parametrize("min_probability", [0.0, 0.035, 1.1])
+def test_prompt_lookup_with_draft_is_identical_to_plain_greedy(
+    targets, trained_drafts, lookup_results, family, min_probability
+):
+    """A round verifies the looked-up continuation after a 2-gram match, after a 1-token match when the draft gives its
+    next token at least `lookup_min_probability` (0: always, 1.1: never), and the drafted block otherwise; greedy
     output stays identical to plain decoding, including where max_length cuts a continuation short."""
     target, draft = targets[family], trained_drafts[(family, "markov")]
-    draft.config.block_size = 4
-    looked_up = drafted = 0
+    draft.config.block_size, draft.lookup_min_probability = 4, min_probability
+    kinds = {"2-gram looked up": 0, "1-gram looked up": 0, "1-gram drafted": 0, "drafted": 0}
     try:
         for seed in range(4):
             prompt = torch.randint(0, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(seed))
@@ -182,30 +209,53 @@ def test_prompt_lookup_with_draft_is_identical_to_plain_greedy(targets, trained_
                 stats = draft.last_generate_stats
                 assert sum(stats.accepted) + stats.num_rounds == reference.shape[1] - prompt.shape[1] - 1
                 assert all(p <= (6 if lookup else 4) for p, lookup in zip(stats.proposed, stats.looked_up, strict=True))
-                looked_up += sum(stats.looked_up)
-                drafted += stats.num_rounds - sum(stats.looked_up)
+                found = lookup_results[-stats.num_rounds :]
+                length = prompt.shape[1] + 1  # the prefill emits one token before the first round
+                for accepted, looked_up, continued in zip(stats.accepted, stats.looked_up, found, strict=True):
+                    match = _lookup_match(reference[0, :length].tolist()) if continued else 0
+                    assert not looked_up or match, "looked up without a continuation"
+                    if match == 2:
+                        assert looked_up, "a 2-gram match must be looked up"
+                    if min_probability == 0.0 and match:
+                        assert looked_up, "lookup_min_probability=0 looks up every match"
+                    if min_probability > 1.0 and match == 1:
+                        assert not looked_up, "no draft probability reaches lookup_min_probability > 1"
+                    kind = {2: "2-gram", 1: "1-gram"}.get(match)
+                    key = "drafted" if kind is None else f"{kind} {'looked up' if looked_up else 'drafted'}"
+                    kinds[key] += 1
+                    length += accepted + 1
     finally:
-        draft.config.block_size = 16
-    assert looked_up > 0 and drafted > 0, (looked_up, drafted)
+        draft.config.block_size, draft.lookup_min_probability = 16, 0.01
+    assert kinds["2-gram looked up"] > 0 and kinds["drafted"] > 0, kinds
+    if min_probability == 0.035:  # the draft's probability decides 1-gram matches both ways
+        assert kinds["1-gram looked up"] > 0 and kinds["1-gram drafted"] > 0, kinds
 
 
 def test_sampling_with_prompt_lookup_matches_target_distribution(sampling_setup):
-    """8k sampled generations after a prompt whose tokens repeat, so the first round often verifies a looked-up
-    continuation instead of a drafted block: TV of (t2, t3) stays within the McDiarmid bound for that sample size."""
+    """8k sampled generations after a prompt whose tokens repeat, so the first round often finds a looked-up
+    continuation; with `lookup_min_probability` = 0.1 the draft turns some 1-token matches down. TV of (t2, t3)
+    stays within the McDiarmid bound for that sample size."""
     target, draft, _, _ = sampling_setup
     prompt = torch.tensor([[1, 2, 3, 1, 2, 3]])
     exact = exact_two_token_distribution(target, prompt)
-    runs, first_round_looked_up = 8_000, 0
+    runs, looked_up, declined = 8_000, 0, 0
     counts = torch.zeros_like(exact)
     torch.manual_seed(2)
-    for _ in range(runs):
-        out = target.generate(
-            prompt, max_new_tokens=4, do_sample=True, top_k=0, assistant_model=draft, prompt_lookup_num_tokens=3
-        )
-        counts[out[0, prompt.shape[1] + 1], out[0, prompt.shape[1] + 2]] += 1
-        first_round_looked_up += draft.last_generate_stats.looked_up[0]
+    draft.lookup_min_probability = 0.1
+    try:
+        for _ in range(runs):
+            out = target.generate(
+                prompt, max_new_tokens=4, do_sample=True, top_k=0, assistant_model=draft, prompt_lookup_num_tokens=3
+            )
+            counts[out[0, prompt.shape[1] + 1], out[0, prompt.shape[1] + 2]] += 1
+            first_round_looked_up = draft.last_generate_stats.looked_up[0]
+            looked_up += first_round_looked_up
+            # The prefill's token t1 has a lookup match iff it occurs in the prompt.
+            declined += int(out[0, prompt.shape[1]]) in (1, 2, 3) and not first_round_looked_up
+    finally:
+        draft.lookup_min_probability = 0.01
     tv = 0.5 * (counts / runs - exact).abs().sum().item()
-    assert 0.2 * runs < first_round_looked_up < 0.9 * runs, first_round_looked_up
+    assert 0.1 * runs < looked_up < 0.9 * runs and 0.03 * runs < declined, (looked_up, declined)
     assert tv < tv_bound(exact, runs), (tv, tv_bound(exact, runs))
 
 

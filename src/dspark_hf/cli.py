@@ -701,7 +701,13 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--draft-lookup-tokens",
         type=int,
         help="Give the draft's generate() prompt_lookup_num_tokens=N: rounds verify a prompt-lookup continuation "
-        "when the text so far has one and a drafted block otherwise.",
+        "when the text so far has one (see --lookup-min-probability) and a drafted block otherwise.",
+    )
+    parser.add_argument(
+        "--lookup-min-probability",
+        type=float,
+        help="With --draft-lookup-tokens: draft.lookup_min_probability, the draft probability the next token of a "
+        "1-token lookup match needs to be verified (0: every match; default: the draft's, 0.01).",
     )
     parser.add_argument("--no-plain", action="store_true", help="Skip the plain-generate baseline.")
     parser.add_argument("--out", required=False, help="Output folder (per-dataset JSON, summary.json, table.md).")
@@ -716,6 +722,8 @@ def _run_eval(args: argparse.Namespace):
     _require(args, "target", "draft", "out")
     target, tokenizer = _target_from_args(args)
     draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype).eval()
+    if args.lookup_min_probability is not None:
+        draft.lookup_min_probability = args.lookup_min_probability
     torch.manual_seed(0)
     summaries = evaluate(
         target, tokenizer, draft, load_prompt_sets(args.prompts_dir, args.datasets, args.limit), output_dir=args.out,

@@ -4,9 +4,9 @@
 each verification pass it receives the target's outputs, appends the hidden states of the newly verified tokens to
 the draft's context cache, runs the backbone once over anchor + γ−1 masks, samples left to right through the
 sequential head, scores each position with the confidence head and lets a verification policy choose how many
-tokens to send to the target. With `prompt_lookup_num_tokens` also set, rounds verify transformers' prompt-lookup
-continuation when the sequence so far has one, and a drafted block when it has none. The hook that makes `generate()`
-pick it lives in `generate_hook.py`.
+tokens to send to the target. With `prompt_lookup_num_tokens` also set, a round verifies transformers' prompt-lookup
+continuation instead when it follows a 2-gram match, or a 1-token match whose next token the draft finds likely
+enough. The hook that makes `generate()` pick it lives in `generate_hook.py`.
 """
 
 import time
@@ -102,9 +102,11 @@ class DSparkCandidateGenerator(CandidateGenerator):
     with none set, the whole block is verified. Statistics of the call are kept in `draft.last_generate_stats`.
 
     With `generation_config.prompt_lookup_num_tokens` set, each round first looks for the sequence's last n-gram
-    earlier in the sequence (transformers' prompt lookup, `max_matching_ngram_size`) and verifies the continuation
-    it finds; the draft drafts only in rounds where the lookup finds nothing. The choice depends on the sequence so
-    far only, and looked-up tokens are certain proposals, so sampled outputs keep the target's distribution.
+    earlier in the sequence (transformers' prompt lookup, `max_matching_ngram_size`). A continuation that follows a
+    2-gram match is verified as it is. One that follows a 1-token match is verified only if the draft gives its first
+    token a probability of at least `draft.lookup_min_probability`; otherwise, and when the lookup finds nothing, the
+    round verifies the drafted block. The choice depends on the sequence so far and the draft's logits only, never on
+    a sampled token, and looked-up tokens are certain proposals, so sampled outputs keep the target's distribution.
     """
 
     requires_model_outputs = True
@@ -141,12 +143,14 @@ class DSparkCandidateGenerator(CandidateGenerator):
         if self.policy is not None:  # stateful policies (lagged scheduler) start each call afresh
             self.policy.reset()
         self.lookup = None
+        self.max_matching_ngram_size = generation_config.max_matching_ngram_size or 2
+        self.lookup_min_probability = draft.lookup_min_probability
         if generation_config.prompt_lookup_num_tokens is not None:
             # No logits processor: a looked-up token the target forbids simply fails verification.
             self.lookup = PromptLookupCandidateGenerator(
                 eos_token_id=generation_config._eos_token_tensor,
                 num_output_tokens=generation_config.prompt_lookup_num_tokens,
-                max_matching_ngram_size=generation_config.max_matching_ngram_size or 2,
+                max_matching_ngram_size=self.max_matching_ngram_size,
                 max_length=generation_config.max_length,
             )
         self.cache = DSparkContextCache(draft.config.num_hidden_layers)
@@ -173,15 +177,21 @@ class DSparkCandidateGenerator(CandidateGenerator):
         started = time.perf_counter()
         self._extend_context(input_ids, model_outputs)
         budget = self.max_length - input_ids.shape[1] - 1
-        tokens, logits, confidences = self._look_up(input_ids, budget), None, []
-        looked_up = tokens is not None
-        if not looked_up and budget > 0:
+        continuation, tokens, logits, confidences = self._look_up(input_ids, budget), None, None, []
+        looked_up = continuation is not None and (self.lookup_min_probability <= 0 or self._long_match(input_ids))
+        if looked_up:
+            tokens = continuation
+        elif budget > 0:
             block_budget = min(self.block_size, budget)
             block = self._draft(input_ids, block_budget)
-            length = self._verification_length(block, block_budget)
-            tokens, logits = block.tokens[:, :length], block.logits[:, :length]
-            if block.confidence_logits is not None:
-                confidences = block.confidence_logits[0, :length].tolist()
+            looked_up = continuation is not None and self._draft_probability(block, continuation) >= self.lookup_min_probability
+            if looked_up:
+                tokens = continuation
+            else:
+                length = self._verification_length(block, block_budget)
+                tokens, logits = block.tokens[:, :length], block.logits[:, :length]
+                if block.confidence_logits is not None:
+                    confidences = block.confidence_logits[0, :length].tolist()
         proposed = 0 if tokens is None else tokens.shape[1]
         self._pending_round = (proposed, confidences, looked_up)
         self.stats.draft_time_s += time.perf_counter() - started
@@ -207,6 +217,18 @@ class DSparkCandidateGenerator(CandidateGenerator):
         candidates, _ = self.lookup.get_candidates(input_ids)
         continuation = candidates[:, input_ids.shape[1] : input_ids.shape[1] + budget]
         return continuation if continuation.shape[1] else None
+
+    def _long_match(self, input_ids: torch.LongTensor) -> bool:
+        """Whether the sequence's last two tokens occur earlier in it, so the lookup matched a 2-gram."""
+        if self.max_matching_ngram_size < 2 or input_ids.shape[1] < 3:
+            return False
+        windows = input_ids[0, :-1].unfold(0, 2, 1)
+        return bool((windows == input_ids[0, -2:]).all(dim=-1).any())
+
+    @staticmethod
+    def _draft_probability(block: DraftBlock, continuation: torch.LongTensor) -> float:
+        """The draft's probability of the looked-up continuation's first token."""
+        return float(torch.softmax(block.logits[0, 0], dim=-1)[continuation[0, 0]])
 
     def _extend_context(self, input_ids: torch.LongTensor, model_outputs) -> None:
         """Appends target features of every verified token that the draft has not seen (all but the anchor)."""

@@ -18,6 +18,9 @@ from .model_card import DSparkModelCardData, load_model_card_data, save_model_ca
 logger = logging.get_logger(__name__)
 
 SHARED_WEIGHT_PREFIXES = ("embed_tokens.", "lm_head.")
+# generate(..., prompt_lookup_num_tokens=N) verifies a continuation found by a 1-token match only if the draft gives
+# its next token at least this probability (on SmolLM2 code prompts, the rest accepted fewer tokens than a drafted block).
+DEFAULT_LOOKUP_MIN_PROBABILITY = 0.01
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -416,6 +419,9 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         self._shared_modules: tuple[nn.Module, nn.Module] | None = None
         # How many drafted tokens generate() verifies per round (a dspark_hf.scheduling policy; None = whole block).
         self.verification_policy = None
+        # With prompt_lookup_num_tokens: the draft probability a 1-token lookup match's next token needs to be
+        # verified instead of the drafted block (0 verifies every looked-up continuation, as transformers does).
+        self.lookup_min_probability = DEFAULT_LOOKUP_MIN_PROBABILITY
         self.last_generate_stats = None
         # What the README.md written by save_pretrained reports beyond the config (target, training, τ, calibration).
         self.model_card_data = DSparkModelCardData()
