@@ -39,6 +39,10 @@ def main(out: Path) -> None:
         "draft_changed": any(not torch.equal(v, draft_before[k]) for k, v in state.items()),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+    # Shut the process group down before exit: a gloo thread left running can abort the process at teardown.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
