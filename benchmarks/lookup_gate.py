@@ -19,7 +19,7 @@ from unittest import mock
 import _common as common
 import torch
 
-from dspark_hf.evaluation import DATASET_DOMAINS
+from dspark_hf.evaluation import DATASET_DOMAINS, _agreeing_tokens
 from dspark_hf.generation import DSparkCandidateGenerator
 
 PROBABILITY_EDGES = (0.0, 0.001, 0.01, 0.1, 1.0)
@@ -28,7 +28,7 @@ PROBABILITY_EDGES = (0.0, 0.001, 0.01, 0.1, 1.0)
 @contextmanager
 def recording_lookups(records: list[dict]):
     """Appends, for every round whose lookup finds a continuation, the match kind, the draft's probability of the
-    continuation's first token, the drafted block and the round's start length."""
+    continuation's first token, the drafted block `(1, k)` and the round's start length."""
     look_up = DSparkCandidateGenerator._look_up
 
     def recording_look_up(self, input_ids, budget):
@@ -39,7 +39,7 @@ def recording_lookups(records: list[dict]):
                 "start": input_ids.shape[1],
                 "match": 2 if self._long_match(input_ids) else 1,
                 "draft_probability": self._draft_probability(block, continuation),
-                "draft_tokens": block.tokens[0].tolist(),
+                "draft_tokens": block.tokens,
             })
         return continuation
 
@@ -64,16 +64,11 @@ def lookup_rounds(target, tokenizer, draft, prompt: str, args) -> list[dict]:
         length += accepted + 1
     accepted_at = {start: a for start, a, looked_up in zip(starts, stats.accepted, stats.looked_up, strict=True)
                    if looked_up}
-    sequence = output[0].tolist()
     rows = []
     for record in records:
-        drafted = record.pop("draft_tokens")
-        start = record["start"]
-        agreeing = 0
-        while agreeing < len(drafted) and start + agreeing < len(sequence) and (
-            drafted[agreeing] == sequence[start + agreeing]
-        ):
-            agreeing += 1
+        drafted, start = record.pop("draft_tokens"), record["start"]
+        # Drafted tokens that agree with the greedy output from the round's start: those the target would accept.
+        agreeing = _agreeing_tokens(output[:, start : start + drafted.shape[1]], drafted, prompt_length=0)
         rows.append({**record, "lookup_accepted": accepted_at[start], "draft_accepted": agreeing})
     return rows
 

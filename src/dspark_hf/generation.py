@@ -179,19 +179,18 @@ class DSparkCandidateGenerator(CandidateGenerator):
         budget = self.max_length - input_ids.shape[1] - 1
         continuation, tokens, logits, confidences = self._look_up(input_ids, budget), None, None, []
         looked_up = continuation is not None and (self.lookup_min_probability <= 0 or self._long_match(input_ids))
-        if looked_up:
-            tokens = continuation
-        elif budget > 0:
+        if not looked_up and budget > 0:
             block_budget = min(self.block_size, budget)
             block = self._draft(input_ids, block_budget)
-            looked_up = continuation is not None and self._draft_probability(block, continuation) >= self.lookup_min_probability
-            if looked_up:
-                tokens = continuation
-            else:
+            probability = None if continuation is None else self._draft_probability(block, continuation)
+            looked_up = probability is not None and probability >= self.lookup_min_probability
+            if not looked_up:
                 length = self._verification_length(block, block_budget)
                 tokens, logits = block.tokens[:, :length], block.logits[:, :length]
                 if block.confidence_logits is not None:
                     confidences = block.confidence_logits[0, :length].tolist()
+        if looked_up:
+            tokens = continuation
         proposed = 0 if tokens is None else tokens.shape[1]
         self._pending_round = (proposed, confidences, looked_up)
         self.stats.draft_time_s += time.perf_counter() - started
