@@ -157,9 +157,17 @@ class DSparkCandidateGenerator(CandidateGenerator):
         self.context_length = 0
         longest = max(self.block_size, generation_config.prompt_lookup_num_tokens or 0)
         self.stats = SpeculationStats(block_size=longest)
+        self.longest_proposal = longest
         draft.last_generate_stats = self.stats
         self._pending_round: tuple[int, list[float], bool] | None = None
         self._verify_started = 0.0
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        """Per-token recurrent states a hybrid (linear-attention) target cache keeps for rollback (transformers ≥ 5.25):
+        a verification pass feeds the anchor plus at most `longest_proposal` tokens, so one more than the longest
+        proposal, or a round that rejects everything would roll the recurrent state back one token too far."""
+        return self.longest_proposal + 1
 
     def get_candidates(
         self,
