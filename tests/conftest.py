@@ -87,6 +87,47 @@ def make_target(
     return model_class(config).eval()
 
 
+HYBRID_FAMILIES = ("qwen3_5", "qwen3_next")
+
+
+def make_hybrid_target(family: str = "qwen3_5", vocab_size: int = 32, seed: int = 0):
+    """A tiny random hybrid causal LM (Qwen3.5- or Qwen3-Next-style): linear-attention (gated delta rule) layers
+    interleaved with full-attention layers, whose recurrent state must be rolled back after rejected drafts."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig, Qwen3NextConfig, Qwen3NextForCausalLM
+
+    fields = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "layer_types": ["linear_attention", "full_attention"] * 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "max_position_embeddings": 512,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "tie_word_embeddings": False,
+        # Larger weights than the default 0.02, so that a recurrent state rolled back one token wrong shows up in
+        # greedy outputs (tests/test_hybrid_targets.py guards that).
+        "initializer_range": 0.2,
+    }
+    if family == "qwen3_5":
+        config, model_class = Qwen3_5TextConfig(**fields), Qwen3_5ForCausalLM
+    else:
+        moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+               "shared_expert_intermediate_size": 32, "decoder_sparse_step": 1}
+        config, model_class = Qwen3NextConfig(**fields, **moe), Qwen3NextForCausalLM
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
 def exact_two_token_distribution(target, prompt, warp=None):
     """P(t2, t3) of plain sampling after `prompt` (t1 summed out), by enumeration: (V, V)."""
     vocab = target.config.vocab_size

@@ -16,9 +16,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-import dspark_hf.engine as engine_module
+import dspark_hf.speculative as speculative_module
 from dspark_hf import DSparkDraftModel
-from dspark_hf.engine import DSparkEngine, SamplingParams, draw_tokens, profile_draft_cost, warp_logits
+from dspark_hf.engine import DSparkEngine, SamplingParams, profile_draft_cost, warp_logits
 from dspark_hf.scheduling import (
     CostTable,
     GlobalSearchPolicy,
@@ -27,6 +27,7 @@ from dspark_hf.scheduling import (
     StaticThresholdPolicy,
     profile_verify_cost,
 )
+from dspark_hf.speculative import draw_tokens
 
 VOCAB = 32
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"  # ids 0..30; 31 is "<eos>" (and the drafts' mask token)
@@ -341,8 +342,8 @@ def test_biased_drafting_is_detected(sampling_setup, monkeypatch):
     def argmax_sample_block(*args, **kwargs):
         return original(*args, **{**kwargs, "do_sample": False})
 
-    original = engine_module.sample_block
-    monkeypatch.setattr(engine_module, "sample_block", argmax_sample_block)
+    original = speculative_module.sample_block
+    monkeypatch.setattr(speculative_module, "sample_block", argmax_sample_block)
     exact = exact_two_token_distribution(target, prompt)
     torch.manual_seed(0)
     runs = 5_000  # the bias (TV ≈ 0.23) is far above even this smaller sample's bound (≈ 0.09)

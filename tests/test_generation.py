@@ -12,14 +12,16 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 import dspark_hf.generate_hook as hook
-from dspark_hf import DSparkDraftModel
-from dspark_hf.generation import DSparkCandidateGenerator, sample_block
+import dspark_hf.speculative as speculative_module
+from dspark_hf import DSparkDraftModel, speculative_decoding
+from dspark_hf.generation import DSparkProposer, prompt_lookup
 from dspark_hf.scheduling import (
     CostTable,
     LaggedSchedulerPolicy,
     PrefixSchedulerPolicy,
     StaticThresholdPolicy,
 )
+from dspark_hf.speculative import sample_block
 
 VOCAB = 32
 HEADS = ["markov", "rnn", "none"]
@@ -176,14 +178,14 @@ def _lookup_match(sequence: list[int]) -> int:
 def lookup_results(monkeypatch):
     """Whether each round's prompt lookup found a continuation (none at the end of the budget or before an EOS)."""
     found = []
-    look_up = DSparkCandidateGenerator._look_up
+    look_up = DSparkProposer._look_up
 
     def recording_look_up(self, input_ids, budget):
         continuation = look_up(self, input_ids, budget)
         found.append(continuation is not None)
         return continuation
 
-    monkeypatch.setattr(DSparkCandidateGenerator, "_look_up", recording_look_up)
+    monkeypatch.setattr(DSparkProposer, "_look_up", recording_look_up)
     return found
 
 
@@ -356,16 +358,6 @@ def _empirical_two_token_distribution(target, draft, prompt, runs):
     return counts / runs
 
 
-class _ArgmaxDraftingGenerator(DSparkCandidateGenerator):
-    """Deliberately biased: drafts the argmax but reports the soft logits as its distribution."""
-
-    def _draft(self, input_ids, budget):
-        self.do_sample = False
-        block = super()._draft(input_ids, budget)
-        self.do_sample = True
-        return block
-
-
 @pytest.fixture(scope="module")
 def sampling_setup():
     target = make_target("llama", vocab_size=8, hidden_size=32, num_layers=3, seed=3)
@@ -405,7 +397,11 @@ def test_sampling_with_a_draft_vocabulary_matches_target_distribution(sampling_s
 def test_biased_drafting_is_detected(sampling_setup, monkeypatch):
     """The same statistic clearly exceeds the bound when drafted tokens are not sampled from their logits."""
     target, draft, prompt, exact = sampling_setup
-    monkeypatch.setattr(hook, "DSparkCandidateGenerator", _ArgmaxDraftingGenerator)
+    def argmax_sample_block(*args, **kwargs):  # drafts the argmax but reports the soft logits as its distribution
+        return original(*args, **{**kwargs, "do_sample": False})
+
+    original = speculative_module.sample_block
+    monkeypatch.setattr(speculative_module, "sample_block", argmax_sample_block)
     torch.manual_seed(0)
     empirical = _empirical_two_token_distribution(target, draft, prompt, runs=3_000)
     tv = 0.5 * (empirical - exact).abs().sum().item()
@@ -459,11 +455,90 @@ def test_other_assistants_are_untouched(targets, monkeypatch):
 def test_hook_installs_once_and_uninstalls():
     from transformers.generation.utils import GenerationMixin
 
-    wrapped = GenerationMixin._get_candidate_generator
-    assert hook.install() and GenerationMixin._get_candidate_generator is wrapped
+    wrapped = GenerationMixin.generate
+    hook.install()
+    assert GenerationMixin.generate is wrapped
     hook.uninstall()
     try:
-        assert not hasattr(GenerationMixin._get_candidate_generator, "__dspark_original__")
+        assert not hasattr(GenerationMixin.generate, "__dspark_original__")
     finally:
         hook.install()
-    assert hasattr(GenerationMixin._get_candidate_generator, "__dspark_original__")
+    assert hasattr(GenerationMixin.generate, "__dspark_original__")
+
+
+def test_custom_generate_needs_no_hook(targets):
+    """`generate(custom_generate=speculative_decoding, draft=...)` is transformers' own public entry: it works with the
+    generate() wrapper removed, greedy output is identical, and the streamer gets the prompt, every token and end()."""
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    target = targets["qwen3"]
+    draft = new_draft(target)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    reference = target.generate(prompt, max_new_tokens=20, do_sample=False)
+    hook.uninstall()
+    try:
+        streamer = Collect()
+        speculative = target.generate(prompt, max_new_tokens=20, do_sample=False, custom_generate=speculative_decoding,
+                                      draft=draft, token_streamer=streamer)
+        rounds = draft.last_generate_stats.num_rounds
+        with_assistant = target.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=draft,
+                                         custom_generate=speculative_decoding, draft=draft)
+        with pytest.raises(TypeError, match="draft=draft"):
+            target.generate(prompt, max_new_tokens=5, custom_generate=speculative_decoding)
+    finally:
+        hook.install()
+    assert torch.equal(reference, speculative) and torch.equal(reference, with_assistant)
+    assert rounds > 0 and streamer.chunks[0] == prompt[0].tolist()
+    assert [t for chunk in streamer.chunks for t in chunk] == speculative[0].tolist() and streamer.ended
+
+
+def test_custom_generate_and_a_draft_assistant_together_are_refused(targets):
+    target = targets["llama"]
+    with pytest.raises(ValueError, match="Drop one of them"):
+        target.generate(torch.tensor([[1, 2]]), max_new_tokens=3, assistant_model=new_draft(target),
+                        custom_generate=speculative_decoding)
+
+
+def test_no_transformers_private_method_is_patched():
+    """The hook wraps the public generate() only: no assignment to an underscore attribute of GenerationMixin."""
+    import pathlib
+    import re
+
+    from transformers.generation.utils import GenerationMixin
+
+    pattern = re.compile(r"GenerationMixin\._\w+\s*=|setattr\(\s*GenerationMixin\s*,\s*['\"]_")
+    source = pathlib.Path(hook.__file__).parent
+    offenders = [str(p) for p in source.rglob("*.py") if pattern.search(p.read_text())]
+    assert not offenders, offenders
+    assert all(not hasattr(getattr(GenerationMixin, name), "__dspark_original__")
+               for name in dir(GenerationMixin) if name.startswith("_") and callable(getattr(GenerationMixin, name)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sequence=st.lists(st.integers(0, 5), min_size=1, max_size=30),
+    num_tokens=st.integers(1, 8),
+    ngram=st.integers(1, 3),
+    eos=st.sampled_from([None, 2]),
+)
+def test_prompt_lookup_matches_transformers(sequence, num_tokens, ngram, eos):
+    """Our prompt lookup proposes exactly what transformers' PromptLookupCandidateGenerator proposes."""
+    from transformers.generation import PromptLookupCandidateGenerator
+
+    input_ids = torch.tensor([sequence])
+    eos_ids = None if eos is None else torch.tensor([eos])
+    reference = PromptLookupCandidateGenerator(
+        eos_token_id=eos_ids, num_output_tokens=num_tokens, max_matching_ngram_size=ngram, max_length=1000
+    )
+    candidates, _ = reference.get_candidates(input_ids)
+    expected = candidates[:, len(sequence):]
+    ours = prompt_lookup(input_ids, num_tokens, ngram, eos_ids)
+    assert (ours is None and expected.shape[1] == 0) or torch.equal(ours, expected)

@@ -1,5 +1,9 @@
 """dspark_hf: DSpark speculative decoding for Hugging Face transformers."""
 
+from .compat import check_transformers_version
+
+check_transformers_version()
+
 from transformers import AutoConfig, AutoModel
 
 from . import generate_hook
@@ -14,7 +18,7 @@ from .calibration import (
 )
 from .configuration_dspark import DSparkDraftConfig
 from .engine import DSparkEngine, EngineRequest, EngineStats, SamplingParams, profile_draft_cost
-from .generation import DraftBlock, DSparkCandidateGenerator, sample_block
+from .generation import DSparkProposer, prompt_lookup, speculative_decoding
 from .model_card import DSparkModelCardData
 from .modeling_dspark import (
     DSparkContextCache,
@@ -37,6 +41,7 @@ from .scheduling import (
     profile_verify_cost,
     schedule_verification_lengths,
 )
+from .speculative import DraftBlock, draft_block, sample_block, speculative_accept
 from .stats import SpeculationStats
 from .targets import choose_mask_token_id, default_target_layer_ids, draft_config_from_target
 
@@ -69,10 +74,14 @@ __all__ = [
     "EngineRequest",
     "EngineStats",
     "SamplingParams",
-    "DSparkCandidateGenerator",
+    "DSparkProposer",
     "DraftBlock",
     "SpeculationStats",
+    "draft_block",
+    "prompt_lookup",
     "sample_block",
+    "speculative_accept",
+    "speculative_decoding",
     "DSparkContextCache",
     "DSparkDraftConfig",
     "DSparkDraftModel",

@@ -41,7 +41,6 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging
 
-from .generation import DraftBlock, sample_block
 from .modeling_dspark import DSparkContextCache, DSparkDraftModel, select_target_features
 from .scheduling import (
     CostTable,
@@ -52,6 +51,7 @@ from .scheduling import (
     interleaved_median_times,
     make_policy,
 )
+from .speculative import draft_block, draw_tokens, speculative_accept
 from .stats import SpeculationStats
 
 logger = logging.get_logger(__name__)
@@ -292,58 +292,6 @@ class RequestSamplingWarper(LogitsProcessor):
         return bool(self.greedy.all())
 
 
-def draw_tokens(probs: torch.Tensor, greedy: torch.BoolTensor | None = None) -> torch.LongTensor:
-    """One token per row of `(R, V)` probabilities. Rows flagged in `greedy` `(R,)` hold one-hot distributions and
-    take their argmax: the token a multinomial draw would return, without drawing V random numbers."""
-    if greedy is None:
-        return torch.multinomial(probs, num_samples=1).squeeze(-1)
-    tokens = probs.argmax(dim=-1)
-    sampling = ~greedy
-    if bool(sampling.any()):
-        tokens[sampling] = torch.multinomial(probs[sampling], num_samples=1).squeeze(-1)
-    return tokens
-
-
-def speculative_accept(
-    target_probs: torch.Tensor,
-    block: DraftBlock | None,
-    lengths: torch.LongTensor,
-    greedy: torch.BoolTensor | None = None,
-) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Standard speculative sampling, one row per request.
-
-    Args:
-        target_probs: `(R, Q, V)` target distributions p after the anchor and after each drafted token.
-        block: drafted tokens `(R, n)` with the logits they were sampled from, or None when nothing was drafted.
-        lengths: `(R,)` verification lengths ℓ_r ≤ min(n, Q − 1).
-        greedy: `(R,)` rows decoded greedily (one-hot p and q): their next token is an argmax, not a draw.
-
-    Returns:
-        `accepted (R,)`, the number m_r of leading drafted tokens kept, and `next_tokens (R,)`: a draw from
-        norm(max(0, p − q)) at the first rejection, or from p after the last accepted token.
-    """
-    rows = torch.arange(target_probs.shape[0], device=target_probs.device)
-    longest = int(lengths.max()) if lengths.numel() else 0
-    accepted = torch.zeros_like(lengths)
-    if longest > 0:
-        drafted = block.tokens[:, :longest]
-        draft_probs = torch.softmax(block.logits[:, :longest].float(), dim=-1)
-        p = target_probs[:, :longest].gather(-1, drafted.unsqueeze(-1)).squeeze(-1)
-        q = draft_probs.gather(-1, drafted.unsqueeze(-1)).squeeze(-1)
-        # u < p/q, written without the division (q > 0: every drafted token was sampled from q).
-        keep = torch.rand_like(q) * q < p
-        keep &= torch.arange(longest, device=lengths.device) < lengths.unsqueeze(-1)
-        accepted = keep.long().cumprod(dim=-1).sum(dim=-1)
-        rejected = accepted < lengths
-        p_next = target_probs[rows, accepted]
-        residual = (p_next - draft_probs[rows, accepted.clamp(max=longest - 1)]).clamp(min=0)
-        use_residual = rejected & (residual.sum(dim=-1) > 0)  # an all-zero residual is only float noise when p ≈ q
-        next_probs = torch.where(use_residual.unsqueeze(-1), residual, p_next)
-    else:
-        next_probs = target_probs[rows, accepted]
-    return accepted, draw_tokens(next_probs, greedy)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Ragged KV layout
 # ----------------------------------------------------------------------------------------------------------------------
@@ -440,46 +388,6 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
-def draft_blocks(
-    draft: DSparkDraftModel,
-    draft_cache: DSparkContextCache,
-    context_valid: torch.BoolTensor,
-    anchors: torch.LongTensor,
-    positions: torch.LongTensor,
-    budget: int,
-    warper: LogitsProcessor,
-) -> DraftBlock:
-    """One batched backbone pass over R blocks, then left-to-right sampling of `budget` tokens per request.
-
-    Args:
-        draft_cache: the draft's context, `(R, ..., P)` slots.
-        context_valid: `(R, P)` which context slots each request sees (holes are False).
-        anchors, positions: `(R,)` anchor tokens and their positions.
-        warper: per-request sampling processor; drafted tokens are sampled from exactly its distributions.
-    """
-    gamma = draft.config.block_size
-    rows, width = context_valid.shape
-    block_ids = torch.full((rows, gamma), draft.config.mask_token_id, dtype=torch.long, device=anchors.device)
-    block_ids[:, 0] = anchors
-    block_positions = positions.unsqueeze(-1) + torch.arange(gamma, device=anchors.device)
-    # Block positions see their request's verified context (all of it lies before the anchor) and the whole block.
-    attention_mask = torch.cat(
-        [
-            context_valid[:, None, None, :].expand(rows, 1, gamma, width),
-            torch.ones(rows, 1, gamma, gamma, dtype=torch.bool, device=anchors.device),
-        ],
-        dim=-1,
-    )
-    hidden = draft(
-        block_ids, block_positions, attention_mask=attention_mask, cache=draft_cache, compute_logits=False
-    ).hidden_states
-    # Greedy rows' warped logits are one-hot, so when every row is greedy the argmax is the token a draw would give.
-    return sample_block(
-        draft, hidden[:, :budget], anchors, logits_processor=LogitsProcessorList([warper]),
-        do_sample=not warper.all_greedy,
-    )
-
-
 @torch.inference_mode()
 def profile_draft_cost(
     draft: DSparkDraftModel,
@@ -522,7 +430,9 @@ def profile_draft_cost(
         cache, valid, anchors, positions, warper = inputs[rows]
         _synchronize(device)
         start = time.perf_counter()
-        draft_blocks(draft, cache, valid, anchors, positions, config.block_size, warper)
+        draft_block(
+            draft, cache, anchors, positions, config.block_size, LogitsProcessorList([warper]), context_valid=valid
+        )
         _synchronize(device)
         return time.perf_counter() - start
 
@@ -833,7 +743,11 @@ class DSparkEngine:
         request_ids = [r.request_id for r in rows]
         if self.speculative and max(caps) > 0:
             if self.policy.should_draft(request_ids, caps):
-                block = draft_blocks(self.draft, kv.draft_cache, kv.valid, anchors, positions, max(caps), warper)
+                # Greedy rows' warped logits are one-hot, so when every row is greedy the argmax is the token a draw would give.
+                block = draft_block(
+                    self.draft, kv.draft_cache, anchors, positions, max(caps), LogitsProcessorList([warper]),
+                    do_sample=not warper.all_greedy, context_valid=kv.valid,
+                )
                 self.stats.draft_passes += 1
                 confidences = block.confidences
                 if confidences is None:  # full-block verification without a confidence head
@@ -997,7 +911,5 @@ __all__ = [
     "EngineStats",
     "RequestSamplingWarper",
     "SamplingParams",
-    "draw_tokens",
-    "speculative_accept",
     "warp_logits",
 ]

@@ -1,140 +1,115 @@
-"""DSpark drafting for `target.generate(input_ids, assistant_model=draft)`.
+"""DSpark speculative decoding inside `target.generate()`.
 
-[`DSparkCandidateGenerator`] follows transformers' `CandidateGenerator` protocol with `requires_model_outputs`: after
-each verification pass it receives the target's outputs, appends the hidden states of the newly verified tokens to
-the draft's context cache, runs the backbone once over anchor + γ−1 masks, samples left to right through the
-sequential head, scores each position with the confidence head and lets a verification policy choose how many
-tokens to send to the target. With `prompt_lookup_num_tokens` also set, a round verifies transformers' prompt-lookup
-continuation instead when it follows a 2-gram match, or a 1-token match whose next token the draft finds likely
-enough. The hook that makes `generate()` pick it lives in `generate_hook.py`.
+[`speculative_decoding`] is a decoding loop for transformers' public `generate(custom_generate=...)` entry:
+`generate()` prepares the generation config, logits processors, stopping criteria and cache, then calls the loop.
+Each round the loop
+
+1. **proposes** tokens ([`DSparkProposer`]): a drafted block, or the prefix of it that the draft's verification
+   policy chooses, or (with `prompt_lookup_num_tokens`) a continuation looked up earlier in the sequence;
+2. **verifies** them in one target pass over anchor + proposal, which also yields the target features that extend
+   the draft's context;
+3. **accepts** a prefix and draws the next token by speculative sampling ([`speculative_accept`], shared with
+   [`DSparkEngine`]), so greedy output is identical to plain decoding and sampled output has the target's
+   distribution;
+4. **rolls back** the target's cache past the rejected tokens (`Cache.crop`, recurrent states included on hybrid
+   targets), then appends the new tokens one by one, checking the stopping criteria after each, streaming them
+   and recording scores, logits, attentions and hidden states as plain decoding does.
+
+`import dspark_hf` also makes `target.generate(input_ids, assistant_model=draft)` call this loop (see
+`generate_hook.py`); `target.generate(input_ids, custom_generate=speculative_decoding, draft=draft)` needs no hook.
 """
 
 import time
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
-from transformers.generation.candidate_generator import CandidateGenerator, PromptLookupCandidateGenerator
-from transformers.generation.logits_process import LogitsProcessorList
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
-from .modeling_dspark import DSparkContextCache, DSparkDraftModel
+from . import compat
+from .modeling_dspark import DSparkContextCache, DSparkDraftModel, select_target_features
+from .speculative import DraftBlock, draft_block, speculative_accept
 from .stats import SpeculationStats
 
 
+def prompt_lookup(
+    input_ids: torch.LongTensor, num_tokens: int, max_ngram_size: int = 2, eos_token_ids: torch.Tensor | None = None
+) -> torch.LongTensor | None:
+    """Prompt lookup decoding's proposal: the up to `num_tokens` tokens that followed the first earlier occurrence
+    of the sequence's last n-gram, for the largest n ≤ `max_ngram_size` that occurs; cut before the first EOS.
+
+    Args:
+        input_ids: `(1, length)` the sequence so far.
+        eos_token_ids: `(k,)` end-of-sequence ids, or None.
+
+    Returns:
+        `(1, m)` continuation with 1 ≤ m ≤ `num_tokens`, or None when nothing is found.
+    """
+    sequence = input_ids[0]
+    length = sequence.shape[0]
+    for n in range(min(max_ngram_size, length - 1), 0, -1):
+        matches = (sequence.unfold(0, n, 1) == sequence[-n:]).all(dim=-1).nonzero().flatten()
+        starts = matches[matches + n < length] + n  # the suffix itself has nothing after it
+        if starts.numel() == 0:
+            continue
+        start = int(starts[0])
+        continuation = sequence[start : start + num_tokens]
+        if eos_token_ids is not None:
+            eos = torch.isin(continuation, eos_token_ids).nonzero()
+            continuation = continuation[: int(eos[0])] if eos.numel() else continuation
+        return continuation.unsqueeze(0) if continuation.numel() else None
+    return None
+
+
 @dataclass
-class DraftBlock:
-    """One drafted block.
+class Proposal:
+    """What one round verifies: the first `length` tokens of `block` (None when nothing is proposed)."""
 
-    Args:
-        tokens: `(batch, n)` drafted tokens x_1..x_n.
-        logits: `(batch, n, vocab)` float32 logits each token was sampled from (after logits processors).
-        confidence_logits: `(batch, n)` raw confidence-head logits, or None without a confidence head.
-        confidences: `(batch, n)` calibrated conditional survival probabilities c_k, or None.
-    """
+    block: DraftBlock | None
+    length: int
+    looked_up: bool = False
 
-    tokens: torch.LongTensor
-    logits: torch.FloatTensor
-    confidence_logits: torch.FloatTensor | None
-    confidences: torch.FloatTensor | None
+    @property
+    def confidence_logits(self) -> list[float]:
+        if self.block is None or self.block.confidence_logits is None:
+            return []
+        return self.block.confidence_logits[0, : self.length].tolist()
 
 
-@torch.no_grad()
-def sample_block(
-    draft: DSparkDraftModel,
-    hidden_states: torch.Tensor,
-    anchor_ids: torch.LongTensor,
-    prefix_ids: torch.LongTensor | None = None,
-    logits_processor: LogitsProcessorList | None = None,
-    do_sample: bool = False,
-) -> DraftBlock:
-    """Samples a block left to right: p_k = softmax(process(U_k + B_k(prefix))) (paper eq. 4).
+class DSparkProposer:
+    """Chooses the tokens each round verifies for one sequence, and keeps the draft's context of target features.
 
-    A draft with a draft vocabulary (`draft.set_draft_vocabulary`) samples among its tokens only: the returned
-    logits are −inf elsewhere, so they still are exactly the distributions the tokens were drawn from.
-
-    Args:
-        hidden_states: `(batch, n, d)` backbone states of the first n block positions.
-        anchor_ids: `(batch,)` anchor tokens x_0.
-        prefix_ids: `(batch, len)` the sequence so far (ending with the anchor), given to `logits_processor`.
-        logits_processor: transformers processors/warpers applied to each position's logits before sampling, so
-            that every drafted token is sampled from exactly the distribution returned in `DraftBlock.logits`.
-        do_sample: sample (True) or take the argmax (False).
-    """
-    # With a draft vocabulary, logits are computed for its tokens only and the rest of the vocabulary gets −inf.
-    vocab_ids = draft.draft_vocab_ids
-    base_logits = draft.compute_logits(hidden_states, draft_vocabulary=True).float()
-    head = draft.markov_head
-    head_weight = draft.sequential_head_output_weight()
-    prev, state = anchor_ids, None
-    tokens, logits, confidence_logits = [], [], []
-    for k in range(hidden_states.shape[1]):
-        step_logits = base_logits[:, k]
-        if head is not None:
-            bias, state = head.step(prev, hidden_states[:, k], state, output_weight=head_weight)
-            step_logits = step_logits + bias.float()
-        if vocab_ids is not None:
-            full = step_logits.new_full((step_logits.shape[0], draft.config.vocab_size), float("-inf"))
-            step_logits = full.index_copy_(1, vocab_ids, step_logits)
-        if draft.confidence_head is not None:
-            confidence_logits.append(draft.confidence_head(hidden_states[:, k], draft.previous_token_features(prev)))
-        if logits_processor:
-            sequence = prev.unsqueeze(-1) if prefix_ids is None else prefix_ids
-            step_logits = logits_processor(torch.cat([sequence, *[t.unsqueeze(-1) for t in tokens]], dim=-1), step_logits)
-        if do_sample:
-            prev = torch.multinomial(torch.softmax(step_logits, dim=-1), num_samples=1).squeeze(-1)
-        else:
-            prev = step_logits.argmax(dim=-1)
-        tokens.append(prev)
-        logits.append(step_logits)
-    raw = torch.stack(confidence_logits, dim=1).float() if confidence_logits else None
-    return DraftBlock(
-        tokens=torch.stack(tokens, dim=1),
-        logits=torch.stack(logits, dim=1),
-        confidence_logits=raw,
-        confidences=None if raw is None else draft.calibrated_confidence(raw),
-    )
-
-
-class DSparkCandidateGenerator(CandidateGenerator):
-    """Drafts candidates for transformers' assisted-decoding loop with a [`DSparkDraftModel`] (batch size 1).
-
-    The number of tokens verified each round is chosen by `draft.verification_policy` (see `dspark_hf.scheduling`);
-    with none set, the whole block is verified. Statistics of the call are kept in `draft.last_generate_stats`.
+    The number of drafted tokens verified is chosen by `draft.verification_policy` (see `dspark_hf.scheduling`);
+    with none set, the whole block (or what is left of `max_length`) is verified.
 
     With `generation_config.prompt_lookup_num_tokens` set, each round first looks for the sequence's last n-gram
-    earlier in the sequence (transformers' prompt lookup, `max_matching_ngram_size`). A continuation that follows a
-    2-gram match is verified as it is. One that follows a 1-token match is verified only if the draft gives its first
-    token a probability of at least `draft.lookup_min_probability`; otherwise, and when the lookup finds nothing, the
-    round verifies the drafted block. The choice depends on the sequence so far and the draft's logits only, never on
-    a sampled token, and looked-up tokens are certain proposals, so sampled outputs keep the target's distribution.
-    """
+    earlier in the sequence ([`prompt_lookup`], up to `max_matching_ngram_size`, default 2). A continuation that
+    follows a 2-gram match is verified as it is. One that follows a 1-token match is verified only if the draft gives
+    its first token a probability of at least `draft.lookup_min_probability`; otherwise, and when the lookup finds
+    nothing, the round verifies the drafted block. The choice depends on the sequence so far and the draft's logits
+    only, never on a sampled token, and looked-up tokens are certain proposals, so sampled outputs keep the
+    target's distribution.
 
-    requires_model_outputs = True
+    Args:
+        draft: an attached [`DSparkDraftModel`].
+        generation_config: the call's prepared generation config (`do_sample`, `max_length`, prompt lookup).
+        logits_processor: the call's processors and warpers; drafted tokens are sampled after them.
+        stats: where rounds are recorded.
+    """
 
     def __init__(
         self,
-        target: PreTrainedModel,
         draft: DSparkDraftModel,
-        input_ids: torch.LongTensor,
-        generation_config,
-        logits_processor: LogitsProcessorList | None = None,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList | None,
+        stats: SpeculationStats,
     ):
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"generate(assistant_model=DSparkDraftModel) drafts for one sequence at a time, got batch size "
-                f"{input_ids.shape[0]}. Loop over prompts, or use dspark_hf.DSparkEngine for batched speculative decoding."
-            )
-        draft.attach(target)
         self.draft = draft
-        self.block_size = draft.config.block_size
-        self.mask_token_id = draft.config.mask_token_id
-        # Ask the target only for the layers the draft needs, unless the caller wants every hidden state back.
-        selected = [i + 1 for i in draft.config.target_layer_ids]
-        self.model_kwargs_overrides = {"output_hidden_states": True if generation_config.output_hidden_states else selected}
-        self.max_length = generation_config.max_length
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
-        self.policy = getattr(draft, "verification_policy", None)
+        self.stats = stats
+        self.policy = draft.verification_policy
         if self.policy is not None and draft.confidence_head is None:
             raise ValueError(
                 f"The verification policy {type(self.policy).__name__} needs confidences but this draft has no "
@@ -142,88 +117,66 @@ class DSparkCandidateGenerator(CandidateGenerator):
             )
         if self.policy is not None:  # stateful policies (lagged scheduler) start each call afresh
             self.policy.reset()
-        self.lookup = None
+        self.lookup_tokens = generation_config.prompt_lookup_num_tokens
         self.max_matching_ngram_size = generation_config.max_matching_ngram_size or 2
         self.lookup_min_probability = draft.lookup_min_probability
-        if generation_config.prompt_lookup_num_tokens is not None:
-            # No logits processor: a looked-up token the target forbids simply fails verification.
-            self.lookup = PromptLookupCandidateGenerator(
-                eos_token_id=generation_config._eos_token_tensor,
-                num_output_tokens=generation_config.prompt_lookup_num_tokens,
-                max_matching_ngram_size=self.max_matching_ngram_size,
-                max_length=generation_config.max_length,
-            )
+        eos = generation_config.eos_token_id
+        self.eos_token_ids = None if eos is None else torch.tensor(eos, device=draft.device).flatten()
         self.cache = DSparkContextCache(draft.config.num_hidden_layers)
         self.context_length = 0
-        longest = max(self.block_size, generation_config.prompt_lookup_num_tokens or 0)
-        self.stats = SpeculationStats(block_size=longest)
-        self.longest_proposal = longest
-        draft.last_generate_stats = self.stats
-        self._pending_round: tuple[int, list[float], bool] | None = None
-        self._verify_started = 0.0
 
     @property
-    def num_drafting_tokens(self) -> int:
-        """Per-token recurrent states a hybrid (linear-attention) target cache keeps for rollback (transformers ≥ 5.25):
-        a verification pass feeds the anchor plus at most `longest_proposal` tokens, so one more than the longest
-        proposal, or a round that rejects everything would roll the recurrent state back one token too far."""
-        return self.longest_proposal + 1
+    def longest_proposal(self) -> int:
+        """The most tokens a round can propose."""
+        return max(self.draft.config.block_size, self.lookup_tokens or 0)
 
-    def get_candidates(
-        self,
-        input_ids: torch.LongTensor,
-        model_kwargs: dict | None = None,
-        model_outputs=None,
-        is_first_iteration: bool = False,
-        n_last_matches: int = 0,
-        **kwargs,
-    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
-        """Returns `input_ids` extended by the tokens to verify (a drafted block's prefix or a looked-up continuation)
-        and the drafted tokens' logits (None for looked-up tokens)."""
-        if is_first_iteration:  # the target has not prefilled yet: propose nothing
-            return input_ids, None
-        started = time.perf_counter()
-        self._extend_context(input_ids, model_outputs)
-        budget = self.max_length - input_ids.shape[1] - 1
-        continuation, tokens, logits, confidences = self._look_up(input_ids, budget), None, None, []
-        looked_up = continuation is not None and (self.lookup_min_probability <= 0 or self._long_match(input_ids))
-        if not looked_up and budget > 0:
-            block_budget = min(self.block_size, budget)
-            block = self._draft(input_ids, block_budget)
-            probability = None if continuation is None else self._draft_probability(block, continuation)
-            looked_up = probability is not None and probability >= self.lookup_min_probability
-            if not looked_up:
-                length = self._verification_length(block, block_budget)
-                tokens, logits = block.tokens[:, :length], block.logits[:, :length]
-                if block.confidence_logits is not None:
-                    confidences = block.confidence_logits[0, :length].tolist()
-        if looked_up:
-            tokens = continuation
-        proposed = 0 if tokens is None else tokens.shape[1]
-        self._pending_round = (proposed, confidences, looked_up)
-        self.stats.draft_time_s += time.perf_counter() - started
-        self._verify_started = time.perf_counter()
-        if proposed == 0:
-            return input_ids, None
-        # Looked-up tokens come without logits: transformers then checks them against tokens the target picks itself.
-        return torch.cat([input_ids, tokens], dim=-1), logits
+    def observe(self, hidden_states: tuple[torch.Tensor, ...], count: int) -> None:
+        """Appends the target features of the first `count` positions of a target pass to the draft's context.
 
-    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
-        """Records the round's outcome (called by transformers after each verification)."""
-        if self._pending_round is None:  # the prefill pass
-            return
-        self.stats.verify_time_s += time.perf_counter() - self._verify_started
-        proposed, confidence_logits, looked_up = self._pending_round
-        self.stats.record_round(proposed, int(num_matches), confidence_logits, looked_up=looked_up)
-        self._pending_round = None
+        Args:
+            hidden_states: the pass's `hidden_states` (the draft's target layers must be among them).
+            count: verified positions of the pass (all but the new anchor).
+        """
+        layer_ids = self.draft.config.target_layer_ids
+        if hidden_states is None or any(hidden_states[i + 1] is None for i in layer_ids):
+            raise ValueError("The target's outputs carry no hidden states of the draft's target layers.")
+        features = select_target_features(hidden_states, layer_ids)[:, :count]
+        positions = torch.arange(self.context_length, self.context_length + count, device=self.draft.device)
+        self.draft.extend_context(self.cache, features.to(self.draft.device), positions.unsqueeze(0))
+        self.context_length += count
+
+    def propose(self, input_ids: torch.LongTensor, budget: int) -> Proposal:
+        """Tokens to verify after `input_ids` `(1, length)`, at most `budget` of them."""
+        continuation = self._look_up(input_ids, budget)
+        if budget <= 0:
+            return Proposal(None, 0)
+        if continuation is not None and (self.lookup_min_probability <= 0 or self._long_match(input_ids)):
+            return self._looked_up(continuation)
+        block = draft_block(
+            self.draft,
+            self.cache,
+            input_ids[:, -1].to(self.draft.device),
+            torch.tensor([input_ids.shape[1] - 1], device=self.draft.device),
+            min(self.draft.config.block_size, budget),
+            logits_processor=self.logits_processor,
+            do_sample=self.do_sample,
+            prefix_ids=input_ids,
+        )
+        if continuation is not None:
+            probability = float(torch.softmax(block.logits[0, 0], dim=-1)[continuation[0, 0]])
+            if probability >= self.lookup_min_probability:
+                return self._looked_up(continuation)
+        return Proposal(block, self._verification_length(block))
 
     def _look_up(self, input_ids: torch.LongTensor, budget: int) -> torch.LongTensor | None:
         """`(1, m)` prompt-lookup continuation of `input_ids`, at most `budget` tokens, or None when there is none."""
-        if self.lookup is None or budget <= 0:
+        if not self.lookup_tokens or budget <= 0:
             return None
-        candidates, _ = self.lookup.get_candidates(input_ids)
-        continuation = candidates[:, input_ids.shape[1] : input_ids.shape[1] + budget]
-        return continuation if continuation.shape[1] else None
+        continuation = prompt_lookup(input_ids, self.lookup_tokens, self.max_matching_ngram_size, self.eos_token_ids)
+        return None if continuation is None else continuation[:, :budget]
+
+    def _looked_up(self, continuation: torch.LongTensor) -> Proposal:
+        return Proposal(DraftBlock.certain(continuation, self.draft.config.vocab_size), continuation.shape[1], True)
 
     def _long_match(self, input_ids: torch.LongTensor) -> bool:
         """Whether the sequence's last two tokens occur earlier in it, so the lookup matched a 2-gram."""
@@ -232,48 +185,235 @@ class DSparkCandidateGenerator(CandidateGenerator):
         windows = input_ids[0, :-1].unfold(0, 2, 1)
         return bool((windows == input_ids[0, -2:]).all(dim=-1).any())
 
-    @staticmethod
-    def _draft_probability(block: DraftBlock, continuation: torch.LongTensor) -> float:
-        """The draft's probability of the looked-up continuation's first token."""
-        return float(torch.softmax(block.logits[0, 0], dim=-1)[continuation[0, 0]])
-
-    def _extend_context(self, input_ids: torch.LongTensor, model_outputs) -> None:
-        """Appends target features of every verified token that the draft has not seen (all but the anchor)."""
-        new = input_ids.shape[1] - 1 - self.context_length
-        if new <= 0:
-            return
-        hidden_states = getattr(model_outputs, "hidden_states", None)
-        if hidden_states is None or hidden_states[self.draft.config.target_layer_ids[0] + 1] is None:
-            raise ValueError("The target's outputs carry no hidden states; DSpark needs them to draft.")
-        available = hidden_states[self.draft.config.target_layer_ids[0] + 1].shape[1]
-        if available < new:
-            raise ValueError(
-                f"The target returned hidden states for {available} positions but {new} are new; chunked prefill is not "
-                "supported with a DSpark draft (unset prefill_chunk_size)."
-            )
-        features = torch.cat([hidden_states[i + 1][:, :new] for i in self.draft.config.target_layer_ids], dim=-1)
-        positions = torch.arange(self.context_length, self.context_length + new, device=input_ids.device)
-        self.draft.extend_context(self.cache, features.to(self.draft.device), positions.unsqueeze(0))
-        self.context_length += new
-
-    @torch.no_grad()
-    def _draft(self, input_ids: torch.LongTensor, budget: int) -> DraftBlock:
-        anchor_position = input_ids.shape[1] - 1
-        block_ids = torch.full((1, self.block_size), self.mask_token_id, dtype=torch.long, device=input_ids.device)
-        block_ids[:, 0] = input_ids[:, -1]
-        position_ids = torch.arange(anchor_position, anchor_position + self.block_size, device=input_ids.device)
-        hidden = self.draft(block_ids, position_ids.unsqueeze(0), cache=self.cache, compute_logits=False).hidden_states
-        return sample_block(
-            self.draft,
-            hidden[:, :budget],
-            input_ids[:, -1],
-            prefix_ids=input_ids,
-            logits_processor=self.logits_processor,
-            do_sample=self.do_sample,
-        )
-
-    def _verification_length(self, block: DraftBlock, budget: int) -> int:
+    def _verification_length(self, block: DraftBlock) -> int:
+        budget = block.tokens.shape[1]
         if self.policy is None:
             return budget
         lengths = self.policy.select_lengths([block.confidences[0].tolist()], max_lengths=[budget])
         return min(budget, int(lengths[0]))
+
+
+def _check_call(model: PreTrainedModel, input_ids: torch.LongTensor, generation_config, draft, model_kwargs) -> None:
+    """Refuses, with the fix in the message, what the loop cannot serve."""
+    if not isinstance(draft, DSparkDraftModel):
+        raise TypeError(
+            "speculative_decoding needs the draft: call target.generate(input_ids, custom_generate=speculative_decoding, "
+            f"draft=draft) with a DSparkDraftModel (got {type(draft).__name__})."
+        )
+    if generation_config.num_beams > 1 or generation_config.num_return_sequences > 1:
+        raise ValueError(
+            "A DSparkDraftModel assistant supports greedy decoding and sampling only, but these settings ask for "
+            f"num_beams={generation_config.num_beams}, num_return_sequences={generation_config.num_return_sequences}. "
+            "Use num_beams=1 and num_return_sequences=1, or drop the draft."
+        )
+    if model.config.is_encoder_decoder:
+        raise ValueError(f"DSpark drafts decoder-only targets; {type(model).__name__} is an encoder-decoder model.")
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"generate(assistant_model=DSparkDraftModel) drafts for one sequence at a time, got batch size "
+            f"{input_ids.shape[0]}. Loop over prompts, or use dspark_hf.DSparkEngine for batched speculative decoding."
+        )
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError("DSpark drafting needs input_ids; generate() was given inputs_embeds.")
+    if generation_config.prefill_chunk_size is not None:
+        raise ValueError("Chunked prefill is not supported with a DSpark draft (unset prefill_chunk_size).")
+    cache = model_kwargs.get("cache")
+    if cache is None:
+        raise ValueError("DSpark drafting needs the target's cache; do not pass use_cache=False to generate().")
+    if cache.get_seq_length() > 0:
+        raise ValueError(
+            "DSpark drafting cannot continue from a filled cache: the draft needs the target features of every token. "
+            "Pass the whole sequence without a cache."
+        )
+
+
+@dataclass
+class _Outputs:
+    """Per-token outputs a `return_dict_in_generate` call asked for (None where it did not)."""
+
+    scores: tuple | None
+    logits: tuple | None
+    attentions: tuple | None
+    hidden_states: tuple | None
+
+    @classmethod
+    def requested(cls, config: GenerationConfig) -> "_Outputs":
+        wanted = bool(config.return_dict_in_generate)
+        flags = (config.output_scores, config.output_logits, config.output_attentions, config.output_hidden_states)
+        return cls(*(() if wanted and flag else None for flag in flags))
+
+    def add(self, processed, raw, outputs, index: int, prefill_length: int | None, key_length: int) -> None:
+        """Records new token `index` of a pass (`prefill_length`: the whole prompt's states for the first token)."""
+        if self.scores is not None:
+            self.scores += (processed[:, index],)
+        if self.logits is not None:
+            self.logits += (raw[:, index],)
+        rows = slice(None) if prefill_length is not None else slice(index, index + 1)
+        if self.attentions is not None and outputs.attentions and outputs.attentions[0] is not None:
+            self.attentions += (tuple(a[..., rows, :key_length] for a in outputs.attentions),)
+        if self.hidden_states is not None:
+            self.hidden_states += (tuple(h[:, rows] for h in outputs.hidden_states),)
+
+
+def _extend_model_kwargs(model_kwargs: dict, count: int) -> dict:
+    """`model_kwargs` with the 2-D attention mask, position ids and token type ids grown by `count` tokens."""
+    extended = dict(model_kwargs)
+    if (mask := extended.get("attention_mask")) is not None:
+        extended["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], count))], dim=-1)
+    if (positions := extended.get("position_ids")) is not None:
+        steps = torch.arange(1, count + 1, dtype=positions.dtype, device=positions.device)
+        extended["position_ids"] = torch.cat([positions, positions[..., -1:] + steps], dim=-1)
+    if (token_types := extended.get("token_type_ids")) is not None:
+        extended["token_type_ids"] = torch.cat([token_types, token_types[:, -1:].expand(-1, count)], dim=-1)
+    return extended
+
+
+def _forward(model: PreTrainedModel, input_ids, model_kwargs, new_tokens: int | None, hidden_request, attentions):
+    """One target pass over the last `new_tokens` of `input_ids` (the whole sequence at prefill, `new_tokens=None`)."""
+    inputs = model.prepare_inputs_for_generation(
+        input_ids, next_sequence_length=new_tokens, is_first_iteration=new_tokens is None, **model_kwargs
+    )
+    if "logits_to_keep" in inputs:
+        inputs["logits_to_keep"] = 1 if new_tokens is None else new_tokens
+    inputs["output_hidden_states"] = hidden_request
+    if attentions:
+        inputs["output_attentions"] = True
+    return model(**inputs, return_dict=True)
+
+
+@torch.no_grad()
+def speculative_decoding(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    draft: DSparkDraftModel | None = None,
+    token_streamer: BaseStreamer | None = None,
+    **model_kwargs,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    """DSpark speculative decoding as a `generate()` decoding loop (batch size 1, greedy or sampling).
+
+    Call it through `generate()`, which prepares every argument but the last two:
+
+    ```python
+    from dspark_hf import speculative_decoding
+    out = target.generate(input_ids, custom_generate=speculative_decoding, draft=draft, max_new_tokens=64)
+    ```
+
+    `import dspark_hf` also routes `target.generate(input_ids, assistant_model=draft, streamer=...)` here.
+
+    Args:
+        model: the target (`generate()` passes itself).
+        input_ids: `(1, length)` the prompt.
+        logits_processor, stopping_criteria, generation_config: as `generate()` prepared them. Stopping criteria are
+            checked after every accepted token, so the output ends exactly where plain decoding ends.
+        draft: the [`DSparkDraftModel`] (attached to `model` here).
+        token_streamer: receives the prompt, then each round's new tokens, then `end()` (generate() does not pass
+            its own `streamer` argument to a custom loop, hence the separate name).
+        model_kwargs: the cache, attention mask, position ids and other forward inputs `generate()` prepared.
+
+    Returns:
+        The sequences `(1, length + new)`, or a `GenerateDecoderOnlyOutput` with `return_dict_in_generate=True`.
+        Round statistics are in `draft.last_generate_stats` ([`SpeculationStats`]).
+    """
+    _check_call(model, input_ids, generation_config, draft, model_kwargs)
+    draft.attach(model)
+    cache = model_kwargs["cache"]
+    stats = SpeculationStats(block_size=1)
+    proposer = DSparkProposer(draft, generation_config, logits_processor, stats)
+    stats.block_size = proposer.longest_proposal
+    draft.last_generate_stats = stats
+    greedy = not generation_config.do_sample
+    outputs_wanted = _Outputs.requested(generation_config)
+    # Only the draft's layers, unless the caller wants every hidden state back.
+    hidden_request = True if generation_config.output_hidden_states else [i + 1 for i in draft.config.target_layer_ids]
+    attentions = bool(generation_config.output_attentions)
+    max_length = generation_config.max_length
+    if token_streamer is not None:
+        token_streamer.put(input_ids.cpu())
+
+    # Prefill: the prompt's features become the draft's context; its last logits give the first token.
+    outputs = _forward(model, input_ids, model_kwargs, None, hidden_request, attentions)
+    compat.keep_rollback_states(cache, proposer.longest_proposal + 1)
+    if not cache.is_croppable:
+        raise ValueError(compat.rollback_unsupported_message(model))
+    proposer.observe(outputs.hidden_states, input_ids.shape[1])
+    raw = outputs.logits[:, -1:].to(dtype=torch.float32, device=input_ids.device)
+    processed = logits_processor(input_ids, raw[:, 0].clone()).unsqueeze(1) if logits_processor else raw
+    probs = _probabilities(processed, greedy)
+    _, first = speculative_accept(probs, None, torch.zeros(1, dtype=torch.long, device=probs.device), _flag(greedy, probs.device))
+    input_ids, done = _append(input_ids, first[:, None], stopping_criteria, outputs_wanted, token_streamer,
+                              processed, raw, outputs, input_ids.shape[1])
+    model_kwargs = _extend_model_kwargs(model_kwargs, 1)
+
+    while not done and input_ids.shape[1] < max_length:
+        started = time.perf_counter()
+        length = input_ids.shape[1]
+        proposal = proposer.propose(input_ids, budget=max_length - length - 1)
+        n = proposal.length
+        candidates = input_ids if n == 0 else torch.cat([input_ids, proposal.block.tokens[:, :n]], dim=-1)
+        proposed = time.perf_counter()
+
+        outputs = _forward(model, candidates, _extend_model_kwargs(model_kwargs, n), n + 1, hidden_request, attentions)
+        raw = outputs.logits[:, -n - 1 :].to(dtype=torch.float32, device=input_ids.device)
+        processed = raw
+        if logits_processor:
+            processed = torch.stack(
+                [logits_processor(candidates[:, : length + i], raw[:, i].clone()) for i in range(n + 1)], dim=1
+            )
+        lengths = torch.tensor([n], device=raw.device)
+        accepted, next_token = speculative_accept(_probabilities(processed, greedy), proposal.block, lengths, _flag(greedy, raw.device))
+        m = int(accepted)
+        # Roll back the rejected tokens; crop(0) still lets hybrid layers drop the states they kept for rollback.
+        cache.crop(-(n - m))
+        proposer.observe(outputs.hidden_states, m + 1)
+        new_tokens = torch.cat([candidates[:, length : length + m], next_token[:, None]], dim=-1)
+        input_ids, done = _append(input_ids, new_tokens, stopping_criteria, outputs_wanted, token_streamer,
+                                  processed, raw, outputs, None)
+        kept = input_ids.shape[1] - length
+        if kept < m + 1:  # a stopping criterion fired inside the round: the cache holds no token past the end
+            cache.crop(-(m + 1 - kept))
+        model_kwargs = _extend_model_kwargs(model_kwargs, kept)
+        stats.record_round(n, kept - 1, proposal.confidence_logits, looked_up=proposal.looked_up)
+        stats.draft_time_s += proposed - started
+        stats.verify_time_s += time.perf_counter() - proposed
+
+    if token_streamer is not None:
+        token_streamer.end()
+    if not generation_config.return_dict_in_generate:
+        return input_ids
+    return GenerateDecoderOnlyOutput(
+        sequences=input_ids,
+        scores=outputs_wanted.scores,
+        logits=outputs_wanted.logits,
+        attentions=outputs_wanted.attentions,
+        hidden_states=outputs_wanted.hidden_states,
+        cache=cache,
+    )
+
+
+def _flag(greedy: bool, device: torch.device) -> torch.BoolTensor:
+    return torch.tensor([greedy], device=device)
+
+
+def _probabilities(processed: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """Target distributions `(1, q, V)`: one-hot at the argmax when greedy, else the softmax of the processed logits."""
+    if greedy:
+        return torch.zeros_like(processed).scatter_(-1, processed.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.softmax(processed, dim=-1)
+
+
+def _append(input_ids, new_tokens, stopping_criteria, outputs_wanted, streamer, processed, raw, outputs, prefill_length):
+    """Appends `new_tokens` `(1, k)` one at a time until a stopping criterion fires; returns (sequence, stopped)."""
+    stopped = False
+    for i in range(new_tokens.shape[1]):
+        input_ids = torch.cat([input_ids, new_tokens[:, i : i + 1]], dim=-1)
+        outputs_wanted.add(processed, raw, outputs, i, prefill_length, input_ids.shape[1] - 1)
+        stopped = bool(stopping_criteria(input_ids, outputs_wanted.scores).any())
+        if stopped:
+            new_tokens = new_tokens[:, : i + 1]
+            break
+    if streamer is not None:
+        streamer.put(new_tokens.cpu())
+    return input_ids, stopped

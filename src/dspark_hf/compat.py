@@ -1,0 +1,60 @@
+"""Everything in dspark_hf that depends on which transformers release is installed.
+
+- The supported range (`SUPPORTED_TRANSFORMERS`, the same as pyproject's dependency), checked when dspark_hf is
+  imported, so that an unsupported release fails at once with one clear error instead of mid-generation.
+- Rolling back a hybrid (linear-attention / SSM) target's recurrent state: `Cache.activate_past_recording` takes the
+  number of per-token states to keep from 5.25 on; 5.24 cannot roll recurrent states back at all.
+
+`tests/test_compat.py` names every transformers entry point the library relies on beyond its documented classes, so a
+release that drops one fails there with the name of what disappeared.
+"""
+
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+SUPPORTED_TRANSFORMERS = SpecifierSet(">=5.24,<6")
+# The first release whose caches keep per-token recurrent states, so hybrid targets can be rolled back.
+RECURRENT_ROLLBACK_TRANSFORMERS = Version("5.25")
+
+
+def installed_transformers() -> Version:
+    return Version(transformers.__version__)
+
+
+def check_transformers_version(installed: Version | None = None) -> None:
+    """Raises ImportError naming the supported range when the installed transformers lies outside it."""
+    installed = installed or installed_transformers()
+    if installed.release and Version(".".join(map(str, installed.release))) in SUPPORTED_TRANSFORMERS:
+        return
+    raise ImportError(
+        f"dspark_hf supports transformers{SUPPORTED_TRANSFORMERS}, but transformers {installed} is installed. "
+        f'Install a supported release: pip install "transformers{SUPPORTED_TRANSFORMERS}".'
+    )
+
+
+def keep_rollback_states(cache, tokens: int) -> None:
+    """Makes `cache.crop(-k)` able to undo up to `tokens − 1` of the next pass's `tokens` positions.
+
+    Full-attention layers can always be cropped; sliding-window layers keep what they would drop; linear-attention
+    layers keep their per-token recurrent states (5.25+; a pass over anchor + n proposals needs n + 1 of them, or a
+    round that rejects everything restores the state one token too late).
+    """
+    if installed_transformers() >= RECURRENT_ROLLBACK_TRANSFORMERS:
+        cache.activate_past_recording(recurrent_states_to_keep=tokens)
+    else:
+        cache.activate_past_recording()
+
+
+def rollback_unsupported_message(model) -> str:
+    """Why `model`'s cache cannot be rolled back after a verification pass, and what to do."""
+    hint = (
+        f"Hybrid (linear-attention) targets need transformers>={RECURRENT_ROLLBACK_TRANSFORMERS}, which can roll "
+        f"back recurrent states; transformers {installed_transformers()} is installed."
+        if installed_transformers() < RECURRENT_ROLLBACK_TRANSFORMERS
+        else "Use a cache that can be cropped (a DynamicCache, or a static cache no longer than its sliding window)."
+    )
+    return (
+        f"Speculative decoding rolls the target's cache back past rejected tokens, but the cache of "
+        f"{type(model).__name__} cannot be cropped. {hint}"
+    )
