@@ -5,7 +5,7 @@ right sampling through the sequential head, the confidence head scoring each pos
 verification pass over the anchor and γ drafted tokens. On real SmolLM2 contexts (a prompt of each dataset plus
 --max-new-tokens tokens of the target's own greedy answer) this script times, interleaved in a rotating order:
 
-- the proposal step with the head: `DSparkCandidateGenerator.get_candidates`, exactly the code generate() runs;
+- the proposal step with the head: `DSparkProposer.propose`, exactly the code generate() runs;
 - the same step without it: the same weights loaded into a twin with markov_head_type "none" (its confidence head
   then reads the backbone state only, as a DFlash draft's does);
 - the target's verification forward over γ+1 tokens on the cached context, asking for the draft's feature layers.
@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 from transformers.generation.logits_process import LogitsProcessorList
 
-from dspark_hf import DSparkCandidateGenerator, DSparkDraftModel
+from dspark_hf import DSparkDraftModel, DSparkProposer, SpeculationStats
 
 OVERHEAD_TARGET = 0.03
 PARTS = ("with_head", "without_head", "verify")
@@ -94,23 +94,23 @@ def time_context(target, pair: dict, context: torch.Tensor, mode: str, args) -> 
     )
     cache = DynamicCache(config=target.config)
     prefill = target(input_ids=context[:, :-1], cache=cache, use_cache=True, output_hidden_states=True)
-    generators = {
-        variant: DSparkCandidateGenerator(target, draft, context, config, LogitsProcessorList())
+    proposers = {
+        variant: DSparkProposer(draft, config, LogitsProcessorList(), SpeculationStats(block_size=gamma))
         for variant, draft in pair.items()
     }
-    candidates = {
-        variant: g.get_candidates(context, model_outputs=prefill)[0] for variant, g in generators.items()
-    }
-    verify_ids = candidates["with_head"][:, -(gamma + 1) :]
-    overrides = generators["with_head"].model_kwargs_overrides
+    for proposer in proposers.values():  # the draft's context: every token but the anchor
+        proposer.observe(prefill.hidden_states, context.shape[1] - 1)
+    block = proposers["with_head"].propose(context, budget=gamma).block
+    verify_ids = torch.cat([context[:, -1:], block.tokens], dim=-1)
+    layers = [i + 1 for i in pair["with_head"].config.target_layer_ids]
 
     def verify():
-        target(input_ids=verify_ids, cache=cache, use_cache=True, **overrides)
+        target(input_ids=verify_ids, cache=cache, use_cache=True, output_hidden_states=layers)
         cache.crop(-verify_ids.shape[1])
 
     calls = {
-        "with_head": lambda: generators["with_head"].get_candidates(context, model_outputs=prefill),
-        "without_head": lambda: generators["without_head"].get_candidates(context, model_outputs=prefill),
+        "with_head": lambda: proposers["with_head"].propose(context, budget=gamma),
+        "without_head": lambda: proposers["without_head"].propose(context, budget=gamma),
         "verify": verify,
     }
     times = {part: [] for part in PARTS}
@@ -199,7 +199,7 @@ def markdown(report: dict) -> str:
         f"({report['context_tokens']['min']}–{report['context_tokens']['max']} tokens). Per context "
         f"{settings['warmup']} untimed and {settings['repeats']} timed repetitions of the three parts, in a "
         "rotating order; medians over all timed samples of all contexts. Draft = "
-        "`DSparkCandidateGenerator.get_candidates` (backbone + head sampling + confidence head); without head = "
+        "`DSparkProposer.propose` (backbone + head sampling + confidence head); without head = "
         'the same weights with markov_head_type "none"; verify = target forward over γ+1 tokens. '
         "Overhead = (draft with − draft without) / (draft with + verify).",
         "",

@@ -20,7 +20,7 @@ import _common as common
 import torch
 
 from dspark_hf.evaluation import DATASET_DOMAINS, _agreeing_tokens
-from dspark_hf.generation import DSparkCandidateGenerator
+from dspark_hf.generation import DSparkProposer
 
 PROBABILITY_EDGES = (0.0, 0.001, 0.01, 0.1, 1.0)
 
@@ -29,21 +29,21 @@ PROBABILITY_EDGES = (0.0, 0.001, 0.01, 0.1, 1.0)
 def recording_lookups(records: list[dict]):
     """Appends, for every round whose lookup finds a continuation, the match kind, the draft's probability of the
     continuation's first token, the drafted block `(1, k)` and the round's start length."""
-    look_up = DSparkCandidateGenerator._look_up
+    look_up = DSparkProposer._look_up
 
     def recording_look_up(self, input_ids, budget):
         continuation = look_up(self, input_ids, budget)
         if continuation is not None:
-            block = self._draft(input_ids, min(self.block_size, budget))
+            block = self._draft(input_ids, min(self.draft.config.block_size, budget))
             records.append({
                 "start": input_ids.shape[1],
                 "match": 2 if self._long_match(input_ids) else 1,
-                "draft_probability": self._draft_probability(block, continuation),
+                "draft_probability": float(torch.softmax(block.logits[0, 0], dim=-1)[continuation[0, 0]]),
                 "draft_tokens": block.tokens,
             })
         return continuation
 
-    with mock.patch.object(DSparkCandidateGenerator, "_look_up", recording_look_up):
+    with mock.patch.object(DSparkProposer, "_look_up", recording_look_up):
         yield
 
 

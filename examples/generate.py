@@ -1,18 +1,23 @@
 """Generate with a DSpark draft through `target.generate(assistant_model=draft)` and compare with plain decoding.
 
+`--stream` also shows the hook-free form: `target.generate(ids, custom_generate=speculative_decoding, draft=draft,
+token_streamer=TextStreamer(tokenizer))`, transformers' public entry for a custom decoding loop.
+
     python examples/generate.py                                  # SmolLM2 target, fresh draft
     python examples/generate.py --draft outputs/draft --sample   # a saved draft, sampling
     python examples/generate.py --draft src/dspark_hf/default_draft --prompt-lookup-tokens 10  # with prompt lookup
     python examples/generate.py --target Qwen/Qwen3-0.6B --device cuda             # any causal LM, on a GPU
+    python examples/generate.py --stream                         # print tokens as they are accepted
 """
 
 import argparse
 import time
 
 import torch
+from transformers import TextStreamer
 
-import dspark_hf  # noqa: F401  (installs the generate() hook)
-from dspark_hf import DSparkDraftModel, StaticThresholdPolicy
+import dspark_hf  # noqa: F401  (routes generate(assistant_model=DSparkDraftModel) to DSpark's decoding loop)
+from dspark_hf import DSparkDraftModel, StaticThresholdPolicy, speculative_decoding
 from dspark_hf.cli import load_target
 from dspark_hf.demo import greedy_verdict
 
@@ -29,6 +34,7 @@ def main() -> None:
     parser.add_argument(
         "--prompt-lookup-tokens", type=int, help="Verify prompt-lookup continuations of this length when there is one."
     )
+    parser.add_argument("--stream", action="store_true", help="Stream the speculative answer (custom_generate form).")
     args = parser.parse_args()
 
     target, tokenizer = load_target(args.target, dtype="bfloat16", device=args.device)
@@ -50,9 +56,16 @@ def main() -> None:
     plain = target.generate(input_ids, **settings)
     plain_s = time.perf_counter() - started
     started = time.perf_counter()
-    speculative = target.generate(
-        input_ids, assistant_model=draft, prompt_lookup_num_tokens=args.prompt_lookup_tokens, **settings
-    )
+    if args.stream:  # transformers' public custom-loop entry: no hook involved
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        speculative = target.generate(
+            input_ids, custom_generate=speculative_decoding, draft=draft, token_streamer=streamer,
+            prompt_lookup_num_tokens=args.prompt_lookup_tokens, **settings,
+        )
+    else:
+        speculative = target.generate(
+            input_ids, assistant_model=draft, prompt_lookup_num_tokens=args.prompt_lookup_tokens, **settings
+        )
     speculative_s = time.perf_counter() - started
 
     stats = draft.last_generate_stats

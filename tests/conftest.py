@@ -1,6 +1,11 @@
 """Tiny random targets built from configs (nothing is downloaded)."""
 
 import math
+import os
+
+# transformers ≥ 5.25 kernelizes models in from_pretrained with kernels fetched from the Hub; tests never reach a hub
+# (and the meta device that stands in for a GPU has no kernels), as in transformers' own test utilities.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 import pytest
 import torch

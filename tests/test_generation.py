@@ -261,20 +261,23 @@ def test_sampling_with_prompt_lookup_matches_target_distribution(sampling_setup)
     assert tv < tv_bound(exact, runs), (tv, tv_bound(exact, runs))
 
 
+class CollectingStreamer(BaseStreamer):
+    """Keeps every chunk put to it and whether it was ended."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
 def test_logits_processors_and_streamer(targets):
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.chunks = []
-
-        def put(self, value):
-            self.chunks.append(value.flatten().tolist())
-
-        def end(self):
-            self.ended = True
-
     target = targets["llama"]
     draft = new_draft(target)
-    streamer = Collect()
+    streamer = CollectingStreamer()
     kwargs = dict(max_new_tokens=25, repetition_penalty=1.3, no_repeat_ngram_size=3)
     reference = target.generate(torch.tensor([[4, 5, 6]]), do_sample=False, **kwargs)
     speculative = target.generate(torch.tensor([[4, 5, 6]]), do_sample=False, assistant_model=draft,
@@ -469,23 +472,13 @@ def test_hook_installs_once_and_uninstalls():
 def test_custom_generate_needs_no_hook(targets):
     """`generate(custom_generate=speculative_decoding, draft=...)` is transformers' own public entry: it works with the
     generate() wrapper removed, greedy output is identical, and the streamer gets the prompt, every token and end()."""
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.chunks, self.ended = [], False
-
-        def put(self, value):
-            self.chunks.append(value.flatten().tolist())
-
-        def end(self):
-            self.ended = True
-
     target = targets["qwen3"]
     draft = new_draft(target)
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     reference = target.generate(prompt, max_new_tokens=20, do_sample=False)
     hook.uninstall()
     try:
-        streamer = Collect()
+        streamer = CollectingStreamer()
         speculative = target.generate(prompt, max_new_tokens=20, do_sample=False, custom_generate=speculative_decoding,
                                       draft=draft, token_streamer=streamer)
         rounds = draft.last_generate_stats.num_rounds

@@ -13,7 +13,7 @@ import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-SUPPORTED_TRANSFORMERS = SpecifierSet(">=5.24,<6")
+SUPPORTED_TRANSFORMERS = ">=5.24,<6"
 # The first release whose caches keep per-token recurrent states, so hybrid targets can be rolled back.
 RECURRENT_ROLLBACK_TRANSFORMERS = Version("5.25")
 
@@ -25,7 +25,7 @@ def installed_transformers() -> Version:
 def check_transformers_version(installed: Version | None = None) -> None:
     """Raises ImportError naming the supported range when the installed transformers lies outside it."""
     installed = installed or installed_transformers()
-    if installed.release and Version(".".join(map(str, installed.release))) in SUPPORTED_TRANSFORMERS:
+    if installed.release and Version(".".join(map(str, installed.release))) in SpecifierSet(SUPPORTED_TRANSFORMERS):
         return
     raise ImportError(
         f"dspark_hf supports transformers{SUPPORTED_TRANSFORMERS}, but transformers {installed} is installed. "

@@ -152,21 +152,25 @@ class DSparkProposer:
             return Proposal(None, 0)
         if continuation is not None and (self.lookup_min_probability <= 0 or self._long_match(input_ids)):
             return self._looked_up(continuation)
-        block = draft_block(
-            self.draft,
-            self.cache,
-            input_ids[:, -1].to(self.draft.device),
-            torch.tensor([input_ids.shape[1] - 1], device=self.draft.device),
-            min(self.draft.config.block_size, budget),
-            logits_processor=self.logits_processor,
-            do_sample=self.do_sample,
-            prefix_ids=input_ids,
-        )
+        block = self._draft(input_ids, min(self.draft.config.block_size, budget))
         if continuation is not None:
             probability = float(torch.softmax(block.logits[0, 0], dim=-1)[continuation[0, 0]])
             if probability >= self.lookup_min_probability:
                 return self._looked_up(continuation)
         return Proposal(block, self._verification_length(block))
+
+    def _draft(self, input_ids: torch.LongTensor, budget: int) -> DraftBlock:
+        """A block of `budget` tokens drafted after `input_ids` `(1, length)`, whose last token is the anchor."""
+        return draft_block(
+            self.draft,
+            self.cache,
+            input_ids[:, -1].to(self.draft.device),
+            torch.tensor([input_ids.shape[1] - 1], device=self.draft.device),
+            budget,
+            logits_processor=self.logits_processor,
+            do_sample=self.do_sample,
+            prefix_ids=input_ids,
+        )
 
     def _look_up(self, input_ids: torch.LongTensor, budget: int) -> torch.LongTensor | None:
         """`(1, m)` prompt-lookup continuation of `input_ids`, at most `budget` tokens, or None when there is none."""
