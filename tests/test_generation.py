@@ -314,6 +314,38 @@ def test_return_dict_with_hidden_states_and_scores(targets):
     assert len(speculative.hidden_states[0]) == target.config.num_hidden_layers + 1
 
 
+def test_return_dict_with_attentions_matches_plain_generate():
+    """Eager attention: one attention tuple per new token, over the keys plain decoding had at that step."""
+    target = make_target("llama", vocab_size=VOCAB, attn_implementation="eager")
+    draft = new_draft(target)
+    kwargs = dict(max_new_tokens=8, return_dict_in_generate=True, output_attentions=True)
+    reference, speculative = greedy_pair(target, draft, torch.tensor([[1, 2, 3, 4]]), **kwargs)
+    assert torch.equal(reference.sequences, speculative.sequences)
+    assert len(reference.attentions) == len(speculative.attentions) == 8
+    for step, (a, b) in enumerate(zip(reference.attentions, speculative.attentions, strict=True)):
+        for layer_a, layer_b in zip(a, b, strict=True):
+            assert layer_a.shape == layer_b.shape, step
+            torch.testing.assert_close(layer_a, layer_b, rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_acceptance_equals_speculative_sampling_with_one_hot_target():
+    """The all-greedy shortcut of speculative_accept gives what the general rule gives with one-hot p."""
+    from dspark_hf.speculative import DraftBlock, speculative_accept
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        rows, longest, vocab = 3, 5, 6
+        logits = torch.randn(rows, longest + 1, vocab, generator=generator)
+        one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        tokens = torch.where(torch.rand(rows, longest, generator=generator) < 0.7, logits[:, :-1].argmax(-1),
+                             torch.randint(0, vocab, (rows, longest), generator=generator))
+        block = DraftBlock(tokens, torch.randn(rows, longest, vocab, generator=generator), None, None)
+        lengths = torch.randint(0, longest + 1, (rows,), generator=generator)
+        fast = speculative_accept(one_hot, block, lengths, torch.ones(rows, dtype=torch.bool))
+        general = speculative_accept(one_hot, block, lengths)
+        assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
+
+
 def test_sample_block_draws_from_returned_logits():
     """Each drafted token is a sample of softmax(returned logits) at its position (checked by frequency)."""
     target = make_target("llama", vocab_size=8, hidden_size=32, num_layers=3)

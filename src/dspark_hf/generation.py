@@ -246,13 +246,14 @@ class _Outputs:
         flags = (config.output_scores, config.output_logits, config.output_attentions, config.output_hidden_states)
         return cls(*(() if wanted and flag else None for flag in flags))
 
-    def add(self, processed, raw, outputs, index: int, prefill_length: int | None, key_length: int) -> None:
-        """Records new token `index` of a pass (`prefill_length`: the whole prompt's states for the first token)."""
+    def add(self, processed, raw, outputs, index: int, prefill: bool, key_length: int) -> None:
+        """Records new token `index` of a target pass: its scores and logits, and the attentions and hidden states of
+        the position that produced it (of every prompt position for the prefill's token), as plain decoding does."""
         if self.scores is not None:
             self.scores += (processed[:, index],)
         if self.logits is not None:
             self.logits += (raw[:, index],)
-        rows = slice(None) if prefill_length is not None else slice(index, index + 1)
+        rows = slice(None) if prefill else slice(index, index + 1)
         if self.attentions is not None and outputs.attentions and outputs.attentions[0] is not None:
             self.attentions += (tuple(a[..., rows, :key_length] for a in outputs.attentions),)
         if self.hidden_states is not None:
@@ -348,7 +349,7 @@ def speculative_decoding(
     probs = _probabilities(processed, greedy)
     _, first = speculative_accept(probs, None, torch.zeros(1, dtype=torch.long, device=probs.device), _flag(greedy, probs.device))
     input_ids, done = _append(input_ids, first[:, None], stopping_criteria, outputs_wanted, token_streamer,
-                              processed, raw, outputs, input_ids.shape[1])
+                              processed, raw, outputs, prefill=True)
     model_kwargs = _extend_model_kwargs(model_kwargs, 1)
 
     while not done and input_ids.shape[1] < max_length:
@@ -374,7 +375,7 @@ def speculative_decoding(
         proposer.observe(outputs.hidden_states, m + 1)
         new_tokens = torch.cat([candidates[:, length : length + m], next_token[:, None]], dim=-1)
         input_ids, done = _append(input_ids, new_tokens, stopping_criteria, outputs_wanted, token_streamer,
-                                  processed, raw, outputs, None)
+                                  processed, raw, outputs, prefill=False)
         kept = input_ids.shape[1] - length
         if kept < m + 1:  # a stopping criterion fired inside the round: the cache holds no token past the end
             cache.crop(-(m + 1 - kept))
@@ -408,16 +409,16 @@ def _probabilities(processed: torch.Tensor, greedy: bool) -> torch.Tensor:
     return torch.softmax(processed, dim=-1)
 
 
-def _append(input_ids, new_tokens, stopping_criteria, outputs_wanted, streamer, processed, raw, outputs, prefill_length):
+def _append(input_ids, new_tokens, stopping_criteria, outputs_wanted, streamer, processed, raw, outputs, prefill: bool):
     """Appends `new_tokens` `(1, k)` one at a time until a stopping criterion fires; returns (sequence, stopped)."""
-    stopped = False
+    length = input_ids.shape[1]
+    extended = torch.cat([input_ids, new_tokens], dim=-1)
+    kept, stopped = new_tokens.shape[1], False
     for i in range(new_tokens.shape[1]):
-        input_ids = torch.cat([input_ids, new_tokens[:, i : i + 1]], dim=-1)
-        outputs_wanted.add(processed, raw, outputs, i, prefill_length, input_ids.shape[1] - 1)
-        stopped = bool(stopping_criteria(input_ids, outputs_wanted.scores).any())
-        if stopped:
-            new_tokens = new_tokens[:, : i + 1]
+        outputs_wanted.add(processed, raw, outputs, i, prefill, length + i)
+        if bool(stopping_criteria(extended[:, : length + i + 1], outputs_wanted.scores).any()):
+            kept, stopped = i + 1, True
             break
     if streamer is not None:
-        streamer.put(new_tokens.cpu())
-    return input_ids, stopped
+        streamer.put(new_tokens[:, :kept].cpu())
+    return extended[:, : length + kept], stopped

@@ -177,6 +177,15 @@ def speculative_accept(
     rows = torch.arange(target_probs.shape[0], device=target_probs.device)
     longest = int(lengths.max()) if lengths.numel() else 0
     accepted = torch.zeros_like(lengths)
+    if greedy is not None and bool(greedy.all()):
+        # One-hot p: a drafted token survives iff it is p's argmax, and the next token is the argmax after the last
+        # survivor; the same outcome as the general case below, without q's softmax or a residual.
+        choices = target_probs.argmax(dim=-1)
+        if longest > 0:
+            keep = block.tokens[:, :longest] == choices[:, :longest]
+            keep &= torch.arange(longest, device=lengths.device) < lengths.unsqueeze(-1)
+            accepted = keep.long().cumprod(dim=-1).sum(dim=-1)
+        return accepted, choices[rows, accepted]
     if longest > 0:
         drafted = block.tokens[:, :longest]
         draft_probs = torch.softmax(block.logits[:, :longest].float(), dim=-1)
