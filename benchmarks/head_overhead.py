@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 from transformers.generation.logits_process import LogitsProcessorList
 
-from dspark_hf import DSparkDraftModel, DSparkProposer, SpeculationStats
+from dspark_hf import DSparkDraftModel, DSparkProposer
 
 OVERHEAD_TARGET = 0.03
 PARTS = ("with_head", "without_head", "verify")
@@ -95,7 +95,7 @@ def time_context(target, pair: dict, context: torch.Tensor, mode: str, args) -> 
     cache = DynamicCache(config=target.config)
     prefill = target(input_ids=context[:, :-1], cache=cache, use_cache=True, output_hidden_states=True)
     proposers = {
-        variant: DSparkProposer(draft, config, LogitsProcessorList(), SpeculationStats(block_size=gamma))
+        variant: DSparkProposer(draft, config, LogitsProcessorList())
         for variant, draft in pair.items()
     }
     for proposer in proposers.values():  # the draft's context: every token but the anchor

@@ -95,7 +95,6 @@ class DSparkProposer:
         draft: an attached [`DSparkDraftModel`].
         generation_config: the call's prepared generation config (`do_sample`, `max_length`, prompt lookup).
         logits_processor: the call's processors and warpers; drafted tokens are sampled after them.
-        stats: where rounds are recorded.
     """
 
     def __init__(
@@ -103,12 +102,10 @@ class DSparkProposer:
         draft: DSparkDraftModel,
         generation_config: GenerationConfig,
         logits_processor: LogitsProcessorList | None,
-        stats: SpeculationStats,
     ):
         self.draft = draft
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
-        self.stats = stats
         self.policy = draft.verification_policy
         if self.policy is not None and draft.confidence_head is None:
             raise ValueError(
@@ -325,9 +322,8 @@ def speculative_decoding(
     _check_call(model, input_ids, generation_config, draft, model_kwargs)
     draft.attach(model)
     cache = model_kwargs["cache"]
-    stats = SpeculationStats(block_size=1)
-    proposer = DSparkProposer(draft, generation_config, logits_processor, stats)
-    stats.block_size = proposer.longest_proposal
+    proposer = DSparkProposer(draft, generation_config, logits_processor)
+    stats = SpeculationStats(block_size=proposer.longest_proposal)
     draft.last_generate_stats = stats
     greedy = not generation_config.do_sample
     outputs_wanted = _Outputs.requested(generation_config)
@@ -344,9 +340,7 @@ def speculative_decoding(
     if not cache.is_croppable:
         raise ValueError(compat.rollback_unsupported_message(model))
     proposer.observe(outputs.hidden_states, input_ids.shape[1])
-    raw = outputs.logits[:, -1:].to(dtype=torch.float32, device=input_ids.device)
-    processed = logits_processor(input_ids, raw[:, 0].clone()).unsqueeze(1) if logits_processor else raw
-    probs = _probabilities(processed, greedy)
+    raw, processed, probs = _target_distributions(outputs, input_ids, input_ids.shape[1], logits_processor, greedy)
     _, first = speculative_accept(probs, None, torch.zeros(1, dtype=torch.long, device=probs.device), _flag(greedy, probs.device))
     input_ids, done = _append(input_ids, first[:, None], stopping_criteria, outputs_wanted, token_streamer,
                               processed, raw, outputs, prefill=True)
@@ -361,14 +355,9 @@ def speculative_decoding(
         proposed = time.perf_counter()
 
         outputs = _forward(model, candidates, _extend_model_kwargs(model_kwargs, n), n + 1, hidden_request, attentions)
-        raw = outputs.logits[:, -n - 1 :].to(dtype=torch.float32, device=input_ids.device)
-        processed = raw
-        if logits_processor:
-            processed = torch.stack(
-                [logits_processor(candidates[:, : length + i], raw[:, i].clone()) for i in range(n + 1)], dim=1
-            )
+        raw, processed, probs = _target_distributions(outputs, candidates, length, logits_processor, greedy)
         lengths = torch.tensor([n], device=raw.device)
-        accepted, next_token = speculative_accept(_probabilities(processed, greedy), proposal.block, lengths, _flag(greedy, raw.device))
+        accepted, next_token = speculative_accept(probs, proposal.block, lengths, _flag(greedy, raw.device))
         m = int(accepted)
         # Roll back the rejected tokens; crop(0) still lets hybrid layers drop the states they kept for rollback.
         cache.crop(-(n - m))
@@ -402,11 +391,19 @@ def _flag(greedy: bool, device: torch.device) -> torch.BoolTensor:
     return torch.tensor([greedy], device=device)
 
 
-def _probabilities(processed: torch.Tensor, greedy: bool) -> torch.Tensor:
-    """Target distributions `(1, q, V)`: one-hot at the argmax when greedy, else the softmax of the processed logits."""
+def _target_distributions(outputs, sequence: torch.LongTensor, length: int, logits_processor, greedy: bool):
+    """The target's next-token logits after `sequence[:, :length]` and after each later token of `sequence`
+    `(1, q, V)` each: raw, processed, and as probabilities (one-hot at the argmax when greedy)."""
+    q = sequence.shape[1] - length + 1
+    raw = outputs.logits[:, -q:].to(dtype=torch.float32, device=sequence.device)
+    processed = raw
+    if logits_processor:
+        processed = torch.stack(
+            [logits_processor(sequence[:, : length + i], raw[:, i].clone()) for i in range(q)], dim=1
+        )
     if greedy:
-        return torch.zeros_like(processed).scatter_(-1, processed.argmax(dim=-1, keepdim=True), 1.0)
-    return torch.softmax(processed, dim=-1)
+        return raw, processed, torch.zeros_like(processed).scatter_(-1, processed.argmax(dim=-1, keepdim=True), 1.0)
+    return raw, processed, torch.softmax(processed, dim=-1)
 
 
 def _append(input_ids, new_tokens, stopping_criteria, outputs_wanted, streamer, processed, raw, outputs, prefill: bool):
