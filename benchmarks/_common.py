@@ -18,8 +18,8 @@ import torch
 import transformers
 
 from dspark_hf import DSparkDraftModel
-from dspark_hf.cli import load_target
 from dspark_hf.evaluation import domain_summaries, evaluate, load_prompt_sets
+from dspark_hf.targets import load_target
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -85,7 +85,7 @@ def decoding_parser(doc: str, output_name: str, modes: tuple[str, ...] = MODES) 
         "--seed", type=int, default=0, help="torch.manual_seed before every (draft, mode, dataset)."
     )
     parser.add_argument(
-        "--target", default="smollm2", help="Target model (dspark_hf.cli.load_target name or path)."
+        "--target", default="smollm2", help="Target model (dspark_hf.targets.load_target name or path)."
     )
     parser.add_argument(
         "--resume-dir",

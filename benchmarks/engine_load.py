@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 
 from dspark_hf import DSparkDraftModel
-from dspark_hf.cli import load_target
-from dspark_hf.engine import DSparkEngine, SamplingParams, profile_draft_cost
-from dspark_hf.scheduling import CostTable, PrefixSchedulerPolicy, profile_verify_cost
+from dspark_hf.engine import DSparkEngine, SamplingParams
+from dspark_hf.scheduling import CostTable, PrefixSchedulerPolicy, profile_draft_cost, profile_verify_cost
+from dspark_hf.targets import load_target
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from dspark_hf import DSparkDraftModel
-from dspark_hf.cli import load_target
 from dspark_hf.evaluation import first_divergence, load_prompt_sets
+from dspark_hf.targets import load_target
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -20,7 +20,7 @@ import _common as common
 import torch
 
 from dspark_hf.evaluation import DATASET_DOMAINS, _agreeing_tokens
-from dspark_hf.generation import DSparkProposer
+from dspark_hf.speculative.decoding import DSparkProposer
 
 PROBABILITY_EDGES = (0.0, 0.001, 0.01, 0.1, 1.0)
 

@@ -209,7 +209,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.base_parser(__doc__, "loop_speed")
-    parser.add_argument("--target", default="smollm2", help="Target model (dspark_hf.cli.load_target name or path).")
+    parser.add_argument("--target", default="smollm2", help="Target model (dspark_hf.targets.load_target name or path).")
     parser.add_argument("--draft", default=str(DEFAULT_DRAFT), help="Draft folder (default: the built-in draft).")
     parser.add_argument("--previous", default="b37d189", help="Commit whose generate() path is compared.")
     parser.add_argument("--eval-dir", default=str(common.EVAL_DIR))

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from dspark_hf.calibration import plot_cost_table
-from dspark_hf.cli import load_target
 from dspark_hf.scheduling import CostTable, profile_cost_table, profile_verify_cost
+from dspark_hf.targets import load_target
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "cost_table_smollm2_cpu"

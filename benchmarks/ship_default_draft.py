@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from dspark_hf import DSparkDraftModel
-from dspark_hf.cli import load_target
 from dspark_hf.demo import DEFAULT_DRAFT_DIR
+from dspark_hf.targets import load_target
 
 
 def main(argv: list[str] | None = None) -> int:

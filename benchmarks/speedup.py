@@ -18,7 +18,7 @@ Writes benchmarks/results/<output-name>.{json,md,png} (default speedup). Full ru
 import _common as common
 
 from dspark_hf.evaluation import domain_summaries, markdown_table
-from dspark_hf.modeling_dspark import DEFAULT_LOOKUP_MIN_PROBABILITY
+from dspark_hf.models.dspark.modeling_dspark import DEFAULT_LOOKUP_MIN_PROBABILITY
 
 PLAIN_TARGETS = {"math": 2.0, "code": 2.0, "chat": 1.5}
 

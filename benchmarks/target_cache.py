@@ -19,7 +19,7 @@ import _common as common
 import torch
 
 from dspark_hf import DSparkDraftModel
-from dspark_hf.cli import load_target
+from dspark_hf.targets import load_target
 from dspark_hf.training import (
     DSparkDataCollator,
     TargetCacheDataset,

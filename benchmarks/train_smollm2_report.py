@@ -17,8 +17,8 @@ import datasets
 import torch
 
 from dspark_hf import DSparkDraftModel
-from dspark_hf.cli import load_target
 from dspark_hf.evaluation import domain_summaries, evaluate, load_prompt_sets
+from dspark_hf.targets import load_target
 
 RESULTS = Path(__file__).parent / "results"
 CURVES = ("loss", "ce", "tv", "expected_tau")

@@ -10,7 +10,7 @@ import torch
 
 import dspark_hf  # noqa: F401  (registers the "dspark" Auto classes and the generate() hook)
 from dspark_hf import DSparkDraftModel
-from dspark_hf.cli import load_target
+from dspark_hf.targets import load_target
 
 
 def main() -> None:

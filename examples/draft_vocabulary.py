@@ -13,9 +13,9 @@ import argparse
 import torch
 
 import dspark_hf  # noqa: F401  (installs the generate() hook)
-from dspark_hf.cli import load_target
 from dspark_hf.demo import load_default_draft
-from dspark_hf.engine import profile_draft_cost
+from dspark_hf.scheduling import profile_draft_cost
+from dspark_hf.targets import load_target
 from dspark_hf.training import frequent_token_ids, load_training_dataset
 
 

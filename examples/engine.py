@@ -11,7 +11,7 @@ Make a cost table in the engine's shapes, with the draft pass time, with
 import argparse
 
 from dspark_hf import CostTable, DSparkDraftModel, DSparkEngine, SamplingParams
-from dspark_hf.cli import load_target
+from dspark_hf.targets import load_target
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many clips in total?",

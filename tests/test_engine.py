@@ -16,18 +16,19 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-import dspark_hf.speculative as speculative_module
+import dspark_hf.speculative.round as speculative_module
 from dspark_hf import DSparkDraftModel
-from dspark_hf.engine import DSparkEngine, SamplingParams, profile_draft_cost, warp_logits
+from dspark_hf.engine import DSparkEngine, SamplingParams, warp_logits
 from dspark_hf.scheduling import (
     CostTable,
     GlobalSearchPolicy,
     LaggedSchedulerPolicy,
     PrefixSchedulerPolicy,
     StaticThresholdPolicy,
+    profile_draft_cost,
     profile_verify_cost,
 )
-from dspark_hf.speculative import draw_tokens
+from dspark_hf.speculative.round import draw_tokens
 
 VOCAB = 32
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"  # ids 0..30; 31 is "<eos>" (and the drafts' mask token)

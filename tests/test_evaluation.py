@@ -187,7 +187,7 @@ def test_gguf_targets_load_dense(tmp_path, monkeypatch):
     kernels), on the device asked for; the tokenizer gets the file but not the quantization settings."""
     import transformers
 
-    from dspark_hf.cli import load_target
+    from dspark_hf.targets import load_target
 
     calls = {}
 
@@ -211,7 +211,8 @@ def test_gguf_targets_load_dense(tmp_path, monkeypatch):
 def test_device_option_places_target_and_draft(tmp_path):
     """`--device` reaches from_pretrained as device_map (meta stands in for a GPU here), the draft follows the target,
     and `train` has no such option because accelerate places the target."""
-    from dspark_hf.cli import build_parser, load_target
+    from dspark_hf.cli import build_parser
+    from dspark_hf.targets import load_target
 
     target = make_target("llama", vocab_size=64)
     target.save_pretrained(tmp_path / "target")

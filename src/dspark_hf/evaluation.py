@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .stats import SpeculationStats
+from .speculative.stats import SpeculationStats
 
 DATASET_DOMAINS = {
     "gsm8k": "math",

@@ -18,7 +18,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.utils import cached_file
 
 if TYPE_CHECKING:
-    from .modeling_dspark import DSparkDraftModel
+    from .models.dspark.modeling_dspark import DSparkDraftModel
 
 MODEL_CARD_NAME = "README.md"
 LIBRARY_NAME = "dspark_hf"

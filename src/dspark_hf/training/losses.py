@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..modeling_dspark import position_weights
+from ..models.dspark.modeling_dspark import position_weights
 
 __all__ = [
     "DSparkLossOutput",

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import ModelOutput, logging
 
-from ..modeling_dspark import DSparkDraftModel, block_attention_mask, select_target_features
+from ..models.dspark.modeling_dspark import DSparkDraftModel, block_attention_mask, select_target_features
 from .collator import DSparkBlockBatch, DSparkDataCollator, build_blocks, sample_anchor_positions
 from .losses import DSparkLossOutput, DSparkMetricAccumulator, dspark_loss
 

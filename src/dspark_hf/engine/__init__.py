@@ -29,7 +29,6 @@ than `compact_threshold` of the width. Requests joining are prefilled in their o
 
 import dataclasses
 import itertools
-import math
 import threading
 import time
 from collections import deque
@@ -38,21 +37,20 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import LogitsProcessorList
 from transformers.utils import logging
 
-from .modeling_dspark import DSparkContextCache, DSparkDraftModel, select_target_features
-from .scheduling import (
+from ..models.dspark.modeling_dspark import DSparkContextCache, DSparkDraftModel, select_target_features
+from ..scheduling import (
     CostTable,
     FullBlockPolicy,
     NoSpeculationPolicy,
     VerificationPolicy,
-    _synchronize,
-    interleaved_median_times,
     make_policy,
 )
-from .speculative import draft_block, draw_tokens, speculative_accept
-from .stats import SpeculationStats
+from ..speculative.round import draft_block, draw_tokens, speculative_accept
+from ..speculative.sampling import RequestSamplingWarper, SamplingParams, warp_logits
+from ..speculative.stats import SpeculationStats
 
 logger = logging.get_logger(__name__)
 
@@ -63,44 +61,6 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 # ----------------------------------------------------------------------------------------------------------------------
 # Requests
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplingParams:
-    """How one request is decoded.
-
-    Args:
-        max_new_tokens: most tokens to generate (≥ 1).
-        do_sample: sample (True) or take the argmax (False; temperature, top_k and top_p are then ignored).
-        temperature: divides the logits before sampling (> 0 when sampling).
-        top_k: keep the k most likely tokens (0 disables), applied after the temperature.
-        top_p: keep the smallest set of tokens with cumulative probability ≥ top_p (1 disables), applied last.
-        stop_token_ids: generation stops after emitting one of these; it ends `token_ids` but not `text`.
-        stop: stop strings (need the engine's tokenizer). Generation stops once the text contains one; `text` is cut
-            before it and `token_ids` end with the token that completed it.
-    """
-
-    max_new_tokens: int = 16
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    stop_token_ids: Sequence[int] = ()
-    stop: Sequence[str] | str = ()
-
-    def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.")
-        if self.do_sample and not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r} (use do_sample=False).")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}.")
 
 
 class EngineRequest:
@@ -233,66 +193,6 @@ class EngineStats:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def warp_logits(
-    logits: torch.Tensor,
-    greedy: torch.BoolTensor,
-    temperature: torch.Tensor,
-    top_k: torch.LongTensor,
-    top_p: torch.Tensor,
-) -> torch.Tensor:
-    """Per-row sampling distribution as float32 logits (softmax gives the exact distribution a token is drawn from).
-
-    Args:
-        logits: `(..., V)`.
-        greedy, temperature, top_k, top_p: per-row parameters, broadcastable to `logits.shape[:-1]`. Sampling rows
-            get temperature, then top-k, then top-p (transformers' warper order and semantics); greedy rows become
-            one-hot at the argmax (−inf elsewhere), so greedy decoding is speculative sampling with one-hot p and q.
-    """
-    logits = logits.float()
-    shape = logits.shape[:-1]
-    greedy, temperature, top_k, top_p = (t.expand(shape) for t in (greedy, temperature, top_k, top_p))
-    warped = logits / temperature.unsqueeze(-1)
-    if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k.clamp(max=logits.shape[-1]), logits.shape[-1])
-        kth = warped.sort(dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
-        warped = warped.masked_fill(warped < kth, -math.inf)
-    if bool((top_p < 1).any()):
-        sorted_logits, order = warped.sort(dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - top_p).unsqueeze(-1)
-        remove[..., -1] = False
-        warped = warped.masked_fill(remove.scatter(-1, order, remove), -math.inf)
-    one_hot = torch.full_like(logits, -math.inf).scatter(-1, logits.argmax(dim=-1, keepdim=True), 0.0)
-    return torch.where(greedy.unsqueeze(-1), one_hot, warped)
-
-
-class RequestSamplingWarper(LogitsProcessor):
-    """[`warp_logits`] as a transformers logits processor over a batch of requests (one row each)."""
-
-    def __init__(self, params: Sequence[SamplingParams], device: torch.device):
-        self.greedy = torch.tensor([not p.do_sample for p in params], device=device)
-        self.temperature = torch.tensor([p.temperature if p.do_sample else 1.0 for p in params], device=device)
-        self.top_k = torch.tensor([p.top_k if p.do_sample else 0 for p in params], device=device)
-        self.top_p = torch.tensor([p.top_p if p.do_sample else 1.0 for p in params], device=device)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return warp_logits(scores, self.greedy, self.temperature, self.top_k, self.top_p)
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Target logits `(R, Q, V)` → sampling probabilities `(R, Q, V)` of every row and position."""
-        params = (t.unsqueeze(-1) for t in (self.greedy, self.temperature, self.top_k, self.top_p))
-        return torch.softmax(warp_logits(logits, *params), dim=-1)
-
-    @property
-    def all_greedy(self) -> bool:
-        return bool(self.greedy.all())
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Ragged KV layout
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -386,57 +286,6 @@ def _sliding_window(config) -> int | None:
     if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
         return None
     return int(window)
-
-
-@torch.inference_mode()
-def profile_draft_cost(
-    draft: DSparkDraftModel,
-    num_requests: Sequence[int] = (1, 2, 4, 8, 16, 32),
-    context_length: int = 256,
-    repeats: int = 7,
-    warmup: int = 2,
-    seed: int = 0,
-) -> tuple[list[int], list[float]]:
-    """Measures d(R), the seconds of one [`DSparkEngine`] draft pass (backbone, sequential head, confidences) over
-    R requests with `context_length` context slots each, drafting the full block. The draft must be attached to its
-    target (it borrows the target's embedding and LM head).
-
-    The context holds random target features; like `profile_cost_table`, sizes are visited in a rotating order and
-    the median of `repeats` timed passes is kept. Returns `(num_requests, seconds)` for `CostTable.with_draft_cost`.
-
-    Example:
-        >>> table = profile_verify_cost(target).with_draft_cost(*profile_draft_cost(draft))
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"Need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
-    sizes = sorted(set(int(r) for r in num_requests))
-    if not sizes or sizes[0] < 1:
-        raise ValueError(f"`num_requests` must be positive integers, got {list(num_requests)}.")
-    device, config = draft.device, draft.config
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {}
-    for rows in sizes:
-        cache = DSparkContextCache(config.num_hidden_layers)
-        features = torch.randn(rows, context_length, draft.fc.in_features, generator=generator).to(device, draft.dtype)
-        context_positions = torch.arange(context_length, device=device).expand(rows, -1)
-        draft.extend_context(cache, features, context_positions)
-        anchors = torch.randint(config.vocab_size, (rows,), generator=generator).to(device)
-        positions = torch.full((rows,), context_length, device=device)
-        valid = torch.ones(rows, context_length, dtype=torch.bool, device=device)
-        warper = RequestSamplingWarper([SamplingParams()] * rows, device)
-        inputs[rows] = (cache, valid, anchors, positions, warper)
-
-    def timed_pass(rows: int) -> float:
-        cache, valid, anchors, positions, warper = inputs[rows]
-        _synchronize(device)
-        start = time.perf_counter()
-        draft_block(
-            draft, cache, anchors, positions, config.block_size, LogitsProcessorList([warper]), context_valid=valid
-        )
-        _synchronize(device)
-        return time.perf_counter() - start
-
-    return sizes, interleaved_median_times(sizes, timed_pass, repeats, warmup)
 
 
 class DSparkEngine:

@@ -12,8 +12,8 @@ import inspect
 
 from transformers.generation.utils import GenerationMixin
 
-from .generation import speculative_decoding
-from .modeling_dspark import DSparkDraftModel
+from ..models.dspark.modeling_dspark import DSparkDraftModel
+from .decoding import speculative_decoding
 
 
 def _wrap_generate(original):

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .modeling_dspark import DSparkDraftModel
-from .scheduling import CostTable, StaticThresholdPolicy
-from .serialization import JsonFileMixin, parse_document
-from .stats import SpeculationStats
+from ..models.dspark.modeling_dspark import DSparkDraftModel
+from ..scheduling import CostTable, StaticThresholdPolicy
+from ..serialization import JsonFileMixin, parse_document
+from ..speculative.stats import SpeculationStats
 
 CALIBRATION_DATA_FORMAT = "dspark_hf.calibration_data"
 CALIBRATION_DATA_VERSION = 1

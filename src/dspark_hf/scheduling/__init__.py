@@ -35,8 +35,12 @@ from typing import Any, Literal
 
 import torch
 from transformers import DynamicCache
+from transformers.generation.logits_process import LogitsProcessorList
 
-from .serialization import JsonFileMixin, parse_document
+from ..models.dspark.modeling_dspark import DSparkContextCache, DSparkDraftModel
+from ..serialization import JsonFileMixin, parse_document
+from ..speculative.round import draft_block
+from ..speculative.sampling import RequestSamplingWarper, SamplingParams
 
 COST_TABLE_FORMAT = "dspark_hf.cost_table"
 COST_TABLE_VERSION = 1
@@ -1112,3 +1116,54 @@ def appendix_a_simulation(
     fresh = torch.multinomial(target, num_trials, replacement=True, generator=generator)
     output = torch.where(admitted, torch.where(accepted, token, resampled), fresh)
     return torch.bincount(output, minlength=2).to(torch.float64) / num_trials
+
+
+@torch.inference_mode()
+def profile_draft_cost(
+    draft: DSparkDraftModel,
+    num_requests: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    context_length: int = 256,
+    repeats: int = 7,
+    warmup: int = 2,
+    seed: int = 0,
+) -> tuple[list[int], list[float]]:
+    """Measures d(R), the seconds of one [`DSparkEngine`] draft pass (backbone, sequential head, confidences) over
+    R requests with `context_length` context slots each, drafting the full block. The draft must be attached to its
+    target (it borrows the target's embedding and LM head).
+
+    The context holds random target features; like `profile_cost_table`, sizes are visited in a rotating order and
+    the median of `repeats` timed passes is kept. Returns `(num_requests, seconds)` for `CostTable.with_draft_cost`.
+
+    Example:
+        >>> table = profile_verify_cost(target).with_draft_cost(*profile_draft_cost(draft))
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"Need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    sizes = sorted(set(int(r) for r in num_requests))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"`num_requests` must be positive integers, got {list(num_requests)}.")
+    device, config = draft.device, draft.config
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for rows in sizes:
+        cache = DSparkContextCache(config.num_hidden_layers)
+        features = torch.randn(rows, context_length, draft.fc.in_features, generator=generator).to(device, draft.dtype)
+        context_positions = torch.arange(context_length, device=device).expand(rows, -1)
+        draft.extend_context(cache, features, context_positions)
+        anchors = torch.randint(config.vocab_size, (rows,), generator=generator).to(device)
+        positions = torch.full((rows,), context_length, device=device)
+        valid = torch.ones(rows, context_length, dtype=torch.bool, device=device)
+        warper = RequestSamplingWarper([SamplingParams()] * rows, device)
+        inputs[rows] = (cache, valid, anchors, positions, warper)
+
+    def timed_pass(rows: int) -> float:
+        cache, valid, anchors, positions, warper = inputs[rows]
+        _synchronize(device)
+        start = time.perf_counter()
+        draft_block(
+            draft, cache, anchors, positions, config.block_size, LogitsProcessorList([warper]), context_valid=valid
+        )
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    return sizes, interleaved_median_times(sizes, timed_pass, repeats, warmup)

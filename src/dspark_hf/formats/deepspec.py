@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import cached_file
 
-from .configuration_dspark import DSparkDraftConfig
+from ..models.dspark.configuration_dspark import DSparkDraftConfig
 
 REFERENCE_ARCHITECTURE = "Qwen3DSparkModel"
 WEIGHTS_NAME = "model.safetensors"
@@ -167,7 +167,7 @@ def load_deepspec_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str |
     The checkpoint's embedding and LM-head copies are kept as the draft's own modules until a target is attached.
     Tensors keep their stored dtype unless `dtype` is given.
     """
-    from .modeling_dspark import DSparkDraftModel
+    from ..models.dspark.modeling_dspark import DSparkDraftModel
 
     dtype = kwargs.pop("torch_dtype", None) or dtype
     flat = _read_config(path, **kwargs)

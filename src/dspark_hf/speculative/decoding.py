@@ -27,9 +27,9 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from . import compat
-from .modeling_dspark import DSparkContextCache, DSparkDraftModel, select_target_features
-from .speculative import DraftBlock, draft_block, speculative_accept
+from .. import compat
+from ..models.dspark.modeling_dspark import DSparkContextCache, DSparkDraftModel, select_target_features
+from .round import DraftBlock, draft_block, speculative_accept
 from .stats import SpeculationStats
 
 

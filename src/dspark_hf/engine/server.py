@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from transformers.utils import logging
 
-from .engine import DSparkEngine, EngineRequest, SamplingParams
+from . import DSparkEngine, EngineRequest, SamplingParams
 
 logger = logging.get_logger(__name__)
 
@@ -305,7 +305,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import _add_target_arguments
+    from ..cli import _add_target_arguments
 
     _add_target_arguments(parser)
     parser.add_argument("--draft", default="default", help="Draft folder (either layout), 'default' or 'none'.")
@@ -326,11 +326,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_engine(args: argparse.Namespace) -> DSparkEngine:
     """The engine `dspark-hf serve` runs: target, draft and policy from the command line."""
-    from .cli import _target_from_args
-    from .demo import load_default_draft
-    from .engine import profile_draft_cost
-    from .modeling_dspark import DSparkDraftModel
-    from .scheduling import CostTable, profile_verify_cost
+    from ..cli import _target_from_args
+    from ..demo import load_default_draft
+    from ..models.dspark.modeling_dspark import DSparkDraftModel
+    from ..scheduling import CostTable, profile_draft_cost, profile_verify_cost
 
     target, tokenizer = _target_from_args(args)
     draft = None
@@ -362,7 +361,7 @@ def build_engine(args: argparse.Namespace) -> DSparkEngine:
 
 def make_server(args: argparse.Namespace) -> DSparkServer:
     """The server of `dspark-hf serve` (not started)."""
-    from .cli import _require
+    from ..cli import _require
 
     _require(args, "target")
     return DSparkServer(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
-from .modeling_dspark import DSparkContextCache, DSparkDraftModel
+from ..models.dspark.modeling_dspark import DSparkContextCache, DSparkDraftModel
 
 
 @dataclass

@@ -12,8 +12,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
+from ...model_card import DSparkModelCardData, load_model_card_data, save_model_card
 from .configuration_dspark import DSparkDraftConfig
-from .model_card import DSparkModelCardData, load_model_card_data, save_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -437,7 +437,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         [`DSparkDraftConfig`] field (e.g. `num_hidden_layers=2, block_size=8, markov_head_type="rnn"`).
         Pass the target's `tokenizer` so that `mask_token_id` is chosen among its unused special tokens.
         """
-        from .targets import draft_config_from_target
+        from ...targets import draft_config_from_target
 
         config = draft_config_from_target(target, tokenizer=tokenizer, **overrides)
         draft = cls(config).to(dtype=target.dtype, device=target.device)
@@ -446,7 +446,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
 
     def attach(self, target: PreTrainedModel) -> "DSparkDraftModel":
         """Binds the target's (frozen) input embedding and LM head; checks that the target matches this draft."""
-        from .targets import check_target_compatible
+        from ...targets import check_target_compatible
 
         check_target_compatible(self.config, target)
         self._shared_modules = (target.get_input_embeddings(), target.get_output_embeddings())
@@ -709,7 +709,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         if layout not in ("hf", "deepspec"):
             raise ValueError(f'layout must be "hf" or "deepspec", got {layout!r}.')
         if layout == "deepspec":
-            from .interop import save_deepspec_checkpoint
+            from ...formats.deepspec import save_deepspec_checkpoint
 
             save_deepspec_checkpoint(self, save_directory)
         else:
@@ -734,7 +734,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         """Loads a draft saved in either layout (detected from its config) with the data of its model card;
         attaches `target_model` if given and, unless `device_map` is passed, moves the draft to the target's device
         (`target_model.device`)."""
-        from .interop import is_deepspec_checkpoint, load_deepspec_checkpoint
+        from ...formats.deepspec import is_deepspec_checkpoint, load_deepspec_checkpoint
 
         if is_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs):
             model = load_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs)
