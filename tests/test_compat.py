@@ -97,3 +97,28 @@ def test_loop_returns_the_cache_transformers_prepared():
     out = target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=9, do_sample=False, return_dict_in_generate=True,
                           custom_generate=speculative_decoding, draft=draft)
     assert out.cache.get_seq_length() == out.sequences.shape[1] - 1  # every token but the last, as plain decoding
+
+
+def test_attention_implementation_reads_the_config():
+    target = make_target("llama", vocab_size=32, attn_implementation="eager")
+    assert compat.attention_implementation(target.config) == "eager"
+    target.set_attn_implementation("sdpa")
+    assert compat.attention_implementation(target.config) == "sdpa"
+
+
+def test_cache_layer_tensors_round_trip_and_copy():
+    """`DynamicCache.layers[i].keys / .values` (read and replaced by the engine), and copying a filled cache."""
+    target = make_target("llama", vocab_size=32, num_layers=2)
+    cache = DynamicCache(config=target.config)
+    with torch.no_grad():
+        target(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), cache=cache, use_cache=True)
+    keys, values = compat.cache_layer_tensors(cache)
+    assert len(keys) == len(values) == 2 and keys[0].shape[0] == 2 and keys[0].shape[2] == 4
+    copied = compat.copy_cache(cache)
+    compat.set_cache_layer_tensors(cache, [k[1:, :, 1:] for k in keys], [v[1:, :, 1:] for v in values])
+    assert cache.get_seq_length() == 3 and compat.cache_layer_tensors(cache)[0][1].shape[0] == 1
+    assert copied.get_seq_length() == 4 and torch.equal(compat.cache_layer_tensors(copied)[1][0], values[0])
+    copied.crop(-1)
+    assert compat.cache_layer_tensors(copied)[0][0].shape[2] == 3 and keys[0].shape[2] == 4
+    with pytest.raises(ValueError, match="Expected 2 key and value tensors"):
+        compat.set_cache_layer_tensors(cache, keys[:1], values[:1])

@@ -4,11 +4,17 @@
   imported, so that an unsupported release fails at once with one clear error instead of mid-generation.
 - Rolling back a hybrid (linear-attention / SSM) target's recurrent state: `Cache.activate_past_recording` takes the
   number of per-token states to keep from 5.25 on; 5.24 cannot roll recurrent states back at all.
+- The few places where dspark_hf reaches past transformers' documented API, each behind one function here: the
+  attention implementation a config selected, the key/value tensors of a `DynamicCache`'s layers (the engine
+  rearranges rows and slots of them), and copying a filled cache.
 
 `tests/test_compat.py` names every transformers entry point the library relies on beyond its documented classes, so a
 release that drops one fails there with the name of what disappeared.
 """
 
+import copy
+
+import torch
 import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -58,3 +64,28 @@ def rollback_unsupported_message(model) -> str:
         f"Speculative decoding rolls the target's cache back past rejected tokens, but the cache of "
         f"{type(model).__name__} cannot be cropped. {hint}"
     )
+
+
+
+def attention_implementation(config) -> str | None:
+    """The attention implementation ("sdpa", "eager", "flash_attention_2", ...) `config`'s model runs with."""
+    return config._attn_implementation
+
+
+def cache_layer_tensors(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The keys and the values `(batch, heads, slots, head_dim)` of every layer of a filled `DynamicCache`."""
+    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+def set_cache_layer_tensors(cache, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """Replaces every layer's keys and values of a filled `DynamicCache` (one tensor per layer, as
+    [`cache_layer_tensors`] returns them), e.g. after selecting rows or compacting slots."""
+    if len(keys) != len(cache.layers) or len(values) != len(cache.layers):
+        raise ValueError(f"Expected {len(cache.layers)} key and value tensors, got {len(keys)} and {len(values)}.")
+    for layer, layer_keys, layer_values in zip(cache.layers, keys, values, strict=True):
+        layer.keys, layer.values = layer_keys, layer_values
+
+
+def copy_cache(cache):
+    """An independent copy of a filled cache (its tensors copied, so growing one leaves the other as it was)."""
+    return copy.deepcopy(cache)

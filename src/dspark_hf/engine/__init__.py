@@ -40,6 +40,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.utils import logging
 
+from .. import compat
 from ..models.dspark.modeling_dspark import DSparkContextCache, DSparkDraftModel, select_target_features
 from ..scheduling import (
     CostTable,
@@ -213,14 +214,13 @@ class _RaggedKV:
         return self.valid.shape[1]
 
     def _tensor_lists(self) -> list[list[torch.Tensor]]:
-        lists = [[layer.keys for layer in self.cache.layers], [layer.values for layer in self.cache.layers]]
+        lists = list(compat.cache_layer_tensors(self.cache))
         if self.draft_cache is not None:
             lists += [self.draft_cache.keys, self.draft_cache.values]
         return lists
 
     def _assign(self, lists: list[list[torch.Tensor]]) -> None:
-        for layer, keys, values in zip(self.cache.layers, lists[0], lists[1], strict=True):
-            layer.keys, layer.values = keys, values
+        compat.set_cache_layer_tensors(self.cache, lists[0], lists[1])
         if self.draft_cache is not None:
             self.draft_cache.keys, self.draft_cache.values = list(lists[2]), list(lists[3])
 
@@ -326,7 +326,7 @@ class DSparkEngine:
         compact_threshold: float = 0.5,
         **policy_kwargs,
     ):
-        attention = target.config._attn_implementation
+        attention = compat.attention_implementation(target.config)
         if attention not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"DSparkEngine needs the target's attention to take a 2-D mask with holes ({SUPPORTED_ATTENTION}), "

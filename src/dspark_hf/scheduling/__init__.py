@@ -37,6 +37,7 @@ import torch
 from transformers import DynamicCache
 from transformers.generation.logits_process import LogitsProcessorList
 
+from .. import compat
 from ..models.dspark.modeling_dspark import DSparkContextCache, DSparkDraftModel
 from ..serialization import JsonFileMixin, parse_document
 from ..speculative.round import draft_block
@@ -322,7 +323,7 @@ class CostTable(JsonFileMixin):
         )
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     backend = getattr(torch, device.type, None)
     if device.type != "cpu" and hasattr(backend, "synchronize"):
         backend.synchronize()
@@ -349,7 +350,7 @@ def _forward_seconds(
     for requests, tokens in shapes:
         cache = prefix
         if requests > 1:
-            cache = copy.deepcopy(prefix)
+            cache = compat.copy_cache(prefix)
             cache.batch_repeat_interleave(requests)
         caches[requests, tokens] = cache
         kwargs = {"input_ids": torch.randint(vocab_size, (requests, tokens), generator=generator).to(device)}
@@ -361,10 +362,10 @@ def _forward_seconds(
         inputs[requests, tokens] = kwargs
 
     def timed_forward(shape: tuple[int, int]) -> float:
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         model(**inputs[shape], cache=caches[shape], use_cache=True)
-        _synchronize(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         caches[shape].crop(-shape[1])  # back to the prefilled context
         return elapsed
@@ -1158,12 +1159,12 @@ def profile_draft_cost(
 
     def timed_pass(rows: int) -> float:
         cache, valid, anchors, positions, warper = inputs[rows]
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         draft_block(
             draft, cache, anchors, positions, config.block_size, LogitsProcessorList([warper]), context_valid=valid
         )
-        _synchronize(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     return sizes, interleaved_median_times(sizes, timed_pass, repeats, warmup)
