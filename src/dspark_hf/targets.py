@@ -237,3 +237,25 @@ def load_target(
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **extra)
     model.eval()
     return model, tok
+
+
+def chat_input_ids(
+    tokenizer, prompt: "str | list[dict] | torch.Tensor", device: "torch.device | str | None" = None
+) -> torch.LongTensor:
+    """The ids `(1, length)` a chat model is prompted with: a user turn (str) or a list of chat messages, rendered
+    with the tokenizer's chat template and the generation prompt; token ids (`(length,)` or `(1, length)`) pass as
+    they are."""
+    if isinstance(prompt, torch.Tensor):
+        ids = prompt.long()
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(
+                f"A token-id prompt must be a non-empty (length,) or (1, length) tensor, got {tuple(prompt.shape)}."
+            )
+        return ids.to(device) if device is not None else ids
+    if tokenizer is None:
+        raise ValueError("Text prompts need the target's tokenizer (tokenizer=...); or pass token-id tensors.")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = encoded["input_ids"]
+    return ids.to(device) if device is not None else ids

@@ -33,6 +33,7 @@ from ..models.dspark.modeling_dspark import DSparkDraftModel
 from ..scheduling import CostTable, StaticThresholdPolicy
 from ..serialization import JsonFileMixin, parse_document
 from ..speculative.stats import SpeculationStats
+from ..targets import chat_input_ids
 
 CALIBRATION_DATA_FORMAT = "dspark_hf.calibration_data"
 CALIBRATION_DATA_VERSION = 1
@@ -191,27 +192,6 @@ class CalibrationData(JsonFileMixin):
         return cls(data["block_size"], rounds, data.get("metadata", {}))
 
 
-def _prompt_ids(prompt: Prompt, tokenizer, device: torch.device) -> torch.LongTensor:
-    if isinstance(prompt, torch.Tensor):
-        ids = prompt.long()
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-            raise ValueError(
-                f"A token-id prompt must be a non-empty (length,) or (1, length) tensor, got {tuple(ids.shape)}."
-            )
-        return ids.to(device)
-    if tokenizer is None:
-        raise ValueError(
-            "Text prompts need the target's tokenizer (tokenizer=...); or pass token-id tensors."
-        )
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    encoded = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    return encoded["input_ids"].to(device)
-
-
 @torch.no_grad()
 def collect_calibration_rounds(
     target: PreTrainedModel,
@@ -274,7 +254,7 @@ def collect_calibration_rounds(
     torch.manual_seed(seed)
     try:
         for index, prompt in enumerate(tqdm(prompts, desc="calibration rounds", disable=not progress)):
-            input_ids = _prompt_ids(prompt, tokenizer, target.device)
+            input_ids = chat_input_ids(tokenizer, prompt, target.device)
             target.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), assistant_model=draft, **kwargs
             )
