@@ -202,7 +202,8 @@ def briefly_train(draft, target, steps: int = 80, batch: int = 8, prompt_len: in
     """Distils `draft` towards `target` on the target's own greedy continuations (KL at every block position).
 
     Gives a draft whose proposals are often accepted, so tests exercise accepted, partially accepted and
-    rejected rounds. Uses only the model API (no trainer), teacher-forcing the sequential head.
+    rejected rounds. Uses only the model API (no trainer): the draft's forward with `prev_ids`, which teacher-forces
+    the sequential head.
     """
     from dspark_hf import block_attention_mask, block_position_ids, select_target_features
 
@@ -227,10 +228,9 @@ def briefly_train(draft, target, steps: int = 80, batch: int = 8, prompt_len: in
         result = draft(
             block_ids.flatten(1), block_position_ids(anchors, gamma), target_hidden_states=features,
             context_position_ids=torch.arange(seq_len).expand(batch, -1),
-            attention_mask=block_attention_mask(anchors, gamma, seq_len),
+            attention_mask=block_attention_mask(anchors, gamma, seq_len), prev_ids=prev_ids,
         )
-        hidden = result.hidden_states.view(batch, 4, gamma, -1)
-        logits = draft.sequential_logits(result.logits.view(batch, 4, gamma, -1), hidden, prev_ids)
+        logits = result.logits
         teacher = target_logp.gather(1, label_pos.flatten(1).unsqueeze(-1).expand(-1, -1, vocab)).view(batch, 4, gamma, vocab)
         loss = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1), teacher, log_target=True, reduction="batchmean")
         optimizer.zero_grad()

@@ -392,3 +392,31 @@ def test_unattached_draft_raises_clear_error(tmp_path, llama_target):
 def test_save_rejects_unknown_layout(tmp_path, llama_target):
     with pytest.raises(ValueError, match="layout"):
         make_draft(llama_target).save_pretrained(tmp_path, layout="gguf")
+
+
+@pytest.mark.parametrize("head", HEAD_TYPES)
+def test_forward_with_prev_ids_runs_the_heads(llama_target, head):
+    """With `prev_ids` the model's own forward is the training forward: block logits U_k + B_k and confidence
+    logits of every position, equal to the heads applied to the backbone's states one by one."""
+    draft = make_draft(llama_target, head)
+    ids = torch.randint(0, VOCAB - 1, (2, 12))
+    features = context_features(llama_target, ids, draft.config.target_layer_ids)
+    anchors = [3, 7]
+    prev_ids = torch.stack([ids[:, p : p + GAMMA] for p in anchors], dim=1)  # (2, 2, γ)
+    backbone = run_blocks(draft, features, ids, anchors)
+    anchor_tensor = torch.tensor([anchors])
+    out = draft(
+        block_inputs(ids, anchors, draft.config.mask_token_id),
+        block_position_ids(anchor_tensor, GAMMA),
+        target_hidden_states=features,
+        context_position_ids=torch.arange(12).unsqueeze(0),
+        attention_mask=block_attention_mask(anchor_tensor, GAMMA, 12),
+        prev_ids=prev_ids,
+    )
+    hidden = backbone.hidden_states.view(2, 2, GAMMA, -1)
+    assert out.logits.shape == (2, 2, GAMMA, VOCAB) and out.hidden_states.shape == hidden.shape
+    expected = draft.sequential_logits(backbone.logits.view(2, 2, GAMMA, -1), hidden, prev_ids)
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.confidence_logits, draft.confidence_logits(hidden, prev_ids))
+    if head != "none":  # the sequential head changes the logits, so the comparison above is not vacuous
+        assert not torch.allclose(out.logits, backbone.logits.view(2, 2, GAMMA, -1))

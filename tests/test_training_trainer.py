@@ -127,6 +127,27 @@ def test_training_block_logits_match_per_block_inference(target, head):
     assert torch.isfinite(loss.loss)
 
 
+def test_the_loss_runs_one_draft_forward_through_a_wrapper(target):
+    """DDP and PEFT synchronise what runs inside the wrapped module's forward: the loss calls the wrapper once per
+    batch, heads included (`prev_ids`), and never swaps the draft's forward."""
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like to unwrap_draft
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, []
+
+        def forward(self, **kwargs):
+            self.calls.append(sorted(kwargs))
+            assert "forward" not in vars(self.module)
+            return self.module(**kwargs)
+
+    draft = make_draft(target)
+    wrapper = Wrapper(draft)
+    _, output, blocks = seeded_loss(wrapper, target, padded_batch())
+    assert len(wrapper.calls) == 1 and "prev_ids" in wrapper.calls[0]
+    assert output.logits.shape[:3] == blocks.labels.shape and output.confidence_logits.shape == blocks.labels.shape
+
+
 def test_target_logits_are_the_targets_own(target):
     draft = make_draft(target)
     batch = DSparkDataCollator(pad_token_id=0)([make_dataset()[2]])

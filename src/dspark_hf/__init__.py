@@ -1,4 +1,12 @@
-"""dspark_hf: DSpark speculative decoding for Hugging Face transformers."""
+"""dspark_hf: DSpark speculative decoding for Hugging Face transformers.
+
+Importing the package checks the installed transformers release, registers [`DSparkDraftConfig`] and
+[`DSparkDraftModel`] with the Auto classes and routes `generate(assistant_model=<a DSparkDraftModel>)` to DSpark's
+decoding loop. Everything else (training, calibration, scheduling, the engine and its server) is imported on first
+use of its name, as transformers does, so `import dspark_hf` stays fast.
+"""
+
+import importlib
 
 from .compat import check_transformers_version
 
@@ -6,45 +14,8 @@ check_transformers_version()
 
 from transformers import AutoConfig, AutoModel
 
-from .calibration import (
-    CalibrationData,
-    apply_calibration,
-    calibration_metrics,
-    collect_calibration_rounds,
-    fit_sequential_calibration,
-    fit_sequential_temperature_scaling,
-    threshold_sweep,
-)
-from .engine import DSparkEngine, EngineRequest, EngineStats, SamplingParams
-from .model_card import DSparkModelCardData
-from .models.dspark.configuration_dspark import DSparkDraftConfig
-from .models.dspark.modeling_dspark import (
-    DSparkContextCache,
-    DSparkDraftModel,
-    DSparkDraftOutput,
-    block_attention_mask,
-    block_position_ids,
-    position_weights,
-    select_target_features,
-)
-from .scheduling import (
-    CostTable,
-    FullBlockPolicy,
-    LaggedSchedulerPolicy,
-    NoSpeculationPolicy,
-    PrefixSchedulerPolicy,
-    StaticThresholdPolicy,
-    VerificationPolicy,
-    profile_cost_table,
-    profile_draft_cost,
-    profile_verify_cost,
-    schedule_verification_lengths,
-)
+from .models.dspark import DSparkDraftConfig, DSparkDraftModel
 from .speculative import hook
-from .speculative.decoding import DSparkProposer, prompt_lookup, speculative_decoding
-from .speculative.round import DraftBlock, draft_block, sample_block, speculative_accept
-from .speculative.stats import SpeculationStats
-from .targets import choose_mask_token_id, default_target_layer_ids, draft_config_from_target
 
 AutoConfig.register(DSparkDraftConfig.model_type, DSparkDraftConfig, exist_ok=True)
 AutoModel.register(DSparkDraftConfig, DSparkDraftModel, exist_ok=True)
@@ -52,47 +23,90 @@ hook.install()
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "CalibrationData",
-    "apply_calibration",
-    "calibration_metrics",
-    "collect_calibration_rounds",
-    "fit_sequential_calibration",
-    "fit_sequential_temperature_scaling",
-    "threshold_sweep",
-    "CostTable",
-    "FullBlockPolicy",
-    "LaggedSchedulerPolicy",
-    "NoSpeculationPolicy",
-    "PrefixSchedulerPolicy",
-    "StaticThresholdPolicy",
-    "VerificationPolicy",
-    "profile_cost_table",
-    "profile_verify_cost",
-    "profile_draft_cost",
-    "schedule_verification_lengths",
-    "DSparkEngine",
-    "EngineRequest",
-    "EngineStats",
-    "SamplingParams",
-    "DSparkProposer",
-    "DraftBlock",
-    "SpeculationStats",
-    "draft_block",
-    "prompt_lookup",
-    "sample_block",
-    "speculative_accept",
-    "speculative_decoding",
-    "DSparkContextCache",
-    "DSparkDraftConfig",
-    "DSparkDraftModel",
-    "DSparkDraftOutput",
-    "DSparkModelCardData",
-    "block_attention_mask",
-    "block_position_ids",
-    "choose_mask_token_id",
-    "default_target_layer_ids",
-    "draft_config_from_target",
-    "position_weights",
-    "select_target_features",
-]
+# Public name -> the submodule that defines it.
+_IMPORT_STRUCTURE = {
+    "calibration": [
+        "CalibrationData",
+        "apply_calibration",
+        "calibration_metrics",
+        "collect_calibration_rounds",
+        "fit_sequential_calibration",
+        "fit_sequential_temperature_scaling",
+        "threshold_sweep",
+    ],
+    "engine": ["DSparkEngine", "EngineRequest", "EngineStats"],
+    "engine.server": ["DSparkServer"],
+    "model_card": ["DSparkModelCardData"],
+    "models.dspark": [
+        "DSparkContextCache",
+        "DSparkDraftConfig",
+        "DSparkDraftModel",
+        "DSparkDraftOutput",
+        "DSparkPreTrainedModel",
+        "select_target_features",
+        "target_hidden_state_indices",
+    ],
+    "scheduling": [
+        "CostTable",
+        "FullBlockPolicy",
+        "LaggedSchedulerPolicy",
+        "NoSpeculationPolicy",
+        "PrefixSchedulerPolicy",
+        "StaticThresholdPolicy",
+        "VerificationPolicy",
+        "profile_cost_table",
+        "profile_draft_cost",
+        "profile_verify_cost",
+        "schedule_verification_lengths",
+    ],
+    "speculative": [
+        "DSparkProposer",
+        "DraftBlock",
+        "SpeculationStats",
+        "draft_block",
+        "prompt_lookup",
+        "sample_block",
+        "speculative_accept",
+        "speculative_decoding",
+    ],
+    "speculative.sampling": ["SamplingParams"],
+    "targets": [
+        "chat_input_ids",
+        "choose_mask_token_id",
+        "default_target_layer_ids",
+        "draft_config_from_target",
+        "load_target",
+    ],
+    "training": [
+        "DSparkBlockBatch",
+        "DSparkDataCollator",
+        "DSparkTrainer",
+        "DSparkTrainingArguments",
+        "TargetCacheDataset",
+        "block_attention_mask",
+        "block_position_ids",
+        "build_blocks",
+        "compute_dspark_loss",
+        "dspark_loss",
+        "position_weights",
+        "sample_anchor_positions",
+        "tokenize_conversations",
+    ],
+}
+_MODULE_OF = {name: module for module, names in _IMPORT_STRUCTURE.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+

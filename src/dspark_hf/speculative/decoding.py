@@ -28,7 +28,12 @@ from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorLi
 from transformers.generation.streamers import BaseStreamer
 
 from .. import compat
-from ..models.dspark.modeling_dspark import DSparkContextCache, DSparkDraftModel, select_target_features
+from ..models.dspark.modeling_dspark import (
+    DSparkContextCache,
+    DSparkDraftModel,
+    select_target_features,
+    target_hidden_state_indices,
+)
 from .round import DraftBlock, draft_block, speculative_accept
 from .stats import SpeculationStats
 
@@ -135,7 +140,7 @@ class DSparkProposer:
             count: verified positions of the pass (all but the new anchor).
         """
         layer_ids = self.draft.config.target_layer_ids
-        if hidden_states is None or any(hidden_states[i + 1] is None for i in layer_ids):
+        if hidden_states is None or any(hidden_states[i] is None for i in target_hidden_state_indices(layer_ids)):
             raise ValueError("The target's outputs carry no hidden states of the draft's target layers.")
         features = select_target_features(hidden_states, layer_ids)[:, :count]
         positions = torch.arange(self.context_length, self.context_length + count, device=self.draft.device)
@@ -328,7 +333,7 @@ def speculative_decoding(
     greedy = not generation_config.do_sample
     outputs_wanted = _Outputs.requested(generation_config)
     # Only the draft's layers, unless the caller wants every hidden state back.
-    hidden_request = True if generation_config.output_hidden_states else [i + 1 for i in draft.config.target_layer_ids]
+    hidden_request = generation_config.output_hidden_states or target_hidden_state_indices(draft.config.target_layer_ids)
     attentions = bool(generation_config.output_attentions)
     max_length = generation_config.max_length
     if token_streamer is not None:

@@ -1,6 +1,14 @@
-"""Training DSpark drafts the transformers way: data preparation, collator, losses and `DSparkTrainer`."""
+"""Training DSpark drafts the transformers way: data preparation, collator, block geometry, losses and
+`DSparkTrainer`."""
 
-from .collator import DSparkBlockBatch, DSparkDataCollator, build_blocks, sample_anchor_positions
+from .blocks import (
+    DSparkBlockBatch,
+    block_attention_mask,
+    block_position_ids,
+    build_blocks,
+    sample_anchor_positions,
+)
+from .collator import DSparkDataCollator
 from .data import (
     build_training_dataset,
     conversation_features,
@@ -20,13 +28,13 @@ from .losses import (
     cross_entropy_per_position,
     dspark_loss,
     expected_acceptance_length,
+    position_weights,
     total_variation,
 )
 from .target_cache import TargetCacheDataset, build_target_cache, load_target_cache_info
 from .trainer import (
     DSparkTrainer,
     DSparkTrainingArguments,
-    DSparkTrainingOutput,
     compute_dspark_loss,
     run_target,
     unwrap_draft,
@@ -39,8 +47,9 @@ __all__ = [
     "DSparkMetricAccumulator",
     "DSparkTrainer",
     "DSparkTrainingArguments",
-    "DSparkTrainingOutput",
     "TargetCacheDataset",
+    "block_attention_mask",
+    "block_position_ids",
     "build_blocks",
     "build_target_cache",
     "build_training_dataset",
@@ -56,6 +65,7 @@ __all__ = [
     "load_target_cache_info",
     "load_training_dataset",
     "normalize_prompt",
+    "position_weights",
     "read_jsonl",
     "regenerate_responses",
     "run_target",

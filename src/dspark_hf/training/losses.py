@@ -26,18 +26,22 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..models.dspark.modeling_dspark import position_weights
-
 __all__ = [
     "DSparkLossOutput",
     "DSparkMetricAccumulator",
     "cross_entropy_per_position",
     "dspark_loss",
     "expected_acceptance_length",
+    "position_weights",
     "total_variation",
     "confidence_bce",
     "weighted_mean",
 ]
+
+
+def position_weights(block_size: int, decay: float, device=None) -> torch.Tensor:
+    """w_k = exp(−(k−1)/g) for k = 1..γ, shape `(γ,)`."""
+    return torch.exp(-torch.arange(block_size, device=device, dtype=torch.float32) / decay)
 
 
 def total_variation(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ The draft is `Trainer.model` (optionally wrapped in a `peft.PeftModel`), so chec
 trainer attribute moved to the accelerator device: it gets no optimizer state and is never saved.
 """
 
-import contextlib
 import hashlib
 import inspect
 from dataclasses import dataclass, field
@@ -19,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.utils import ModelOutput, logging
+from transformers.utils import logging
 
-from ..models.dspark.modeling_dspark import DSparkDraftModel, block_attention_mask, select_target_features
-from .collator import DSparkBlockBatch, DSparkDataCollator, build_blocks, sample_anchor_positions
+from ..models.dspark.modeling_dspark import DSparkDraftModel, DSparkDraftOutput, select_target_features
+from .blocks import DSparkBlockBatch, block_attention_mask, build_blocks, sample_anchor_positions
+from .collator import DSparkDataCollator
 from .losses import DSparkLossOutput, DSparkMetricAccumulator, dspark_loss
 
 logger = logging.get_logger(__name__)
@@ -30,7 +30,6 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "DSparkTrainer",
     "DSparkTrainingArguments",
-    "DSparkTrainingOutput",
     "compute_dspark_loss",
     "run_target",
     "unwrap_draft",
@@ -63,21 +62,6 @@ class DSparkTrainingArguments(TrainingArguments):
             raise ValueError(f"num_anchors must be >= 1, got {self.num_anchors}.")
 
 
-@dataclass
-class DSparkTrainingOutput(ModelOutput):
-    """Output of the draft's training forward.
-
-    Args:
-        logits: `(batch, num_blocks, γ, vocab)` teacher-forced logits U_k + B_k.
-        confidence_logits: `(batch, num_blocks, γ)` raw confidence logits, or None without a confidence head.
-        hidden_states: `(batch, num_blocks, γ, hidden)` backbone states h_k.
-    """
-
-    logits: torch.FloatTensor | None = None
-    confidence_logits: torch.FloatTensor | None = None
-    hidden_states: torch.FloatTensor | None = None
-
-
 def unwrap_draft(model: nn.Module) -> DSparkDraftModel:
     """The [`DSparkDraftModel`] inside DDP / accelerate / torch.compile / PEFT wrappers."""
     seen = 0
@@ -96,48 +80,6 @@ def unwrap_draft(model: nn.Module) -> DSparkDraftModel:
             f"Expected a DSparkDraftModel (possibly wrapped by PEFT/DDP), got {type(model).__name__}."
         )
     return model
-
-
-def _draft_training_forward(
-    draft: DSparkDraftModel,
-    backbone_forward,
-    *,
-    input_ids: torch.LongTensor,
-    position_ids: torch.LongTensor,
-    prev_ids: torch.LongTensor,
-    **kwargs,
-) -> DSparkTrainingOutput:
-    batch, num_blocks, block_size = prev_ids.shape
-    output = backbone_forward(input_ids=input_ids, position_ids=position_ids, compute_logits=False, **kwargs)
-    hidden = output.hidden_states.view(batch, num_blocks, block_size, -1)
-    base = draft.compute_logits(hidden, draft_vocabulary=True)
-    logits = draft.sequential_logits(base, hidden, prev_ids, draft_vocabulary=True)
-    confidence = draft.confidence_logits(hidden, prev_ids)
-    return DSparkTrainingOutput(logits=logits, confidence_logits=confidence, hidden_states=hidden)
-
-
-@contextlib.contextmanager
-def _full_training_forward(draft: DSparkDraftModel):
-    """Within the block, `draft(...)` (and thus any DDP / PEFT wrapper around it) also runs the sequential and
-    confidence heads and takes `prev_ids=`. Everything then happens inside one module forward, which is what
-    DistributedDataParallel needs to synchronise the heads' gradients."""
-    # Under mixed precision, accelerate installs an autocast wrapper as an instance attribute `forward`.
-    previous = draft.__dict__.get("forward")
-    backbone_forward = draft.forward
-
-    def forward(*args, prev_ids: torch.LongTensor, **kwargs):
-        if args:
-            raise TypeError("The DSpark training forward takes keyword arguments only.")
-        return _draft_training_forward(draft, backbone_forward, prev_ids=prev_ids, **kwargs)
-
-    draft.forward = forward
-    try:
-        yield
-    finally:
-        if previous is None:
-            del draft.forward
-        else:
-            draft.forward = previous
 
 
 def _accepts(module: nn.Module, name: str) -> bool:
@@ -178,10 +120,11 @@ def compute_dspark_loss(
     generator: torch.Generator | None = None,
     target_features: torch.Tensor | None = None,
     target_final_hidden: torch.Tensor | None = None,
-) -> tuple[DSparkLossOutput, DSparkTrainingOutput, DSparkBlockBatch]:
+) -> tuple[DSparkLossOutput, DSparkDraftOutput, DSparkBlockBatch]:
     """The DSpark loss of one batch of sequences (what [`DSparkTrainer.compute_loss`] runs).
 
-    `model` is the draft, or a wrapper around it (DDP, PEFT); it is called once, over every block of the batch.
+    `model` is the draft, or a wrapper around it (DDP, PEFT); its forward runs once, over every block of the batch,
+    heads included (`prev_ids=`).
     With `target_features` `(batch, S, m·d)` and `target_final_hidden` `(batch, S, d)` from a target cache (see
     [`TargetCacheDataset`]) the target's forward is skipped; its LM head is still used at the block positions.
     A draft with a draft vocabulary (`draft.set_draft_vocabulary`, e.g. `dspark-hf train --draft-vocab-size`)
@@ -214,15 +157,14 @@ def compute_dspark_loss(
         labels, label_in_vocabulary = draft.draft_vocabulary_index(blocks.labels)
         mask = block_attention_mask(anchors, block_size, length, context_mask=attention_mask)
         context_position_ids = torch.arange(length, device=input_ids.device).expand(batch, -1)
-    with _full_training_forward(draft):
-        output = model(
-            input_ids=blocks.input_ids,
-            position_ids=blocks.position_ids,
-            target_hidden_states=features,
-            context_position_ids=context_position_ids,
-            attention_mask=mask,
-            prev_ids=blocks.prev_ids,
-        )
+    output = model(
+        input_ids=blocks.input_ids,
+        position_ids=blocks.position_ids,
+        target_hidden_states=features,
+        context_position_ids=context_position_ids,
+        attention_mask=mask,
+        prev_ids=blocks.prev_ids,
+    )
     loss = dspark_loss(
         output.logits,
         target_logits,
@@ -284,8 +226,7 @@ class DSparkTrainer(Trainer):
         draft = unwrap_draft(model)
         target_model.requires_grad_(False)
         target_model.eval()
-        shared = getattr(draft, "_shared_modules", None)
-        if shared is None or shared[0] is not target_model.get_input_embeddings():
+        if not draft.is_attached_to(target_model):
             draft.attach(target_model)
         if data_collator is None:
             tokenizer = processing_class if hasattr(processing_class, "pad_token_id") else None

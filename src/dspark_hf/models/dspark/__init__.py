@@ -6,10 +6,8 @@ from .modeling_dspark import (
     DSparkDraftModel,
     DSparkDraftOutput,
     DSparkPreTrainedModel,
-    block_attention_mask,
-    block_position_ids,
-    position_weights,
     select_target_features,
+    target_hidden_state_indices,
 )
 
 __all__ = [
@@ -18,8 +16,6 @@ __all__ = [
     "DSparkDraftModel",
     "DSparkDraftOutput",
     "DSparkPreTrainedModel",
-    "block_attention_mask",
-    "block_position_ids",
-    "position_weights",
     "select_target_features",
+    "target_hidden_state_indices",
 ]

@@ -23,55 +23,17 @@ SHARED_WEIGHT_PREFIXES = ("embed_tokens.", "lm_head.")
 DEFAULT_LOOKUP_MIN_PROBABILITY = 0.01
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Helpers shared by training and inference
-# ----------------------------------------------------------------------------------------------------------------------
+def target_hidden_state_indices(target_layer_ids: Sequence[int]) -> list[int]:
+    """Where the outputs of decoder layers `target_layer_ids` sit in a transformers `hidden_states` tuple (entry 0
+    is the embedding output, so layer `i` is entry `i + 1`). Also what `output_hidden_states=` takes to return
+    only those entries."""
+    return [i + 1 for i in target_layer_ids]
 
 
-def select_target_features(hidden_states: tuple[torch.Tensor, ...], target_layer_ids: list[int]) -> torch.Tensor:
-    """Concatenates the outputs of `target_layer_ids` from a transformers `hidden_states` tuple.
-
-    `hidden_states[i + 1]` is the output of decoder layer `i`. Returns `(batch, seq, len(ids) * hidden)`.
-    """
-    return torch.cat([hidden_states[i + 1] for i in target_layer_ids], dim=-1)
-
-
-def block_attention_mask(
-    anchor_positions: torch.LongTensor,
-    block_size: int,
-    context_length: int,
-    context_mask: torch.Tensor | None = None,
-) -> torch.BoolTensor:
-    """Attention mask of a forward over several blocks at once (training).
-
-    Block `i` starts at `anchor_positions[:, i]`; its positions see context positions strictly before that anchor
-    and every position of their own block (bidirectional), nothing else.
-
-    Args:
-        anchor_positions: `(batch, num_blocks)` sequence index of each block's anchor.
-        block_size: γ.
-        context_length: number of context positions `S` fed to the draft.
-        context_mask: optional `(batch, S)`, False where a context position is padding.
-
-    Returns:
-        `(batch, 1, num_blocks * block_size, S + num_blocks * block_size)`, True where attention is allowed.
-    """
-    batch, num_blocks = anchor_positions.shape
-    device = anchor_positions.device
-    context_index = torch.arange(context_length, device=device)
-    sees_context = context_index.view(1, 1, -1) < anchor_positions.unsqueeze(-1)  # (batch, blocks, S)
-    if context_mask is not None:
-        sees_context = sees_context & context_mask.bool().unsqueeze(1)
-    sees_context = sees_context.repeat_interleave(block_size, dim=1)  # (batch, blocks * γ, S)
-    block_id = torch.arange(num_blocks, device=device).repeat_interleave(block_size)
-    same_block = (block_id.view(-1, 1) == block_id.view(1, -1)).expand(batch, -1, -1)
-    return torch.cat([sees_context, same_block], dim=-1).unsqueeze(1)
-
-
-def block_position_ids(anchor_positions: torch.LongTensor, block_size: int) -> torch.LongTensor:
-    """`(batch, num_blocks)` anchors → `(batch, num_blocks * block_size)` RoPE positions p, p+1, …, p+γ−1."""
-    offsets = torch.arange(block_size, device=anchor_positions.device)
-    return (anchor_positions.unsqueeze(-1) + offsets).flatten(1)
+def select_target_features(hidden_states: tuple[torch.Tensor, ...], target_layer_ids: Sequence[int]) -> torch.Tensor:
+    """Concatenates the outputs of decoder layers `target_layer_ids` from a transformers `hidden_states` tuple into
+    context features `(batch, seq, len(ids) * hidden)`."""
+    return torch.cat([hidden_states[i] for i in target_hidden_state_indices(target_layer_ids)], dim=-1)
 
 
 class DSparkContextCache:
@@ -361,15 +323,21 @@ class DSparkConfidenceHead(nn.Module):
 
 @dataclass
 class DSparkDraftOutput(ModelOutput):
-    """Output of a backbone pass.
+    """Output of a draft forward.
 
     Args:
-        logits: `(batch, q, vocab)` base logits U_k (before the sequential head).
-        hidden_states: `(batch, q, hidden)` final-norm backbone states h_k.
+        logits: without `prev_ids`, `(batch, q, vocab)` base logits U_k (before the sequential head); with them
+            (training), `(batch, num_blocks, γ, V')` teacher-forced block logits U_k + B_k over the draft vocabulary
+            (`V' = vocab` without one).
+        confidence_logits: with `prev_ids`, `(batch, num_blocks, γ)` raw confidence logits (None without a
+            confidence head).
+        hidden_states: `(batch, q, hidden)` final-norm backbone states h_k; `(batch, num_blocks, γ, hidden)` with
+            `prev_ids`.
         cache: the context cache, when one was used.
     """
 
     logits: torch.FloatTensor | None = None
+    confidence_logits: torch.FloatTensor | None = None
     hidden_states: torch.FloatTensor | None = None
     cache: DSparkContextCache | None = None
 
@@ -459,6 +427,10 @@ class DSparkDraftModel(DSparkPreTrainedModel):
     @property
     def is_attached(self) -> bool:
         return self._shared_modules is not None or "embed_tokens" in self._modules
+
+    def is_attached_to(self, target: PreTrainedModel) -> bool:
+        """Whether this draft borrows `target`'s input embedding (it was attached to `target`)."""
+        return self._shared_modules is not None and self._shared_modules[0] is target.get_input_embeddings()
 
     def _shared(self) -> tuple[nn.Module, nn.Module]:
         if self._shared_modules is not None:
@@ -599,8 +571,9 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         cache: DSparkContextCache | None = None,
         use_cache: bool = False,
         compute_logits: bool = True,
+        prev_ids: torch.LongTensor | None = None,
     ) -> DSparkDraftOutput:
-        """Runs the backbone over block inputs.
+        """Runs the backbone over block inputs; with `prev_ids` (training) also the sequential and confidence heads.
 
         Args:
             input_ids: `(batch, q)` block inputs: each block is its anchor followed by γ−1 `mask_token_id`s.
@@ -612,6 +585,10 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             cache: a [`DSparkContextCache`] of earlier context; new context is appended to it in place.
             use_cache: return the cache (the given one, or a new one holding this call's context).
             compute_logits: also return base logits through the LM head.
+            prev_ids: `(batch, num_blocks, γ)` the token before each block position (the anchor first), for
+                teacher forcing: the inputs then hold `num_blocks` blocks of γ positions, and the output holds the
+                block logits U_k + B_k and the confidence logits of every position (paper §3.3), all in this one
+                forward, so that wrappers (DDP, PEFT) see every trained module.
         """
         if target_hidden_states is not None and target_hidden_states.shape[1] > 0:
             if context_position_ids is None:
@@ -627,8 +604,18 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             context = cache.layer(i) if cache is not None else None
             hidden_states = layer(hidden_states, block_rope, context, attention_mask)
         hidden_states = self.norm(hidden_states)
+        cache = cache if use_cache else None
+        if prev_ids is not None:
+            blocks = hidden_states.view(*prev_ids.shape, -1)
+            base = self.compute_logits(blocks, draft_vocabulary=True)
+            return DSparkDraftOutput(
+                logits=self.sequential_logits(base, blocks, prev_ids, draft_vocabulary=True),
+                confidence_logits=self.confidence_logits(blocks, prev_ids),
+                hidden_states=blocks,
+                cache=cache,
+            )
         logits = self.compute_logits(hidden_states) if compute_logits else None
-        return DSparkDraftOutput(logits=logits, hidden_states=hidden_states, cache=cache if use_cache else None)
+        return DSparkDraftOutput(logits=logits, hidden_states=hidden_states, cache=cache)
 
     def extend_context(
         self, cache: DSparkContextCache, target_hidden_states: torch.Tensor, context_position_ids: torch.LongTensor
@@ -748,18 +735,11 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         return model
 
 
-def position_weights(block_size: int, decay: float, device=None) -> torch.Tensor:
-    """w_k = exp(−(k−1)/g) for k = 1..γ, shape `(γ,)`."""
-    return torch.exp(-torch.arange(block_size, device=device, dtype=torch.float32) / decay)
-
-
 __all__ = [
     "DSparkContextCache",
     "DSparkDraftModel",
     "DSparkDraftOutput",
     "DSparkPreTrainedModel",
-    "block_attention_mask",
-    "block_position_ids",
-    "position_weights",
     "select_target_features",
+    "target_hidden_state_indices",
 ]
