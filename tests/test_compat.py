@@ -122,3 +122,13 @@ def test_cache_layer_tensors_round_trip_and_copy():
     assert compat.cache_layer_tensors(copied)[0][0].shape[2] == 3 and keys[0].shape[2] == 4
     with pytest.raises(ValueError, match="Expected 2 key and value tensors"):
         compat.set_cache_layer_tensors(cache, keys[:1], values[:1])
+
+
+def test_push_to_hub_uploads_through_the_hooked_private_method():
+    """`UploadHook` overrides `PushToHubMixin._upload_modified_files`, which push_to_hub calls with the working folder."""
+    from transformers.utils.hub import PushToHubMixin
+
+    parameters = inspect.signature(PushToHubMixin._upload_modified_files).parameters
+    assert list(parameters)[:4] == ["self", "working_dir", "repo_id", "files_timestamps"]
+    assert "_upload_modified_files" in inspect.getsource(PushToHubMixin.push_to_hub)
+    assert issubclass(DSparkDraftModel, compat.UploadHook)

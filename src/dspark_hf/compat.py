@@ -6,7 +6,8 @@
   number of per-token states to keep from 5.25 on; 5.24 cannot roll recurrent states back at all.
 - The few places where dspark_hf reaches past transformers' documented API, each behind one function here: the
   attention implementation a config selected, the key/value tensors of a `DynamicCache`'s layers (the engine
-  rearranges rows and slots of them), and copying a filled cache.
+  rearranges rows and slots of them), copying a filled cache, and the upload step of `push_to_hub`
+  ([`UploadHook`]).
 
 `tests/test_compat.py` names every transformers entry point the library relies on beyond its documented classes, so a
 release that drops one fails there with the name of what disappeared.
@@ -89,3 +90,19 @@ def set_cache_layer_tensors(cache, keys: list[torch.Tensor], values: list[torch.
 def copy_cache(cache):
     """An independent copy of a filled cache (its tensors copied, so growing one leaves the other as it was)."""
     return copy.deepcopy(cache)
+
+
+class UploadHook:
+    """Mixin for a `PreTrainedModel` that must change the files `push_to_hub` uploads.
+
+    `push_to_hub` (and `save_pretrained(push_to_hub=True)`) saves the model into a working folder, puts the Hub's
+    README.md (or a placeholder) there, then uploads the folder through the private `_upload_modified_files`; the
+    model's `before_upload(working_dir, repo_id)` runs just before that upload.
+    """
+
+    def before_upload(self, working_dir: str, repo_id: str) -> None:
+        """Called with the folder about to be uploaded to `repo_id`; edit its files in place."""
+
+    def _upload_modified_files(self, working_dir, repo_id, files_timestamps, **kwargs):
+        self.before_upload(working_dir, repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, files_timestamps, **kwargs)

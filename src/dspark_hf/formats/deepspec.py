@@ -161,14 +161,14 @@ def save_deepspec_checkpoint(draft, save_directory: str | os.PathLike) -> None:
         json.dump(flat, f, indent=2, sort_keys=True)
 
 
-def load_deepspec_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = None, **kwargs):
-    """Builds a [`DSparkDraftModel`] from a reference-layout checkpoint.
+def load_deepspec_checkpoint(
+    model_class: type[nn.Module], path: str | os.PathLike, dtype: torch.dtype | str | None = None, **kwargs
+):
+    """Builds a `model_class` draft (a [`DSparkDraftModel`]) from a reference-layout checkpoint.
 
     The checkpoint's embedding and LM-head copies are kept as the draft's own modules until a target is attached.
     Tensors keep their stored dtype unless `dtype` is given.
     """
-    from ..models.dspark.modeling_dspark import DSparkDraftModel
-
     dtype = kwargs.pop("torch_dtype", None) or dtype
     flat = _read_config(path, **kwargs)
     config = config_from_reference(flat)
@@ -181,7 +181,7 @@ def load_deepspec_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str |
         dtype = getattr(torch, dtype)
     if dtype is None or dtype == "auto":
         dtype = state["fc.weight"].dtype
-    model = DSparkDraftModel(config)
+    model = model_class(config)
     model.embed_tokens = nn.Embedding(*state["embed_tokens.weight"].shape)
     model.lm_head = nn.Linear(state["lm_head.weight"].shape[1], state["lm_head.weight"].shape[0], bias=False)
     model.load_state_dict(state, strict=True)

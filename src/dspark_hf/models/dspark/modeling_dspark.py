@@ -12,6 +12,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
+from ...compat import UploadHook
 from ...model_card import DSparkModelCardData, load_model_card_data, save_model_card
 from .configuration_dspark import DSparkDraftConfig
 
@@ -342,7 +343,7 @@ class DSparkDraftOutput(ModelOutput):
     cache: DSparkContextCache | None = None
 
 
-class DSparkPreTrainedModel(PreTrainedModel):
+class DSparkPreTrainedModel(UploadHook, PreTrainedModel):
     config_class = DSparkDraftConfig
     base_model_prefix = "dspark"
     main_input_name = "input_ids"
@@ -708,13 +709,10 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         if model_card and kwargs.get("is_main_process", True):
             save_model_card(self, save_directory, model_id=os.fspath(save_directory), layout=layout)
 
-    def _upload_modified_files(
-        self, working_dir: str | os.PathLike, repo_id: str, files_timestamps: dict[str, float], **kwargs
-    ):
+    def before_upload(self, working_dir: str, repo_id: str) -> None:
         """Used by `push_to_hub` and `save_pretrained(push_to_hub=True)`: transformers puts the Hub's README.md (or a
         placeholder) in `working_dir`; it is updated into this draft's model card before the upload."""
         save_model_card(self, working_dir, model_id=repo_id)
-        return super()._upload_modified_files(working_dir, repo_id, files_timestamps, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, target_model=None, **kwargs):
@@ -724,7 +722,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         from ...formats.deepspec import is_deepspec_checkpoint, load_deepspec_checkpoint
 
         if is_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs):
-            model = load_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs)
+            model = load_deepspec_checkpoint(cls, pretrained_model_name_or_path, **kwargs)
         else:
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model.model_card_data = load_model_card_data(pretrained_model_name_or_path, **kwargs)
