@@ -211,7 +211,9 @@ def chat_input_ids(tokenizer, text: str, device) -> torch.Tensor:
     return encoded["input_ids"].to(device)
 
 
-def warm_up(target, tokenizer, draft, prompt_lookup_num_tokens: int | None) -> None:
+def warm_up(
+    target, tokenizer, draft, prompt_lookup_num_tokens: int | None, draft_generate_kwargs: dict | None = None
+) -> None:
     """One short untimed generation per method, so one-time costs do not land in the first timed prompt."""
     input_ids = chat_input_ids(tokenizer, "Count from one to ten.", target.device)
     kwargs = {
@@ -221,7 +223,7 @@ def warm_up(target, tokenizer, draft, prompt_lookup_num_tokens: int | None) -> N
         "attention_mask": torch.ones_like(input_ids),
     }
     with torch.no_grad():
-        target.generate(input_ids, assistant_model=draft, **kwargs)
+        target.generate(input_ids, assistant_model=draft, **(draft_generate_kwargs or {}), **kwargs)
         target.generate(input_ids, **kwargs)
         if prompt_lookup_num_tokens:
             target.generate(input_ids, prompt_lookup_num_tokens=prompt_lookup_num_tokens, **kwargs)
@@ -244,8 +246,11 @@ def run_harness(
     compare_plain: bool = False,
     prompt_lookup_num_tokens: int | None = None,
     draft_prompt_lookup_num_tokens: int | None = None,
+    draft_generate_kwargs: dict | None = None,
 ) -> list[dict]:
     """`dspark_hf.evaluation.evaluate`, one dataset at a time (seeded, with a progress line each).
+
+    `draft_generate_kwargs` go to the draft's `generate()` calls only (e.g. `verification_policy`).
 
     Each summary also gets `position_counts` (see `position_counts`); the confidence logits of every round are
     dropped from `rounds_detail` to keep the JSON small.
@@ -257,9 +262,10 @@ def run_harness(
         "compare_plain": compare_plain,
         "prompt_lookup_num_tokens": prompt_lookup_num_tokens,
         "draft_prompt_lookup_num_tokens": draft_prompt_lookup_num_tokens,
+        "draft_generate_kwargs": draft_generate_kwargs,
         "progress": False,
     }
-    warm_up(target, tokenizer, draft, prompt_lookup_num_tokens)
+    warm_up(target, tokenizer, draft, prompt_lookup_num_tokens, draft_generate_kwargs)
     summaries = []
     for name, conversations in prompts.items():
         resume = None if args.resume_dir is None else Path(args.resume_dir) / args.output_name / label / mode

@@ -1,8 +1,8 @@
 """Block-size sweep: τ and tokens/s against the number of drafted tokens verified per round.
 
 For every draft (block size γ) and every k in {1, 2, 4, …, γ} (or --lengths), the draft still drafts its whole block
-but only the first k drafted tokens are sent to the target each round, by a fixed-length verification policy set as
-`draft.verification_policy` (defined here through the public `dspark_hf.scheduling.VerificationPolicy` interface;
+but only the first k drafted tokens are sent to the target each round, by a fixed-length verification policy passed as
+generate's `verification_policy` (defined here through the public `dspark_hf.scheduling.VerificationPolicy` interface;
 lossless, since k is fixed before drafting). k = γ is the plain full-block run, and that run also times plain
 `generate` for the speed-up column. Drafts of different γ can be given side by side. With --from, each row also shows
 the τ predicted from tau_table.py's full-block counts, 1 + Σ_{j≤k} P(accept 1..j), per dataset and macro-averaged.
@@ -72,20 +72,17 @@ def sweep(
             for k in lengths_for(gamma, args.lengths):
                 if k < gamma and draft.confidence_head is None:
                     continue
-                draft.verification_policy = None if k == gamma else FixedLengthPolicy(k)
-                try:
-                    summaries = common.run_harness(
-                        target,
-                        tokenizer,
-                        draft,
-                        prompts,
-                        args,
-                        label=f"{name}-k{k}",
-                        mode=mode,
-                        compare_plain=k == gamma,
-                    )
-                finally:
-                    draft.verification_policy = None
+                summaries = common.run_harness(
+                    target,
+                    tokenizer,
+                    draft,
+                    prompts,
+                    args,
+                    label=f"{name}-k{k}",
+                    mode=mode,
+                    compare_plain=k == gamma,
+                    draft_generate_kwargs={"verification_policy": None if k == gamma else FixedLengthPolicy(k)},
+                )
                 pooled = common.pooled_summary(summaries)
                 rows.append(
                     {

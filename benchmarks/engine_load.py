@@ -43,7 +43,7 @@ import torch
 from dspark_hf import DSparkDraftModel
 from dspark_hf.engine import DSparkEngine, SamplingParams
 from dspark_hf.scheduling import CostTable, PrefixSchedulerPolicy, profile_draft_cost, profile_verify_cost
-from dspark_hf.targets import load_target
+from dspark_hf.targets import chat_input_ids, load_target
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -96,10 +96,9 @@ def load_prompts(data_dir: Path, tokenizer, per_domain: int, max_tokens: int) ->
         prompts = []
         with open(data_dir / name, encoding="utf-8") as f:
             for line in f:
-                messages = [{"role": "user", "content": json.loads(line)["turns"][0]}]
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+                ids = chat_input_ids(tokenizer, json.loads(line)["turns"][0])[0].tolist()
                 if len(ids) <= max_tokens:
-                    prompts.append((domain, list(ids)))
+                    prompts.append((domain, ids))
                 if len(prompts) == per_domain:
                     break
         by_domain[domain] = prompts

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from transformers.generation.logits_process import LogitsProcessorList
 
 from dspark_hf import DSparkDraftModel, DSparkProposer
+from dspark_hf.models.dspark import target_hidden_state_indices
 
 OVERHEAD_TARGET = 0.03
 PARTS = ("with_head", "without_head", "verify")
@@ -102,7 +103,7 @@ def time_context(target, pair: dict, context: torch.Tensor, mode: str, args) -> 
         proposer.observe(prefill.hidden_states, context.shape[1] - 1)
     block = proposers["with_head"].propose(context, budget=gamma).block
     verify_ids = torch.cat([context[:, -1:], block.tokens], dim=-1)
-    layers = [i + 1 for i in pair["with_head"].config.target_layer_ids]
+    layers = target_hidden_state_indices(pair["with_head"].config.target_layer_ids)
 
     def verify():
         target(input_ids=verify_ids, cache=cache, use_cache=True, output_hidden_states=layers)

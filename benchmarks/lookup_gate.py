@@ -1,7 +1,7 @@
 """When should a round verify a prompt-lookup continuation instead of the drafted block?
 
 Runs the first turn of `--limit` prompts per dataset greedily with `generate(assistant_model=draft,
-prompt_lookup_num_tokens=N)` and `draft.lookup_min_probability = 0`, so every continuation the lookup finds is
+prompt_lookup_num_tokens=N, lookup_min_probability=0)`, so every continuation the lookup finds is
 verified. In each such round it also drafts the block the draft would have proposed. Afterwards it compares, round by
 round, the looked-up tokens the target accepted with the drafted tokens that agree with the final greedy output (the
 tokens the target would have accepted from the block), grouped by the kind of match (2-gram or 1 token) and by the
@@ -19,7 +19,7 @@ from unittest import mock
 import _common as common
 import torch
 
-from dspark_hf.evaluation import DATASET_DOMAINS, _agreeing_tokens
+from dspark_hf.evaluation import DATASET_DOMAINS, agreeing_tokens
 from dspark_hf.speculative.decoding import DSparkProposer
 
 PROBABILITY_EDGES = (0.0, 0.001, 0.01, 0.1, 1.0)
@@ -53,11 +53,11 @@ def lookup_rounds(target, tokenizer, draft, prompt: str, args) -> list[dict]:
     records = []
     with torch.no_grad(), recording_lookups(records):
         output = target.generate(
-            input_ids, assistant_model=draft, prompt_lookup_num_tokens=args.lookup_tokens, do_sample=False,
-            max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
-            attention_mask=torch.ones_like(input_ids),
+            input_ids, assistant_model=draft, prompt_lookup_num_tokens=args.lookup_tokens, lookup_min_probability=0.0,
+            do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+            attention_mask=torch.ones_like(input_ids), return_dict_in_generate=True,
         )
-    stats = draft.last_generate_stats
+    output, stats = output.sequences, output.speculation_stats
     starts, length = [], input_ids.shape[1] + 1  # the prefill emits one token before the first round
     for accepted in stats.accepted:
         starts.append(length)
@@ -68,7 +68,7 @@ def lookup_rounds(target, tokenizer, draft, prompt: str, args) -> list[dict]:
     for record in records:
         drafted, start = record.pop("draft_tokens"), record["start"]
         # Drafted tokens that agree with the greedy output from the round's start: those the target would accept.
-        agreeing = _agreeing_tokens(output[:, start : start + drafted.shape[1]], drafted, prompt_length=0)
+        agreeing = agreeing_tokens(output[:, start : start + drafted.shape[1]], drafted, prompt_length=0)
         rows.append({**record, "lookup_accepted": accepted_at[start], "draft_accepted": agreeing})
     return rows
 
@@ -143,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     prompts = common.load_prompts(args)
     report["results"] = {}
     for name, draft in drafts.items():
-        draft.lookup_min_probability = 0.0
         rows, turns = [], 0
         for dataset, conversations in prompts.items():
             for conversation in conversations:

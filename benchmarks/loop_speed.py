@@ -76,6 +76,9 @@ def timed_call(target, input_ids, draft, clocks, args) -> dict:
     for clock in clocks.values():
         clock.reset()
     kwargs = {"assistant_model": draft} if draft is not None else {}
+    current = isinstance(draft, DSparkDraftModel)  # the previous path kept its statistics on the draft
+    if current:
+        kwargs["return_dict_in_generate"] = True
     started = time.perf_counter()
     with torch.no_grad():
         output = target.generate(
@@ -83,9 +86,10 @@ def timed_call(target, input_ids, draft, clocks, args) -> dict:
             pad_token_id=args.pad_token_id, **kwargs,
         )
     seconds = time.perf_counter() - started
+    stats = output.speculation_stats if current else getattr(draft, "last_generate_stats", None)
+    output = output.sequences if current else output
     result = {"seconds": seconds, "tokens": output.shape[1] - input_ids.shape[1], "output": output}
     if draft is not None:
-        stats = draft.last_generate_stats
         forwards = clocks["target"].seconds + clocks[id(draft)].seconds
         result.update(
             rounds=stats.num_rounds, tau=stats.tau, target_forward_s=clocks["target"].seconds,

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_hf.calibration import plot_cost_table
-from dspark_hf.scheduling import CostTable, profile_cost_table, profile_verify_cost
+from dspark_hf.scheduling import CostTable, plot_cost_table, profile_cost_table, profile_verify_cost
 from dspark_hf.targets import load_target
 
 RESULTS = Path(__file__).parent / "results"

@@ -11,14 +11,18 @@ loads it.
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from dspark_hf import DSparkDraftModel
-from dspark_hf.demo import DEFAULT_DRAFT_DIR
+from dspark_hf.default_draft import DEFAULT_DRAFT_DIR
 from dspark_hf.targets import load_target
+
+
+def _draft_files(folder: Path) -> list[Path]:
+    """The files of a saved draft in `folder`, leaving out Python sources (and their caches)."""
+    return [p for p in folder.iterdir() if p.is_file() and p.suffix != ".py"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             prompts_per_dataset=settings["limit"],
             source=f"benchmarks/results/{args.tau_table.name}",
         )
-    if args.output.exists():
-        shutil.rmtree(args.output)
+    if args.output.exists():  # replace the draft's files only: the folder is also the package's `default_draft`
+        for path in _draft_files(args.output):
+            path.unlink()
     draft.save_pretrained(args.output)
-    size = sum(p.stat().st_size for p in args.output.iterdir()) / 2**20
+    size = sum(p.stat().st_size for p in _draft_files(args.output)) / 2**20
     print(f"Shipped {args.draft} to {args.output} ({size:.1f} MiB)")
     return 0
 

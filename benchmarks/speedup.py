@@ -18,7 +18,7 @@ Writes benchmarks/results/<output-name>.{json,md,png} (default speedup). Full ru
 import _common as common
 
 from dspark_hf.evaluation import domain_summaries, markdown_table
-from dspark_hf.models.dspark.modeling_dspark import DEFAULT_LOOKUP_MIN_PROBABILITY
+from dspark_hf.speculative import DEFAULT_LOOKUP_MIN_PROBABILITY
 
 PLAIN_TARGETS = {"math": 2.0, "code": 2.0, "chat": 1.5}
 
@@ -36,12 +36,11 @@ def runs(target, tokenizer, drafts: dict, prompts: dict, args):
         ]
     baselines = {"compare_plain": True, "prompt_lookup_num_tokens": args.prompt_lookup_tokens}
     for name, draft, draft_lookup_tokens, min_probability in variants:
-        if min_probability is not None:
-            draft.lookup_min_probability = min_probability
+        draft_kwargs = {} if min_probability is None else {"lookup_min_probability": min_probability}
         for mode in args.modes:
             yield name, mode, common.run_harness(
                 target, tokenizer, draft, prompts, args, label=name, mode=mode,
-                draft_prompt_lookup_num_tokens=draft_lookup_tokens, **baselines,
+                draft_prompt_lookup_num_tokens=draft_lookup_tokens, draft_generate_kwargs=draft_kwargs, **baselines,
             )
 
 
@@ -224,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         nargs="+",
         default=[DEFAULT_LOOKUP_MIN_PROBABILITY],
-        help="With --draft-lookup-tokens: draft.lookup_min_probability, the draft probability a 1-token lookup match "
-        "needs to be verified (0: every match, as transformers' prompt lookup). Several values: one variant each.",
+        help="With --draft-lookup-tokens: generate's lookup_min_probability, the draft probability a 1-token lookup "
+        "match needs to be verified (0: every match, as transformers' prompt lookup). Several values: one variant each.",
     )
     prepared = common.prepare(parser, __file__, argv)
     if prepared is None:

@@ -12,10 +12,8 @@ import argparse
 
 import torch
 
-import dspark_hf  # noqa: F401  (installs the generate() hook)
-from dspark_hf.demo import load_default_draft
-from dspark_hf.scheduling import profile_draft_cost
-from dspark_hf.targets import load_target
+from dspark_hf import chat_input_ids, load_target, profile_draft_cost
+from dspark_hf.default_draft import load_default_draft
 from dspark_hf.training import frequent_token_ids, load_training_dataset
 
 
@@ -39,17 +37,16 @@ def main() -> None:
     else:
         raise SystemExit(f"{source} has no draft vocabulary; pass --data (a dataset from dspark-hf prepare-data).")
 
-    input_ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    input_ids = chat_input_ids(tokenizer, args.prompt)
     settings = dict(max_new_tokens=96, do_sample=False, attention_mask=torch.ones_like(input_ids),
                     pad_token_id=tokenizer.eos_token_id)
     plain = target.generate(input_ids, **settings)
     for name, vocabulary in (("whole vocabulary", None), (f"{len(token_ids)} tokens", token_ids)):
         draft.set_draft_vocabulary(vocabulary)
         _, seconds = profile_draft_cost(draft, num_requests=(1,), repeats=7)
-        same = torch.equal(target.generate(input_ids, assistant_model=draft, **settings), plain)
-        print(f"{name:>16}: draft pass {seconds[0] * 1e3:.1f} ms, τ {draft.last_generate_stats.tau:.2f}, "
+        out = target.generate(input_ids, assistant_model=draft, return_dict_in_generate=True, **settings)
+        same = torch.equal(out.sequences, plain)
+        print(f"{name:>16}: draft pass {seconds[0] * 1e3:.1f} ms, τ {out.speculation_stats.tau:.2f}, "
               f"greedy output identical to plain generate: {same}")
 
 

@@ -11,7 +11,7 @@ Make a cost table in the engine's shapes, with the draft pass time, with
 import argparse
 
 from dspark_hf import CostTable, DSparkDraftModel, DSparkEngine, SamplingParams
-from dspark_hf.targets import load_target
+from dspark_hf.targets import chat_input_ids, load_target
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many clips in total?",
@@ -48,9 +48,7 @@ def main() -> None:
             print(f"[{request.request_id}] +{len(token_ids)} tokens: {text!r}")
 
     for prompt in PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_dict=True)["input_ids"]
-        engine.add_request(ids, params, callback=stream)
+        engine.add_request(chat_input_ids(tokenizer, prompt), params, callback=stream)
     finished = []
     while engine.has_unfinished():
         finished += engine.step()

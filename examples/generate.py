@@ -11,15 +11,14 @@ token_streamer=TextStreamer(tokenizer))`, transformers' public entry for a custo
 """
 
 import argparse
-import time
 
-import torch
 from transformers import TextStreamer
 
 import dspark_hf  # noqa: F401  (routes generate(assistant_model=DSparkDraftModel) to DSpark's decoding loop)
 from dspark_hf import DSparkDraftModel, StaticThresholdPolicy, speculative_decoding
 from dspark_hf.demo import greedy_verdict
-from dspark_hf.targets import load_target
+from dspark_hf.evaluation import timed_generate
+from dspark_hf.targets import chat_input_ids, load_target
 
 
 def main() -> None:
@@ -42,33 +41,25 @@ def main() -> None:
         draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype)
     else:
         draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, block_size=8)
-    if args.threshold is not None:
-        draft.verification_policy = StaticThresholdPolicy(args.threshold)
+    policy = None if args.threshold is None else StaticThresholdPolicy(args.threshold)
 
-    input_ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"].to(target.device)
-    settings = dict(max_new_tokens=args.max_new_tokens, attention_mask=torch.ones_like(input_ids),
-                    pad_token_id=tokenizer.eos_token_id)
+    input_ids = chat_input_ids(tokenizer, args.prompt, target.device)
+    settings = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id)
     settings.update(do_sample=True, temperature=0.7) if args.sample else settings.update(do_sample=False)
 
-    started = time.perf_counter()
-    plain = target.generate(input_ids, **settings)
-    plain_s = time.perf_counter() - started
-    started = time.perf_counter()
+    plain, plain_s = timed_generate(target, input_ids, **settings)
     if args.stream:  # transformers' public custom-loop entry: no hook involved
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        speculative = target.generate(
-            input_ids, custom_generate=speculative_decoding, draft=draft, token_streamer=streamer,
-            prompt_lookup_num_tokens=args.prompt_lookup_tokens, **settings,
-        )
+        speculation = dict(custom_generate=speculative_decoding, draft=draft, token_streamer=streamer)
     else:
-        speculative = target.generate(
-            input_ids, assistant_model=draft, prompt_lookup_num_tokens=args.prompt_lookup_tokens, **settings
-        )
-    speculative_s = time.perf_counter() - started
+        speculation = dict(assistant_model=draft)
+    speculation["verification_policy"] = policy
+    output, speculative_s = timed_generate(
+        target, input_ids, prompt_lookup_num_tokens=args.prompt_lookup_tokens, return_dict_in_generate=True,
+        **speculation, **settings,
+    )
 
-    stats = draft.last_generate_stats
+    speculative, stats = output.sequences, output.speculation_stats
     print(tokenizer.decode(speculative[0, input_ids.shape[1]:], skip_special_tokens=True))
     if not args.sample:
         print(f"\nidentical to plain greedy decoding: {greedy_verdict(target, plain, speculative)[2]}")

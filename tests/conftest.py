@@ -133,6 +133,28 @@ def make_hybrid_target(family: str = "qwen3_5", vocab_size: int = 32, seed: int 
     return model_class(config).eval()
 
 
+def make_draft(target, block_size: int = 4, head: str = "markov", seed: int = 1, **overrides):
+    """A fresh one-layer DSpark draft for a tiny target (rank-16 sequential head, the last token as mask), eval mode."""
+    from dspark_hf import DSparkDraftModel
+
+    torch.manual_seed(seed)
+    return DSparkDraftModel.from_target(
+        target, block_size=block_size, markov_head_type=head, markov_rank=16, num_hidden_layers=1,
+        mask_token_id=target.config.vocab_size - 1, **overrides,
+    ).eval()
+
+
+def make_sampling_setup():
+    """(target, draft, prompt) for exact sampling checks: an 8-token target with a spread-out distribution and a
+    γ = 3 draft whose sequential head and confidences depend on the tokens, so every acceptance path takes part."""
+    target = make_target("llama", vocab_size=8, hidden_size=32, num_layers=3, seed=3)
+    torch.nn.init.normal_(target.lm_head.weight, std=0.15)
+    draft = make_draft(target, block_size=3)
+    torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.5)
+    torch.nn.init.normal_(draft.confidence_head.proj.weight, std=0.5)
+    return target, draft, torch.tensor([[1, 2, 3]])
+
+
 def exact_two_token_distribution(target, prompt, warp=None):
     """P(t2, t3) of plain sampling after `prompt` (t1 summed out), by enumeration: (V, V)."""
     vocab = target.config.vocab_size

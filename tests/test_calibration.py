@@ -18,6 +18,7 @@ from dspark_hf.calibration import (
     apply_calibration,
     auroc,
     brier_score,
+    calibrate,
     calibration_metrics,
     calibration_report,
     collect_calibration_rounds,
@@ -25,7 +26,6 @@ from dspark_hf.calibration import (
     expected_calibration_error,
     fit_sequential_calibration,
     fit_sequential_temperature_scaling,
-    plot_cost_table,
     plot_reliability_diagram,
     plot_threshold_sweep,
     position_samples,
@@ -399,12 +399,7 @@ def test_report_and_plots(synthetic, tmp_path):
     plot_reliability_diagram(test, None, tmp_path / "cond.png", kind="conditional", positions=[1, 3])
     plot_reliability_diagram(test, None, tmp_path / "bias.png", biases=[-0.5, 0.0, 0.5, 1.0])
     plot_threshold_sweep(report["threshold_sweep"]["raw"], tmp_path / "sweep.png")
-    tables = {
-        "1xB": CostTable([1, 2, 4], [20.0, 19.0, 21.0], smooth="monotone"),
-        "Bx1": CostTable([1, 2, 4], [[20.0, 15.0, 10.0], [10.0, 8.0, 5.0]], context_lengths=[64, 256]),
-    }
-    plot_cost_table(tables, tmp_path / "cost.png")
-    for name in ("rel.png", "cond.png", "bias.png", "sweep.png", "cost.png"):
+    for name in ("rel.png", "cond.png", "bias.png", "sweep.png"):
         assert (tmp_path / name).read_bytes()[:4] == PNG_MAGIC
     with pytest.raises(ValueError, match="positions"):
         plot_reliability_diagram(test, fitted, tmp_path / "bad.png", positions=[5])
@@ -476,11 +471,13 @@ def test_biases_round_trip_and_are_applied_at_inference(target, tmp_path):
         apply_calibration(loaded, temperatures, [0.0])
     # Generation sees the biased confidences: with a threshold of 0.5, b = −30 verifies nothing, b = +30 everything.
     ids = torch.tensor([[3, 5, 7, 9]])
-    draft.verification_policy = StaticThresholdPolicy(0.5)
     for bias, proposed in ((-30.0, 0), (30.0, GAMMA)):
         apply_calibration(draft, [1.0] * GAMMA, [bias] * GAMMA)
-        target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft, max_new_tokens=12)
-        assert draft.last_generate_stats.proposed[0] == proposed
+        out = target.generate(
+            ids, attention_mask=torch.ones_like(ids), assistant_model=draft, max_new_tokens=12,
+            verification_policy=StaticThresholdPolicy(0.5), return_dict_in_generate=True,
+        )
+        assert out.speculation_stats.proposed[0] == proposed
 
 
 def test_config_validates_biases():
@@ -494,19 +491,21 @@ def test_config_validates_biases():
 
 
 def test_collect_calibration_rounds_matches_generation(target, trained_draft):
-    policy = StaticThresholdPolicy(0.99)
-    trained_draft.verification_policy = policy
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 90, (n,), generator=generator) for n in (5, 7, 4)]
     max_new_tokens = 30
-    try:
-        data = collect_calibration_rounds(target, trained_draft, prompts, max_new_tokens=max_new_tokens)
-        assert trained_draft.verification_policy is policy  # restored
-    finally:
-        trained_draft.verification_policy = None
+    data = collect_calibration_rounds(target, trained_draft, prompts, max_new_tokens=max_new_tokens)
     assert data.block_size == GAMMA and data.metadata["num_prompts"] == 3
-    # The last prompt's rounds are exactly the last generate() call's statistics.
-    stats = trained_draft.last_generate_stats
+    with pytest.raises(ValueError, match="drop verification_policy"):
+        collect_calibration_rounds(
+            target, trained_draft, prompts, generation_kwargs={"verification_policy": StaticThresholdPolicy(0.99)}
+        )
+    # The last prompt's rounds are exactly those of the same (greedy) generate() call.
+    ids = prompts[2].unsqueeze(0)
+    stats = target.generate(
+        ids, attention_mask=torch.ones_like(ids), assistant_model=trained_draft, max_new_tokens=max_new_tokens,
+        do_sample=False, return_dict_in_generate=True,
+    ).speculation_stats
     last = [r for r in data.rounds if r.prompt_index == 2]
     assert [r.proposed for r in last] == stats.proposed and [r.accepted for r in last] == stats.accepted
     assert [r.confidence_logits for r in last] == stats.confidence_logits
@@ -617,6 +616,33 @@ def test_cli_calibrate_and_refit(target, trained_draft, tmp_path):
     assert "b_k" in (tmp_path / "bias" / "report.md").read_text()
     with pytest.raises(SystemExit, match="--prompts"):
         run_command(["calibrate", "--target", str(target_dir), "--draft", str(draft_dir), "--out", str(out)])
+
+
+def test_calibrate_fits_applies_records_and_saves(target, synthetic, tmp_path):
+    data, _ = synthetic
+    draft = new_draft(target)
+    result = calibrate(None, draft, rounds=data, test_fraction=0.25, seed=3, output_dir=tmp_path / "out")
+    assert result.draft is draft
+    # The fit split is the one CalibrationData.split gives, and the fit is fit_sequential_calibration's on it.
+    fit_data, test_data = data.split(0.25, 3)
+    assert result.fit_data.num_rounds == fit_data.num_rounds and result.test_data.num_rounds == test_data.num_rounds
+    expected, _ = fit_sequential_calibration(fit_data)
+    assert draft.config.calibration_temperatures == result.report["temperatures"] == list(expected)
+    for t_fit, t_true in zip(expected, TRUE_TEMPERATURES, strict=True):
+        assert abs(math.log(t_fit / t_true)) < math.log(1.2)
+    assert draft.model_card_data.calibration is not None
+    assert "Sequential Temperature Scaling" in result.markdown
+    saved = DSparkDraftModel.from_pretrained(tmp_path / "out" / "draft", target_model=target)
+    assert saved.config.calibration_temperatures == result.report["temperatures"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["temperatures"] == result.report["temperatures"]
+
+
+def test_calibrate_refuses_rounds_of_another_block_size_and_missing_inputs(target):
+    draft = new_draft(target)
+    with pytest.raises(ValueError, match="block size 3 but the draft's is 4"):
+        calibrate(None, draft, rounds=synthetic_rounds(200, temperatures=[1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="Pass `target` and `prompts`"):
+        calibrate(None, draft)
 
 
 def test_cli_profile(target, tmp_path):

@@ -4,7 +4,14 @@ import copy
 
 import pytest
 import torch
-from conftest import briefly_train, exact_two_token_distribution, make_target, tv_bound
+from conftest import (
+    briefly_train,
+    exact_two_token_distribution,
+    make_draft,
+    make_sampling_setup,
+    make_target,
+    tv_bound,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -17,7 +24,6 @@ from transformers.generation.logits_process import (
 )
 
 import dspark_hf.speculative.round as speculative_module
-from dspark_hf import DSparkDraftModel
 from dspark_hf.engine import DSparkEngine, SamplingParams, warp_logits
 from dspark_hf.scheduling import (
     CostTable,
@@ -51,11 +57,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def new_draft(target, block_size=6, head="markov", seed=1, **kwargs):
-    torch.manual_seed(seed)
-    return DSparkDraftModel.from_target(
-        target, block_size=block_size, markov_head_type=head, markov_rank=16, num_hidden_layers=1,
-        mask_token_id=target.config.vocab_size - 1, **kwargs,
-    ).eval()
+    return make_draft(target, block_size=block_size, head=head, seed=seed, **kwargs)
 
 
 def make_engine(target, draft, policy, **kwargs):
@@ -157,8 +159,9 @@ def test_draft_context_matches_single_request_generate(targets, drafts):
     prompts = [[3, 4, 5], [9, 1, 1, 7, 2, 8, 6], [12], [20, 21, 22, 23]]
     solo = []
     for prompt in prompts:
-        target.generate(torch.tensor([prompt]), max_new_tokens=25, do_sample=False, assistant_model=draft)
-        solo.append(draft.last_generate_stats)
+        out = target.generate(torch.tensor([prompt]), max_new_tokens=25, do_sample=False, assistant_model=draft,
+                              return_dict_in_generate=True)
+        solo.append(out.speculation_stats)
     for compact_threshold in (0.0, 1.0):
         engine = make_engine(target, draft, "full", compact_threshold=compact_threshold)
         arrivals = [(i, prompt, SamplingParams(max_new_tokens=25)) for i, prompt in enumerate(prompts)]
@@ -277,12 +280,7 @@ def test_engine_schedules_with_a_profiled_shaped_cost_table(targets, drafts):
 
 @pytest.fixture(scope="module")
 def sampling_setup():
-    target = make_target("llama", vocab_size=8, hidden_size=32, num_layers=3, seed=3)
-    torch.nn.init.normal_(target.lm_head.weight, std=0.15)  # a spread-out target distribution
-    draft = new_draft(target, block_size=3)
-    torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.5)
-    torch.nn.init.normal_(draft.confidence_head.proj.weight, std=0.5)  # token-dependent confidences
-    return target, draft, torch.tensor([[1, 2, 3]])
+    return make_sampling_setup()
 
 
 def sample_pairs(target, draft, prompt, runs, params, concurrency=256, layout="packed"):

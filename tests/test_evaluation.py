@@ -9,13 +9,13 @@ from conftest import make_target, make_tokenizer
 from dspark_hf import DSparkDraftModel, SpeculationStats
 from dspark_hf.evaluation import (
     DatasetResult,
-    _agreeing_tokens,
     domain_summaries,
     evaluate,
     first_divergence,
     load_prompt_sets,
     markdown_table,
 )
+from dspark_hf.evaluation import agreeing_tokens as _agreeing_tokens
 
 
 def hand_made_stats() -> SpeculationStats:

@@ -4,7 +4,15 @@ import copy
 
 import pytest
 import torch
-from conftest import briefly_train, exact_two_token_distribution, make_target, make_tokenizer, tv_bound
+from conftest import (
+    briefly_train,
+    exact_two_token_distribution,
+    make_draft,
+    make_sampling_setup,
+    make_target,
+    make_tokenizer,
+    tv_bound,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
@@ -28,18 +36,24 @@ HEADS = ["markov", "rnn", "none"]
 
 
 def new_draft(target, head="markov", block_size=4, seed=1):
-    torch.manual_seed(seed)
-    draft = DSparkDraftModel.from_target(
-        target, block_size=block_size, markov_head_type=head, markov_rank=16, num_hidden_layers=1,
-        mask_token_id=target.config.vocab_size - 1,
-    )
-    return draft.eval()
+    return make_draft(target, block_size=block_size, head=head, seed=seed)
 
 
-def greedy_pair(target, draft, prompt, **kwargs):
+def greedy_pair(target, draft, prompt, speculation: dict | None = None, **kwargs):
+    """Plain and drafted greedy outputs of the same call; `speculation` holds keywords for the drafted call only
+    (verification_policy, lookup_min_probability)."""
     reference = target.generate(prompt, do_sample=False, **kwargs)
-    speculative = target.generate(prompt, do_sample=False, assistant_model=draft, **kwargs)
+    speculative = target.generate(prompt, do_sample=False, assistant_model=draft, **(speculation or {}), **kwargs)
     return reference, speculative
+
+
+def greedy_pair_with_stats(target, draft, prompt, speculation: dict | None = None, **kwargs):
+    """`greedy_pair`'s sequences and the drafted call's `SpeculationStats`."""
+    reference = target.generate(prompt, do_sample=False, **kwargs)
+    out = target.generate(
+        prompt, do_sample=False, assistant_model=draft, return_dict_in_generate=True, **(speculation or {}), **kwargs
+    )
+    return reference, out.sequences, out.speculation_stats
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +93,16 @@ def test_greedy_output_identical_to_plain_generate(
     target = targets[family]
     draft = trained_drafts[(family, head)] if trained else new_draft(target, head, block_size)
     draft.config.block_size = block_size
-    draft.verification_policy = make_policy(policy, block_size)
     draft.set_draft_vocabulary(draft_vocabulary)
     try:
-        reference, speculative = greedy_pair(target, draft, torch.tensor([prompt]), max_new_tokens=max_new_tokens)
+        reference, speculative, stats = greedy_pair_with_stats(
+            target, draft, torch.tensor([prompt]), {"verification_policy": make_policy(policy, block_size)},
+            max_new_tokens=max_new_tokens,
+        )
     finally:
-        draft.config.block_size, draft.verification_policy = 16 if trained else block_size, None
+        draft.config.block_size = 16 if trained else block_size
         draft.set_draft_vocabulary(None)
     assert torch.equal(reference, speculative)
-    stats = draft.last_generate_stats
     generated = reference.shape[1] - len(prompt)
     assert sum(stats.accepted) + stats.num_rounds == generated - 1  # the prefill produced the first token
     assert all(p <= block_size for p in stats.proposed)
@@ -100,9 +115,9 @@ def test_trained_drafts_are_accepted(targets, trained_drafts):
         draft.config.block_size = 8
         for seed in range(3):
             prompt = torch.randint(0, VOCAB - 1, (1, 5), generator=torch.Generator().manual_seed(seed))
-            reference, speculative = greedy_pair(targets[family], draft, prompt, max_new_tokens=40)
+            reference, speculative, stats = greedy_pair_with_stats(targets[family], draft, prompt, max_new_tokens=40)
             assert torch.equal(reference, speculative)
-            taus.append(draft.last_generate_stats.tau)
+            taus.append(stats.tau)
         draft.config.block_size = 16
     assert sum(taus) / len(taus) > 1.5, taus
 
@@ -110,10 +125,10 @@ def test_trained_drafts_are_accepted(targets, trained_drafts):
 def test_policy_can_propose_zero_tokens(targets):
     target = targets["llama"]
     draft = new_draft(target)
-    draft.verification_policy = StaticThresholdPolicy(1.0)  # nothing is ever confident enough
-    reference, speculative = greedy_pair(target, draft, torch.tensor([[3, 4, 5]]), max_new_tokens=12)
+    never = {"verification_policy": StaticThresholdPolicy(1.0)}  # nothing is ever confident enough
+    reference, speculative, stats = greedy_pair_with_stats(target, draft, torch.tensor([[3, 4, 5]]), never, max_new_tokens=12)
     assert torch.equal(reference, speculative)
-    assert draft.last_generate_stats.proposed == [0] * 11 and draft.last_generate_stats.tau == 1.0
+    assert stats.proposed == [0] * 11 and stats.tau == 1.0
 
 
 def test_static_cache_and_max_length(targets):
@@ -158,11 +173,11 @@ def test_stopping_criteria_cut_exactly_where_plain_generate_stops(trained_drafts
 def test_lagged_policy_is_lossless_in_generate(targets, trained_drafts):
     target, draft = targets["qwen3"], trained_drafts[("qwen3", "rnn")]
     draft.config.block_size = 6
-    draft.verification_policy = LaggedSchedulerPolicy(CostTable([1, 4, 16], [100.0, 80.0, 30.0]))
+    lagged = {"verification_policy": LaggedSchedulerPolicy(CostTable([1, 4, 16], [100.0, 80.0, 30.0]))}
     try:
-        reference, speculative = greedy_pair(target, draft, torch.tensor([[5, 6, 7]]), max_new_tokens=30)
+        reference, speculative = greedy_pair(target, draft, torch.tensor([[5, 6, 7]]), lagged, max_new_tokens=30)
     finally:
-        draft.config.block_size, draft.verification_policy = 16, None
+        draft.config.block_size = 16
     assert torch.equal(reference, speculative)
 
 
@@ -198,17 +213,17 @@ def test_prompt_lookup_with_draft_is_identical_to_plain_greedy(
     next token at least `lookup_min_probability` (0: always, 1.1: never), and the drafted block otherwise; greedy
     output stays identical to plain decoding, including where max_length cuts a continuation short."""
     target, draft = targets[family], trained_drafts[(family, "markov")]
-    draft.config.block_size, draft.lookup_min_probability = 4, min_probability
+    draft.config.block_size = 4
     kinds = {"2-gram looked up": 0, "1-gram looked up": 0, "1-gram drafted": 0, "drafted": 0}
     try:
         for seed in range(4):
             prompt = torch.randint(0, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(seed))
             for max_new_tokens in (7, 48):
-                reference, speculative = greedy_pair(
-                    target, draft, prompt, max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=6
+                reference, speculative, stats = greedy_pair_with_stats(
+                    target, draft, prompt, {"lookup_min_probability": min_probability}, max_new_tokens=max_new_tokens,
+                    prompt_lookup_num_tokens=6,
                 )
                 assert torch.equal(reference, speculative)
-                stats = draft.last_generate_stats
                 assert sum(stats.accepted) + stats.num_rounds == reference.shape[1] - prompt.shape[1] - 1
                 assert all(p <= (6 if lookup else 4) for p, lookup in zip(stats.proposed, stats.looked_up, strict=True))
                 found = lookup_results[-stats.num_rounds :]
@@ -227,7 +242,7 @@ def test_prompt_lookup_with_draft_is_identical_to_plain_greedy(
                     kinds[key] += 1
                     length += accepted + 1
     finally:
-        draft.config.block_size, draft.lookup_min_probability = 16, 0.01
+        draft.config.block_size = 16
     assert kinds["2-gram looked up"] > 0 and kinds["drafted"] > 0, kinds
     if min_probability == 0.035:  # the draft's probability decides 1-gram matches both ways
         assert kinds["1-gram looked up"] > 0 and kinds["1-gram drafted"] > 0, kinds
@@ -243,19 +258,17 @@ def test_sampling_with_prompt_lookup_matches_target_distribution(sampling_setup)
     runs, looked_up, declined = 8_000, 0, 0
     counts = torch.zeros_like(exact)
     torch.manual_seed(2)
-    draft.lookup_min_probability = 0.1
-    try:
-        for _ in range(runs):
-            out = target.generate(
-                prompt, max_new_tokens=4, do_sample=True, top_k=0, assistant_model=draft, prompt_lookup_num_tokens=3
-            )
-            counts[out[0, prompt.shape[1] + 1], out[0, prompt.shape[1] + 2]] += 1
-            first_round_looked_up = draft.last_generate_stats.looked_up[0]
-            looked_up += first_round_looked_up
-            # The prefill's token t1 has a lookup match iff it occurs in the prompt.
-            declined += int(out[0, prompt.shape[1]]) in (1, 2, 3) and not first_round_looked_up
-    finally:
-        draft.lookup_min_probability = 0.01
+    for _ in range(runs):
+        result = target.generate(
+            prompt, max_new_tokens=4, do_sample=True, top_k=0, assistant_model=draft, prompt_lookup_num_tokens=3,
+            lookup_min_probability=0.1, return_dict_in_generate=True,
+        )
+        out = result.sequences
+        counts[out[0, prompt.shape[1] + 1], out[0, prompt.shape[1] + 2]] += 1
+        first_round_looked_up = result.speculation_stats.looked_up[0]
+        looked_up += first_round_looked_up
+        # The prefill's token t1 has a lookup match iff it occurs in the prompt.
+        declined += int(out[0, prompt.shape[1]]) in (1, 2, 3) and not first_round_looked_up
     tv = 0.5 * (counts / runs - exact).abs().sum().item()
     assert 0.1 * runs < looked_up < 0.9 * runs and 0.03 * runs < declined, (looked_up, declined)
     assert tv < tv_bound(exact, runs), (tv, tv_bound(exact, runs))
@@ -286,18 +299,19 @@ def test_logits_processors_and_streamer(targets):
     assert [t for chunk in streamer.chunks for t in chunk] == speculative[0].tolist() and streamer.ended
 
 
-def test_text_generation_pipeline_takes_the_draft(targets):
+def test_text_generation_pipeline_takes_the_draft(targets, monkeypatch):
     from transformers import pipeline
 
     tokenizer = make_tokenizer(VOCAB)
     target = targets["llama"]
     draft = new_draft(target)
-    draft.last_generate_stats = None
+    proposals, propose = [], DSparkProposer.propose
+    monkeypatch.setattr(DSparkProposer, "propose", lambda self, *a, **k: proposals.append(1) or propose(self, *a, **k))
     settings = dict(max_new_tokens=12, do_sample=False)
     plain = pipeline("text-generation", model=target, tokenizer=tokenizer)("w4 w5 w6", **settings)
     speculative = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=draft)("w4 w5 w6", **settings)
     assert speculative == plain
-    assert draft.last_generate_stats is not None and draft.last_generate_stats.num_rounds > 0
+    assert proposals, "the pipeline's generate() did not run DSpark's loop"
 
 
 def test_return_dict_with_hidden_states_and_scores(targets):
@@ -395,11 +409,7 @@ def _empirical_two_token_distribution(target, draft, prompt, runs):
 
 @pytest.fixture(scope="module")
 def sampling_setup():
-    target = make_target("llama", vocab_size=8, hidden_size=32, num_layers=3, seed=3)
-    torch.nn.init.normal_(target.lm_head.weight, std=0.15)  # a spread-out target distribution
-    draft = new_draft(target, block_size=3)
-    torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.5)
-    prompt = torch.tensor([[1, 2, 3]])
+    target, draft, prompt = make_sampling_setup()
     return target, draft, prompt, exact_two_token_distribution(target, prompt)
 
 
@@ -412,7 +422,6 @@ def test_sampling_matches_target_distribution(sampling_setup):
     target, draft, prompt, exact = sampling_setup
     torch.manual_seed(0)
     empirical = _empirical_two_token_distribution(target, draft, prompt, runs=20_000)
-    assert draft.last_generate_stats.num_rounds >= 1
     tv = 0.5 * (empirical - exact).abs().sum().item()
     assert tv < 0.035, tv
 
@@ -424,7 +433,6 @@ def test_sampling_with_a_draft_vocabulary_matches_target_distribution(sampling_s
     restricted = copy.deepcopy(draft).set_draft_vocabulary([0, 2, 3, 5, 6])
     torch.manual_seed(1)
     empirical = _empirical_two_token_distribution(target, restricted, prompt, runs=4_000)
-    assert restricted.last_generate_stats.num_rounds >= 1
     tv = 0.5 * (empirical - exact).abs().sum().item()
     assert tv < tv_bound(exact, 4_000), (tv, tv_bound(exact, 4_000))
 
@@ -464,9 +472,9 @@ def test_mismatched_draft_is_refused(targets):
 def test_policy_without_confidence_head_is_refused(targets):
     target = targets["llama"]
     draft = DSparkDraftModel.from_target(target, confidence_head=False, mask_token_id=VOCAB - 1)
-    draft.verification_policy = StaticThresholdPolicy(0.5)
     with pytest.raises(ValueError, match="confidence head"):
-        target.generate(torch.tensor([[1, 2]]), max_new_tokens=3, assistant_model=draft)
+        target.generate(torch.tensor([[1, 2]]), max_new_tokens=3, assistant_model=draft,
+                        verification_policy=StaticThresholdPolicy(0.5))
 
 
 def test_other_assistants_are_untouched(targets, monkeypatch):
@@ -511,9 +519,9 @@ def test_custom_generate_needs_no_hook(targets):
     hook.uninstall()
     try:
         streamer = CollectingStreamer()
-        speculative = target.generate(prompt, max_new_tokens=20, do_sample=False, custom_generate=speculative_decoding,
-                                      draft=draft, token_streamer=streamer)
-        rounds = draft.last_generate_stats.num_rounds
+        out = target.generate(prompt, max_new_tokens=20, do_sample=False, custom_generate=speculative_decoding,
+                              draft=draft, token_streamer=streamer, return_dict_in_generate=True)
+        speculative, rounds = out.sequences, out.speculation_stats.num_rounds
         with_assistant = target.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=draft,
                                          custom_generate=speculative_decoding, draft=draft)
         with pytest.raises(TypeError, match="draft=draft"):

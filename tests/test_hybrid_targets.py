@@ -7,20 +7,16 @@ loop must restore the state of the last accepted token. transformers 5.25 keeps 
 
 import pytest
 import torch
-from conftest import HYBRID_FAMILIES, exact_two_token_distribution, make_hybrid_target, tv_bound
+from conftest import HYBRID_FAMILIES, exact_two_token_distribution, make_draft, make_hybrid_target, tv_bound
 
 import dspark_hf.compat as compat
-from dspark_hf import DSparkDraftModel
 
 ROLLBACK = compat.installed_transformers() >= compat.RECURRENT_ROLLBACK_TRANSFORMERS
 VOCAB = 32
 
 
 def new_draft(target, block_size=4):
-    torch.manual_seed(1)
-    return DSparkDraftModel.from_target(
-        target, block_size=block_size, markov_rank=16, num_hidden_layers=1, mask_token_id=target.config.vocab_size - 1
-    ).eval()
+    return make_draft(target, block_size=block_size)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +32,11 @@ def greedy_runs(target, draft, **kwargs):
         generator = torch.Generator().manual_seed(seed)
         prompt = torch.randint(0, VOCAB - 1, (1, 4), generator=generator).repeat(1, 3)
         reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
-        speculative = target.generate(prompt, max_new_tokens=30, do_sample=False, assistant_model=draft, **kwargs)
-        pairs.append((reference, speculative))
-        accepted += draft.last_generate_stats.accepted
+        out = target.generate(
+            prompt, max_new_tokens=30, do_sample=False, assistant_model=draft, return_dict_in_generate=True, **kwargs
+        )
+        pairs.append((reference, out.sequences))
+        accepted += out.speculation_stats.accepted
     return pairs, accepted
 
 
@@ -48,8 +46,7 @@ def greedy_runs(target, draft, **kwargs):
 def test_greedy_output_identical_on_hybrid_targets(hybrid_targets, family, lookup):
     target = hybrid_targets[family]
     draft = new_draft(target)
-    draft.lookup_min_probability = 0.0
-    pairs, accepted = greedy_runs(target, draft, prompt_lookup_num_tokens=lookup)
+    pairs, accepted = greedy_runs(target, draft, prompt_lookup_num_tokens=lookup, lookup_min_probability=0.0)
     for reference, speculative in pairs:
         assert torch.equal(reference, speculative)
     assert 0 in accepted  # rounds that reject everything roll the recurrent state back to the anchor

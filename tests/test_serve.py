@@ -12,7 +12,8 @@ from conftest import briefly_train, make_target, make_tokenizer
 
 from dspark_hf import DSparkDraftModel
 from dspark_hf.cli import build_parser
-from dspark_hf.engine.server import DSparkServer, make_server
+from dspark_hf.cli.serve import make_server
+from dspark_hf.engine.server import DSparkServer
 from dspark_hf.scheduling import CostTable
 
 VOCAB = 64
@@ -198,7 +199,7 @@ def test_server_needs_a_chat_template():
 
 def test_serve_profiles_the_engine_shapes_when_no_cost_table_is_given(tmp_path):
     """Without --cost-table, start-up profiles R rows × width verification and the draft pass, within the batch limit."""
-    from dspark_hf.engine.server import build_engine
+    from dspark_hf.cli.serve import build_engine
 
     target = make_target("llama", vocab_size=VOCAB)
     target.save_pretrained(tmp_path / "target")

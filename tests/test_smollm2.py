@@ -4,16 +4,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dspark_hf import DSparkDraftModel
+from dspark_hf import DSparkDraftModel, chat_input_ids
 
 pytestmark = pytest.mark.slow
 
 
 def greedy_inputs(tokenizer, prompt: str, max_new_tokens: int) -> tuple[torch.Tensor, dict]:
     """(input_ids, generate() settings) for greedy decoding of one chat turn."""
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    ids = chat_input_ids(tokenizer, prompt)
     settings = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
                     pad_token_id=tokenizer.eos_token_id)
     return ids, settings
@@ -27,15 +25,15 @@ def test_gguf_target_greedy_identical(smollm2):
     assert max(draft.config.target_layer_ids) <= target.config.num_hidden_layers - 2
     ids, kwargs = greedy_inputs(tokenizer, "What is 12 times 7?", 24)
     reference = target.generate(ids, **kwargs)
-    speculative = target.generate(ids, assistant_model=draft, **kwargs)
-    assert torch.equal(reference, speculative)
-    assert draft.last_generate_stats.num_rounds >= 1
+    out = target.generate(ids, assistant_model=draft, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(reference, out.sequences)
+    assert out.speculation_stats.num_rounds >= 1
 
 
 def test_default_draft_ships_calibrated_and_is_accepted(smollm2):
     """The built-in draft `dspark-hf demo` runs: bf16 weights, STS temperatures, a draft vocabulary, a model card,
     lossless (greedy, float32), accepted."""
-    from dspark_hf.demo import DEFAULT_DRAFT_DIR, load_default_draft
+    from dspark_hf.default_draft import DEFAULT_DRAFT_DIR, load_default_draft
 
     target, tokenizer = smollm2
     assert (DEFAULT_DRAFT_DIR / "model.safetensors").exists(), "no trained default draft ships in the package"
@@ -50,23 +48,25 @@ def test_default_draft_ships_calibrated_and_is_accepted(smollm2):
     assert "## Calibration" in card and "## Evaluation" in card
     ids, kwargs = greedy_inputs(tokenizer, "Tom has 3 apples and buys 5 more. How many apples does he have?", 48)
     reference = target.generate(ids, **kwargs)
-    speculative = target.generate(ids, assistant_model=draft.float(), **kwargs)
-    assert torch.equal(reference, speculative)
-    assert draft.last_generate_stats.tau > 1.2
+    out = target.generate(ids, assistant_model=draft.float(), return_dict_in_generate=True, **kwargs)
+    assert torch.equal(reference, out.sequences)
+    assert out.speculation_stats.tau > 1.2
 
 
 def test_default_draft_with_prompt_lookup_is_lossless(smollm2):
     """The built-in draft with prompt lookup (float32, greedy): identical to plain decoding, with looked-up and
     drafted rounds both taking part."""
-    from dspark_hf.demo import load_default_draft
+    from dspark_hf.default_draft import load_default_draft
 
     target, tokenizer = smollm2
     draft, _ = load_default_draft(target, tokenizer)
     ids, kwargs = greedy_inputs(tokenizer, "Write a Python function that adds two lists element by element.", 64)
     reference = target.generate(ids, **kwargs)
-    speculative = target.generate(ids, assistant_model=draft.float(), prompt_lookup_num_tokens=10, **kwargs)
-    assert torch.equal(reference, speculative)
-    stats = draft.last_generate_stats
+    out = target.generate(
+        ids, assistant_model=draft.float(), prompt_lookup_num_tokens=10, return_dict_in_generate=True, **kwargs
+    )
+    assert torch.equal(reference, out.sequences)
+    stats = out.speculation_stats
     assert 0 < sum(stats.looked_up) < stats.num_rounds, stats.looked_up
 
 

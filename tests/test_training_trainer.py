@@ -11,11 +11,15 @@ from safetensors.torch import load_file
 
 from dspark_hf import DSparkDraftModel
 from dspark_hf.training import (
+    DraftTrainingResult,
     DSparkDataCollator,
     DSparkTrainer,
     DSparkTrainingArguments,
+    build_training_draft,
     compute_dspark_loss,
+    load_training_datasets,
     run_target,
+    train,
 )
 
 VOCAB = 96
@@ -386,6 +390,71 @@ def test_peft_lora_trains_saves_and_loads(tmp_path):
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------------
+
+
+def test_train_pipeline_saves_reports_and_resumes(tmp_path):
+    target = make_target()
+    train_dataset, eval_dataset = make_dataset(8), make_dataset(4, seed=2)
+    fresh = dict(block_size=BLOCK, markov_rank=8, mask_token_id=MASK, target_layer_ids=[0, 2])
+    settings = dict(
+        max_steps=2, per_device_train_batch_size=2, num_anchors=3, report_to="none", use_cpu=True,
+        disable_tqdm=True, save_steps=2, learning_rate=1e-3, lr_scheduler_type="constant",
+    )
+
+    def run(output_dir, max_steps, resume=None):
+        return train(
+            target, train_dataset, output_dir, eval_dataset=eval_dataset, num_draft_layers=1, draft_config=fresh,
+            draft_vocab_size=20, training_args={**settings, "max_steps": max_steps}, resume_from_checkpoint=resume,
+        )
+
+    result = run(tmp_path / "out", 2)
+    assert isinstance(result, DraftTrainingResult) and result.trainer.state.global_step == 2
+    assert {"train_loss", "eval_loss", "eval_expected_tau"} <= set(result.metrics)
+    assert result.trainer.args.eval_strategy == "epoch"  # an eval dataset without eval_steps
+    assert result.draft.config.num_hidden_layers == 1 and result.draft.config.draft_vocab_size == 20
+    assert "Draft vocabulary: 20 tokens" in result.draft.model_card_data.notes
+    saved = DSparkDraftModel.from_pretrained(tmp_path / "out", target_model=target)
+    for key, value in result.draft.state_dict().items():
+        assert torch.equal(saved.state_dict()[key], value), key
+    for name in ("train_results.json", "eval_results.json", "trainer_state.json", "checkpoint-2"):
+        assert (tmp_path / "out" / name).exists(), name
+
+    # Two more steps from the last checkpoint equal four steps in one go.
+    resumed = run(tmp_path / "out", 4, resume="latest")
+    straight = run(tmp_path / "straight", 4)
+    assert resumed.trainer.state.global_step == straight.trainer.state.global_step == 4
+    for key, value in straight.draft.state_dict().items():
+        torch.testing.assert_close(resumed.draft.state_dict()[key], value, msg=key)
+
+
+def test_build_training_draft_continues_deepens_and_refuses(tmp_path):
+    target = make_target()
+    draft = build_training_draft(
+        target, num_draft_layers=1, config_overrides=dict(block_size=BLOCK, mask_token_id=MASK), seed=5
+    )
+    assert draft.config.num_hidden_layers == 1 and draft.config.block_size == BLOCK
+    again = build_training_draft(
+        target, num_draft_layers=1, config_overrides=dict(block_size=BLOCK, mask_token_id=MASK), seed=5
+    )
+    for key, value in draft.state_dict().items():  # the seed fixes the initialisation
+        assert torch.equal(again.state_dict()[key], value), key
+    draft.save_pretrained(tmp_path / "draft")
+    deeper = build_training_draft(target, draft=tmp_path / "draft", num_draft_layers=2)
+    assert deeper.config.num_hidden_layers == 2
+    torch.testing.assert_close(deeper.layers[0].mlp.down_proj.weight, draft.layers[0].mlp.down_proj.weight)
+    with pytest.raises(ValueError, match="only configure a fresh draft"):
+        build_training_draft(target, draft=tmp_path / "draft", config_overrides={"block_size": 2})
+    with pytest.raises(ValueError, match="layers can only be added"):
+        build_training_draft(target, draft=deeper, num_draft_layers=1)
+
+
+def test_load_training_datasets_splits_off_an_eval_fraction(tmp_path):
+    make_dataset(8).save_to_disk(str(tmp_path / "data"))
+    train_dataset, eval_dataset = load_training_datasets(tmp_path / "data", eval_fraction=0.25, seed=0)
+    assert len(train_dataset) == 6 and len(eval_dataset) == 2
+    rows = {tuple(r["input_ids"]) for r in train_dataset} | {tuple(r["input_ids"]) for r in eval_dataset}
+    assert rows == {tuple(r["input_ids"]) for r in make_dataset(8)}
+    assert load_training_datasets(tmp_path / "data")[1] is None
 
 
 def test_cli_train(tmp_path):

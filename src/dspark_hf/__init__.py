@@ -27,7 +27,9 @@ __version__ = "0.1.0.dev0"
 _IMPORT_STRUCTURE = {
     "calibration": [
         "CalibrationData",
+        "CalibrationResult",
         "apply_calibration",
+        "calibrate",
         "calibration_metrics",
         "collect_calibration_rounds",
         "fit_sequential_calibration",
@@ -35,7 +37,9 @@ _IMPORT_STRUCTURE = {
         "threshold_sweep",
     ],
     "engine": ["DSparkEngine", "EngineRequest", "EngineStats"],
+    "default_draft": ["load_default_draft"],
     "engine.server": ["DSparkServer"],
+    "evaluation": ["evaluate", "load_prompt_sets"],
     "model_card": ["DSparkModelCardData"],
     "models.dspark": [
         "DSparkContextCache",
@@ -60,6 +64,7 @@ _IMPORT_STRUCTURE = {
         "schedule_verification_lengths",
     ],
     "speculative": [
+        "DSparkGenerateOutput",
         "DSparkProposer",
         "DraftBlock",
         "SpeculationStats",
@@ -82,6 +87,7 @@ _IMPORT_STRUCTURE = {
         "DSparkDataCollator",
         "DSparkTrainer",
         "DSparkTrainingArguments",
+        "DraftTrainingResult",
         "TargetCacheDataset",
         "block_attention_mask",
         "block_position_ids",
@@ -91,6 +97,7 @@ _IMPORT_STRUCTURE = {
         "position_weights",
         "sample_anchor_positions",
         "tokenize_conversations",
+        "train",
     ],
 }
 _MODULE_OF = {name: module for module, names in _IMPORT_STRUCTURE.items() for name in names}

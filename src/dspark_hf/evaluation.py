@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.utils import ModelOutput
 
 from .speculative.stats import SpeculationStats
+from .targets import chat_input_ids
 
 DATASET_DOMAINS = {
     "gsm8k": "math",
@@ -30,7 +32,10 @@ def load_prompt_sets(directory: str | Path, datasets: list[str] | None = None, l
     """`{dataset: [turns, ...]}` from `<directory>/<dataset>.jsonl` files with a `turns` list per line."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"Prompt folder {directory} does not exist (expected e.g. ../shared/data/eval).")
+        raise FileNotFoundError(
+            f"Prompt folder {directory} does not exist: pass a folder of <dataset>.jsonl files (a `turns` list per "
+            "line)."
+        )
     names = datasets or sorted(p.stem for p in directory.glob("*.jsonl"))
     sets = {}
     for name in names:
@@ -173,16 +178,21 @@ def first_divergence(target, plain: torch.Tensor, other: torch.Tensor) -> Greedy
     )
 
 
-def _agreeing_tokens(plain: torch.Tensor, output: torch.Tensor, prompt_length: int) -> int:
-    """Number of generated tokens `(1, len)` outputs share with plain decoding before they first differ."""
+def agreeing_tokens(plain: torch.Tensor, output: torch.Tensor, prompt_length: int) -> int:
+    """How many generated tokens (after `prompt_length`) two outputs `(1, len)`, plain decoding's and another
+    method's, share before they first differ."""
     plain, output = plain[0, prompt_length:], output[0, prompt_length:]
     position = _first_difference(plain, output)
     return min(plain.numel(), output.numel()) if position is None else position
 
 
-def _timed_generate(target, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, float]:
+def timed_generate(target, input_ids: torch.Tensor, **generate_kwargs) -> tuple[torch.Tensor | ModelOutput, float]:
+    """The output of `target.generate(input_ids, **generate_kwargs)`, run without gradients (attention mask all ones
+    unless given), and its wall-clock seconds."""
+    generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
     started = time.perf_counter()
-    output = target.generate(input_ids, **kwargs)
+    with torch.no_grad():
+        output = target.generate(input_ids, **generate_kwargs)
     return output, time.perf_counter() - started
 
 
@@ -198,15 +208,23 @@ def evaluate_dataset(
     compare_plain: bool = True,
     prompt_lookup_num_tokens: int | None = 10,
     draft_prompt_lookup_num_tokens: int | None = None,
+    draft_generate_kwargs: dict | None = None,
     progress: bool = True,
 ) -> DatasetResult:
     """Runs every turn of `conversations` with the draft (and the baselines) and aggregates the rounds.
 
     `prompt_lookup_num_tokens` sets the prompt-lookup baseline (None skips it); `draft_prompt_lookup_num_tokens` is
     passed to the draft's own `generate()` calls, whose rounds then verify a looked-up continuation when there is one.
+    `draft_generate_kwargs` are further keyword arguments of those calls only, such as `verification_policy` or
+    `lookup_min_probability` (see `dspark_hf.speculative.speculative_decoding`).
     """
     settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.eos_token_id}
-    draft_settings = {"assistant_model": draft, "prompt_lookup_num_tokens": draft_prompt_lookup_num_tokens}
+    draft_settings = {
+        "assistant_model": draft,
+        "prompt_lookup_num_tokens": draft_prompt_lookup_num_tokens,
+        "return_dict_in_generate": True,
+        **(draft_generate_kwargs or {}),
+    }
     if do_sample:
         settings.update(temperature=temperature, top_k=0, top_p=1.0)
     iterator = conversations
@@ -225,28 +243,25 @@ def evaluate_dataset(
         messages = []
         for turn in conversation:
             messages.append({"role": "user", "content": turn})
-            input_ids = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )["input_ids"].to(target.device)
-            kwargs = {**settings, "attention_mask": torch.ones_like(input_ids)}
-            with torch.no_grad():
-                output, seconds = _timed_generate(target, input_ids, **draft_settings, **kwargs)
-                parts.append(draft.last_generate_stats)
-                if compare_plain:
-                    plain, plain_seconds = _timed_generate(target, input_ids, **kwargs)
-                    plain_s += plain_seconds
-                    plain_tokens += plain.shape[1] - input_ids.shape[1]
-                    if identical is not None:
-                        identical = identical and torch.equal(plain, output)
-                        agreeing += _agreeing_tokens(plain, output, input_ids.shape[1])
-                if prompt_lookup_num_tokens:
-                    lookup, lookup_seconds = _timed_generate(
-                        target, input_ids, prompt_lookup_num_tokens=prompt_lookup_num_tokens, **kwargs
-                    )
-                    lookup_s += lookup_seconds
-                    lookup_tokens += lookup.shape[1] - input_ids.shape[1]
-                    if lookup_agreeing is not None:
-                        lookup_agreeing += _agreeing_tokens(plain, lookup, input_ids.shape[1])
+            input_ids = chat_input_ids(tokenizer, messages, target.device)
+            generated, seconds = timed_generate(target, input_ids, **draft_settings, **settings)
+            output = generated.sequences
+            parts.append(generated.speculation_stats)
+            if compare_plain:
+                plain, plain_seconds = timed_generate(target, input_ids, **settings)
+                plain_s += plain_seconds
+                plain_tokens += plain.shape[1] - input_ids.shape[1]
+                if identical is not None:
+                    identical = identical and torch.equal(plain, output)
+                    agreeing += agreeing_tokens(plain, output, input_ids.shape[1])
+            if prompt_lookup_num_tokens:
+                lookup, lookup_seconds = timed_generate(
+                    target, input_ids, prompt_lookup_num_tokens=prompt_lookup_num_tokens, **settings
+                )
+                lookup_s += lookup_seconds
+                lookup_tokens += lookup.shape[1] - input_ids.shape[1]
+                if lookup_agreeing is not None:
+                    lookup_agreeing += agreeing_tokens(plain, lookup, input_ids.shape[1])
             dspark_s += seconds
             new_tokens += output.shape[1] - input_ids.shape[1]
             turns += 1

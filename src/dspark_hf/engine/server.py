@@ -5,10 +5,8 @@ Standard library only (`http.server.ThreadingHTTPServer`): one thread per connec
 engine, and one background thread drives the engine loop, so concurrent clients share speculative rounds.
 """
 
-import argparse
 import json
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -17,7 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from transformers.utils import logging
 
-from . import DSparkEngine, EngineRequest, SamplingParams
+from ..speculative.sampling import SamplingParams
+from ..targets import chat_input_ids
+from .engine import DSparkEngine
+from .requests import EngineRequest
 
 logger = logging.get_logger(__name__)
 
@@ -143,7 +144,7 @@ class DSparkServer(ThreadingHTTPServer):
                 stop_token_ids=self.stop_token_ids,
                 stop=stop,
             )
-            prompt_ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)
+            prompt_ids = chat_input_ids(self.tokenizer, chat)[0].tolist()
         except (TypeError, ValueError) as error:
             raise RequestError(str(error)) from error
         except Exception as error:  # noqa: BLE001 - jinja errors of a user-controlled chat
@@ -152,7 +153,7 @@ class DSparkServer(ThreadingHTTPServer):
         if not isinstance(stream_options, dict):
             raise RequestError("`stream_options` must be an object.")
         include_usage = bool(stream_options.get("include_usage", False))
-        return list(prompt_ids["input_ids"]), params, bool(body.get("stream", False)), include_usage
+        return prompt_ids, params, bool(body.get("stream", False)), include_usage
 
     def completion(self, completion_id: str, request: EngineRequest) -> dict:
         """The `chat.completion` object of a finished request."""
@@ -299,81 +300,4 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": {"message": message, "type": kind, "code": status.value}})
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# dspark-hf serve
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import _add_target_arguments
-
-    _add_target_arguments(parser)
-    parser.add_argument("--draft", default="default", help="Draft folder (either layout), 'default' or 'none'.")
-    parser.add_argument(
-        "--scheduler", default="prefix", choices=["prefix", "lagged", "threshold", "full", "mtp1", "none"],
-        help="Verification policy: Algorithm 1 (prefix), §5.2 (lagged), threshold, full block, one token, none.",
-    )
-    parser.add_argument("--threshold", type=float, default=0.5, help="Confidence threshold of --scheduler threshold.")
-    parser.add_argument("--cost-table", help="Cost table JSON from `dspark-hf profile` (else profiled at start-up).")
-    parser.add_argument("--max-batch-size", type=int, help="Most requests decoded together (others wait).")
-    parser.add_argument("--max-draft-tokens", type=int, help="Cap on drafted tokens verified per request and round.")
-    parser.add_argument("--max-tokens", type=int, default=256, help="Default completion length.")
-    parser.add_argument("--model-name", help="Model id served (default: --target).")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads.")
-
-
-def build_engine(args: argparse.Namespace) -> DSparkEngine:
-    """The engine `dspark-hf serve` runs: target, draft and policy from the command line."""
-    from ..cli import _target_from_args
-    from ..demo import load_default_draft
-    from ..models.dspark.modeling_dspark import DSparkDraftModel
-    from ..scheduling import CostTable, profile_draft_cost, profile_verify_cost
-
-    target, tokenizer = _target_from_args(args)
-    draft = None
-    if args.scheduler != "none" and args.draft != "none":
-        if args.draft == "default":
-            draft, description = load_default_draft(target, tokenizer)
-            print(f"draft: {description}", file=sys.stderr)
-        else:
-            draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype).eval()
-    scheduler = "none" if draft is None else ("full" if args.scheduler == "mtp1" else args.scheduler)
-    max_draft_tokens = 1 if args.scheduler == "mtp1" else args.max_draft_tokens
-    policy_kwargs = {"threshold": args.threshold} if scheduler == "threshold" else {}
-    cost_table = None
-    if scheduler in ("prefix", "lagged"):
-        if args.cost_table:
-            cost_table = CostTable.load(args.cost_table)
-        else:
-            print("Profiling the verification and draft costs (pass --cost-table to skip)...", file=sys.stderr)
-            requests = [r for r in (1, 2, 4, 8, 16, 32) if args.max_batch_size is None or r <= args.max_batch_size]
-            widths = range(1, (max_draft_tokens or draft.config.block_size) + 2)
-            cost_table = profile_verify_cost(target, requests, widths, repeats=3).with_draft_cost(
-                *profile_draft_cost(draft, requests, repeats=3)
-            )
-    return DSparkEngine(
-        target, draft, scheduler=scheduler, cost_table=cost_table, tokenizer=tokenizer,
-        max_batch_size=args.max_batch_size, max_draft_tokens=max_draft_tokens, **policy_kwargs,
-    )
-
-
-def make_server(args: argparse.Namespace) -> DSparkServer:
-    """The server of `dspark-hf serve` (not started)."""
-    from ..cli import _require
-
-    _require(args, "target")
-    return DSparkServer(
-        build_engine(args), model_name=args.model_name or args.target, host=args.host, port=args.port,
-        default_max_tokens=args.max_tokens,
-    )
-
-
-def run(args: argparse.Namespace) -> None:
-    server = make_server(args)
-    print(f"Serving {server.model_name} on {server.url}/v1 (POST /v1/chat/completions, GET /v1/models)", file=sys.stderr)
-    server.serve()
-
-
-__all__ = ["DSparkServer", "RequestError", "add_arguments", "build_engine", "make_server", "run"]
+__all__ = ["DSparkServer", "RequestError"]

@@ -2,11 +2,19 @@
 (`decoding.py`) and the one wrapper of `generate()` that routes a DSpark assistant to it (`hook.py`), and per-call
 statistics (`stats.py`)."""
 
-from .decoding import DSparkProposer, prompt_lookup, speculative_decoding
+from .decoding import (
+    DEFAULT_LOOKUP_MIN_PROBABILITY,
+    DSparkGenerateOutput,
+    DSparkProposer,
+    prompt_lookup,
+    speculative_decoding,
+)
 from .round import DraftBlock, draft_block, draw_tokens, sample_block, speculative_accept
 from .stats import SpeculationStats
 
 __all__ = [
+    "DEFAULT_LOOKUP_MIN_PROBABILITY",
+    "DSparkGenerateOutput",
     "DSparkProposer",
     "DraftBlock",
     "SpeculationStats",

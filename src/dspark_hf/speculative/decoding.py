@@ -5,7 +5,8 @@
 Each round the loop
 
 1. **proposes** tokens ([`DSparkProposer`]): a drafted block, or the prefix of it that the draft's verification
-   policy chooses, or (with `prompt_lookup_num_tokens`) a continuation looked up earlier in the sequence;
+   policy chooses (the call's `verification_policy`), or (with `prompt_lookup_num_tokens`) a continuation looked up
+   earlier in the sequence;
 2. **verifies** them in one target pass over anchor + proposal, which also yields the target features that extend
    the draft's context;
 3. **accepts** a prefix and draws the next token by speculative sampling ([`speculative_accept`], shared with
@@ -21,6 +22,7 @@ Each round the loop
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
@@ -36,6 +38,13 @@ from ..models.dspark.modeling_dspark import (
 )
 from .round import DraftBlock, draft_block, speculative_accept
 from .stats import SpeculationStats
+
+if TYPE_CHECKING:
+    from ..scheduling import VerificationPolicy
+
+# generate(..., prompt_lookup_num_tokens=N) verifies a continuation found by a 1-token match only if the draft gives
+# its next token at least this probability (on SmolLM2 code prompts, the rest accepted fewer tokens than a drafted block).
+DEFAULT_LOOKUP_MIN_PROBABILITY = 0.01
 
 
 def prompt_lookup(
@@ -68,6 +77,19 @@ def prompt_lookup(
 
 
 @dataclass
+class DSparkGenerateOutput(GenerateDecoderOnlyOutput):
+    """What `generate(..., return_dict_in_generate=True)` returns with a DSpark draft: plain decoding's fields
+    (`sequences`, `scores`, `logits`, `attentions`, `hidden_states`, `cache`) and the call's rounds.
+
+    Args:
+        speculation_stats: proposed and accepted tokens, confidence logits and timings of every round
+            ([`SpeculationStats`]).
+    """
+
+    speculation_stats: SpeculationStats | None = None
+
+
+@dataclass
 class Proposal:
     """What one round verifies: the first `length` tokens of `block` (None when nothing is proposed)."""
 
@@ -85,13 +107,13 @@ class Proposal:
 class DSparkProposer:
     """Chooses the tokens each round verifies for one sequence, and keeps the draft's context of target features.
 
-    The number of drafted tokens verified is chosen by `draft.verification_policy` (see `dspark_hf.scheduling`);
-    with none set, the whole block (or what is left of `max_length`) is verified.
+    The number of drafted tokens verified is chosen by `verification_policy` (see `dspark_hf.scheduling`); with
+    none, the whole block (or what is left of `max_length`) is verified.
 
     With `generation_config.prompt_lookup_num_tokens` set, each round first looks for the sequence's last n-gram
     earlier in the sequence ([`prompt_lookup`], up to `max_matching_ngram_size`, default 2). A continuation that
     follows a 2-gram match is verified as it is. One that follows a 1-token match is verified only if the draft gives
-    its first token a probability of at least `draft.lookup_min_probability`; otherwise, and when the lookup finds
+    its first token a probability of at least `lookup_min_probability`; otherwise, and when the lookup finds
     nothing, the round verifies the drafted block. The choice depends on the sequence so far and the draft's logits
     only, never on a sampled token, and looked-up tokens are certain proposals, so sampled outputs keep the
     target's distribution.
@@ -100,6 +122,8 @@ class DSparkProposer:
         draft: an attached [`DSparkDraftModel`].
         generation_config: the call's prepared generation config (`do_sample`, `max_length`, prompt lookup).
         logits_processor: the call's processors and warpers; drafted tokens are sampled after them.
+        verification_policy: how many drafted tokens each round verifies (None: the whole block).
+        lookup_min_probability: the draft probability a 1-token lookup match's next token needs.
     """
 
     def __init__(
@@ -107,21 +131,23 @@ class DSparkProposer:
         draft: DSparkDraftModel,
         generation_config: GenerationConfig,
         logits_processor: LogitsProcessorList | None,
+        verification_policy: "VerificationPolicy | None" = None,
+        lookup_min_probability: float = DEFAULT_LOOKUP_MIN_PROBABILITY,
     ):
         self.draft = draft
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
-        self.policy = draft.verification_policy
+        self.policy = verification_policy
         if self.policy is not None and draft.confidence_head is None:
             raise ValueError(
                 f"The verification policy {type(self.policy).__name__} needs confidences but this draft has no "
-                "confidence head; set draft.verification_policy = None to verify whole blocks."
+                "confidence head; pass verification_policy=None to verify whole blocks."
             )
         if self.policy is not None:  # stateful policies (lagged scheduler) start each call afresh
             self.policy.reset()
         self.lookup_tokens = generation_config.prompt_lookup_num_tokens
         self.max_matching_ngram_size = generation_config.max_matching_ngram_size or 2
-        self.lookup_min_probability = draft.lookup_min_probability
+        self.lookup_min_probability = lookup_min_probability
         eos = generation_config.eos_token_id
         self.eos_token_ids = None if eos is None else torch.tensor(eos, device=draft.device).flatten()
         self.cache = DSparkContextCache(draft.config.num_hidden_layers)
@@ -297,8 +323,10 @@ def speculative_decoding(
     generation_config: GenerationConfig,
     draft: DSparkDraftModel | None = None,
     token_streamer: BaseStreamer | None = None,
+    verification_policy: "VerificationPolicy | None" = None,
+    lookup_min_probability: float = DEFAULT_LOOKUP_MIN_PROBABILITY,
     **model_kwargs,
-) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+) -> "DSparkGenerateOutput | torch.LongTensor":
     """DSpark speculative decoding as a `generate()` decoding loop (batch size 1, greedy or sampling).
 
     Call it through `generate()`, which prepares every argument but the last two:
@@ -308,7 +336,9 @@ def speculative_decoding(
     out = target.generate(input_ids, custom_generate=speculative_decoding, draft=draft, max_new_tokens=64)
     ```
 
-    `import dspark_hf` also routes `target.generate(input_ids, assistant_model=draft, streamer=...)` here.
+    `import dspark_hf` also routes `target.generate(input_ids, assistant_model=draft, streamer=...)` here. The
+    keyword arguments below the draft go to `generate()` as they are, e.g.
+    `target.generate(ids, assistant_model=draft, verification_policy=StaticThresholdPolicy(0.5))`.
 
     Args:
         model: the target (`generate()` passes itself).
@@ -318,18 +348,21 @@ def speculative_decoding(
         draft: the [`DSparkDraftModel`] (attached to `model` here).
         token_streamer: receives the prompt, then each round's new tokens, then `end()` (generate() does not pass
             its own `streamer` argument to a custom loop, hence the separate name).
+        verification_policy: chooses how many drafted tokens each round verifies from the calibrated confidences
+            (a `dspark_hf.scheduling.VerificationPolicy`; needs a confidence head). None verifies the whole block.
+        lookup_min_probability: with `prompt_lookup_num_tokens`, the draft probability the next token of a 1-token
+            lookup match needs for its continuation to be verified instead of the drafted block (0: always).
         model_kwargs: the cache, attention mask, position ids and other forward inputs `generate()` prepared.
 
     Returns:
-        The sequences `(1, length + new)`, or a `GenerateDecoderOnlyOutput` with `return_dict_in_generate=True`.
-        Round statistics are in `draft.last_generate_stats` ([`SpeculationStats`]).
+        The sequences `(1, length + new)`, or with `return_dict_in_generate=True` a [`DSparkGenerateOutput`]: the
+        fields of plain decoding's output plus the call's round statistics, `speculation_stats`.
     """
     _check_call(model, input_ids, generation_config, draft, model_kwargs)
     draft.attach(model)
     cache = model_kwargs["cache"]
-    proposer = DSparkProposer(draft, generation_config, logits_processor)
+    proposer = DSparkProposer(draft, generation_config, logits_processor, verification_policy, lookup_min_probability)
     stats = SpeculationStats(block_size=proposer.longest_proposal)
-    draft.last_generate_stats = stats
     greedy = not generation_config.do_sample
     outputs_wanted = _Outputs.requested(generation_config)
     # Only the draft's layers, unless the caller wants every hidden state back.
@@ -382,13 +415,14 @@ def speculative_decoding(
         token_streamer.end()
     if not generation_config.return_dict_in_generate:
         return input_ids
-    return GenerateDecoderOnlyOutput(
+    return DSparkGenerateOutput(
         sequences=input_ids,
         scores=outputs_wanted.scores,
         logits=outputs_wanted.logits,
         attentions=outputs_wanted.attentions,
         hidden_states=outputs_wanted.hidden_states,
         cache=cache,
+        speculation_stats=stats,
     )
 
 

@@ -1,5 +1,5 @@
-"""Training DSpark drafts the transformers way: data preparation, collator, block geometry, losses and
-`DSparkTrainer`."""
+"""Training DSpark drafts the transformers way: data preparation, collator, block geometry, losses,
+`DSparkTrainer`, and [`train`], the whole pipeline in one call."""
 
 from .blocks import (
     DSparkBlockBatch,
@@ -31,6 +31,14 @@ from .losses import (
     position_weights,
     total_variation,
 )
+from .pipeline import (
+    DraftTrainingResult,
+    apply_draft_vocabulary,
+    build_training_draft,
+    cache_target_features,
+    load_training_datasets,
+    train,
+)
 from .target_cache import TargetCacheDataset, build_target_cache, load_target_cache_info
 from .trainer import (
     DSparkTrainer,
@@ -47,12 +55,16 @@ __all__ = [
     "DSparkMetricAccumulator",
     "DSparkTrainer",
     "DSparkTrainingArguments",
+    "DraftTrainingResult",
     "TargetCacheDataset",
+    "apply_draft_vocabulary",
     "block_attention_mask",
     "block_position_ids",
     "build_blocks",
     "build_target_cache",
     "build_training_dataset",
+    "build_training_draft",
+    "cache_target_features",
     "compute_dspark_loss",
     "confidence_bce",
     "conversation_features",
@@ -64,6 +76,7 @@ __all__ = [
     "load_prompts",
     "load_target_cache_info",
     "load_training_dataset",
+    "load_training_datasets",
     "normalize_prompt",
     "position_weights",
     "read_jsonl",
@@ -72,5 +85,6 @@ __all__ = [
     "sample_anchor_positions",
     "tokenize_conversations",
     "total_variation",
+    "train",
     "unwrap_draft",
 ]

@@ -15,13 +15,11 @@ from transformers.utils import ModelOutput, logging
 from ...compat import UploadHook
 from ...model_card import DSparkModelCardData, load_model_card_data, save_model_card
 from .configuration_dspark import DSparkDraftConfig
+from .heads import DSparkConfidenceHead, DSparkMarkovHead, DSparkRNNHead
 
 logger = logging.get_logger(__name__)
 
 SHARED_WEIGHT_PREFIXES = ("embed_tokens.", "lm_head.")
-# generate(..., prompt_lookup_num_tokens=N) verifies a continuation found by a 1-token match only if the draft gives
-# its next token at least this probability (on SmolLM2 code prompts, the rest accepted fewer tokens than a drafted block).
-DEFAULT_LOOKUP_MIN_PROBABILITY = 0.01
 
 
 def target_hidden_state_indices(target_layer_ids: Sequence[int]) -> list[int]:
@@ -229,95 +227,6 @@ class DSparkDecoderLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Sequential and confidence heads
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class DSparkMarkovHead(nn.Module):
-    """First-order transition bias B(x_{k−1}, ·) = W1[x_{k−1}] W2 (paper eq. 5)."""
-
-    def __init__(self, config: DSparkDraftConfig):
-        super().__init__()
-        self.markov_w1 = nn.Embedding(config.vocab_size, config.markov_rank)
-        self.markov_w2 = nn.Linear(config.markov_rank, config.vocab_size, bias=False)
-
-    def token_features(self, prev_ids: torch.LongTensor) -> torch.Tensor:
-        """W1[x_{k−1}]: `(...,)` → `(..., r)`; also the confidence head's Markov feature."""
-        return self.markov_w1(prev_ids)
-
-    def step(
-        self,
-        prev_ids: torch.LongTensor,
-        hidden: torch.Tensor,
-        state: torch.Tensor | None,
-        output_weight: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One position: prev `(batch,)`, hidden `(batch, d)` → bias `(batch, V)`, next state (unused: None).
-
-        `output_weight` `(V', r)` replaces W2 (e.g. its draft-vocabulary rows), giving a `(batch, V')` bias.
-        """
-        return self.project(self.markov_w1(prev_ids), output_weight), None
-
-    def project(self, features: torch.Tensor, output_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """`(..., r)` → `(..., V)` through W2, or `(..., V')` through `output_weight`."""
-        return F.linear(features, self.markov_w2.weight if output_weight is None else output_weight)
-
-    def teacher_forced(
-        self, prev_ids: torch.LongTensor, hidden: torch.Tensor, output_weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """All positions at once: prev `(..., γ)`, hidden `(..., γ, d)` → bias `(..., γ, V)` (`(..., γ, V')` with
-        `output_weight`)."""
-        return self.project(self.markov_w1(prev_ids), output_weight)
-
-
-class DSparkRNNHead(DSparkMarkovHead):
-    """Gated recurrent state over the in-block prefix (paper eq. 6)."""
-
-    def __init__(self, config: DSparkDraftConfig):
-        super().__init__(config)
-        self.rank = config.markov_rank
-        self.rnn_proj = nn.Linear(2 * config.markov_rank + config.hidden_size, 3 * config.markov_rank)
-
-    def step(
-        self,
-        prev_ids: torch.LongTensor,
-        hidden: torch.Tensor,
-        state: torch.Tensor | None,
-        output_weight: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        token = self.markov_w1(prev_ids)
-        if state is None:
-            state = token.new_zeros(*token.shape[:-1], self.rank)
-        gate, candidate, output = self.rnn_proj(torch.cat([state, token, hidden.to(token.dtype)], dim=-1)).chunk(3, -1)
-        gate = torch.sigmoid(gate)
-        new_state = gate * state + (1 - gate) * torch.tanh(candidate)
-        return self.project(torch.tanh(output), output_weight), new_state
-
-    def teacher_forced(
-        self, prev_ids: torch.LongTensor, hidden: torch.Tensor, output_weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        state, biases = None, []
-        for k in range(prev_ids.shape[-1]):
-            bias, state = self.step(prev_ids[..., k], hidden[..., k, :], state, output_weight)
-            biases.append(bias)
-        return torch.stack(biases, dim=-2)
-
-
-class DSparkConfidenceHead(nn.Module):
-    """c_k = σ(wᵀ[h_k ; W1[x_{k−1}]]) (paper eq. 7); returns the logit, before the sigmoid."""
-
-    def __init__(self, config: DSparkDraftConfig):
-        super().__init__()
-        extra = config.markov_rank if config.has_sequential_head else 0
-        self.proj = nn.Linear(config.hidden_size + extra, 1)
-
-    def forward(self, hidden: torch.Tensor, token_features: torch.Tensor | None) -> torch.Tensor:
-        if token_features is not None:
-            hidden = torch.cat([hidden, token_features.to(hidden.dtype)], dim=-1)
-        return self.proj(hidden).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -386,12 +295,6 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         self.register_buffer("draft_vocab_ids", vocab_ids)
         self._vocabulary_rows: dict[int, tuple[tuple, torch.Tensor]] = {}
         self._shared_modules: tuple[nn.Module, nn.Module] | None = None
-        # How many drafted tokens generate() verifies per round (a dspark_hf.scheduling policy; None = whole block).
-        self.verification_policy = None
-        # With prompt_lookup_num_tokens: the draft probability a 1-token lookup match's next token needs to be
-        # verified instead of the drafted block (0 verifies every looked-up continuation, as transformers does).
-        self.lookup_min_probability = DEFAULT_LOOKUP_MIN_PROBABILITY
-        self.last_generate_stats = None
         # What the README.md written by save_pretrained reports beyond the config (target, training, τ, calibration).
         self.model_card_data = DSparkModelCardData()
         self.post_init()
