@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fresh-head-types",
         nargs="+",
-        choices=["markov", "rnn"],
+        choices=["markov", "gated", "rnn"],
         default=["markov"],
         help="Without --drafts: heads of the fresh drafts to time.",
     )

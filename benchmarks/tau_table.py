@@ -3,7 +3,7 @@
 τ is the mean number of tokens gained per target verification pass, the target's bonus/correction token included,
 measured with `target.generate(assistant_model=draft)` through `dspark_hf.evaluation` (whole blocks verified; the
 plain and prompt-lookup baselines are skipped here, see speedup.py). The macro-average is the unweighted mean over
-datasets. When a DSpark draft (sequential head "markov"/"rnn") and a DFlash draft (head "none") of the same γ are
+datasets. When a DSpark draft (sequential head "markov"/"gated"/"rnn") and a DFlash draft (head "none") of the same γ are
 given, the ratio of their macro τ is checked against the target ≥ 1.15× (every such pair, or only the
 `--pairs DSPARK:DFLASH` given, e.g. drafts trained on the same data). Per-position acceptance counts of every
 dataset are saved in the JSON for acceptance_curves.py and block_size_sweep.py.

@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--target", default="smollm2", help="Hub id, local folder, .gguf file or 'smollm2'.")
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--head", default="markov", choices=["markov", "rnn", "none"])
+    parser.add_argument("--head", default="markov", choices=["markov", "gated", "rnn", "none"])
     parser.add_argument("--out", default="outputs/draft")
     args = parser.parse_args()
 

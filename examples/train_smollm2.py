@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=768, help="Token limit of the conversations of --data.")
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--draft-layers", type=int, default=2)
-    parser.add_argument("--markov-head-type", default="markov", choices=["markov", "rnn", "none"])
+    parser.add_argument("--markov-head-type", default="markov", choices=["markov", "gated", "rnn", "none"])
     parser.add_argument("--markov-rank", type=int, default=128)
     parser.add_argument("--eval-fraction", type=float, default=0.05)
     parser.add_argument(

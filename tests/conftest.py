@@ -144,13 +144,16 @@ def make_draft(target, block_size: int = 4, head: str = "markov", seed: int = 1,
     ).eval()
 
 
-def make_sampling_setup():
+def make_sampling_setup(head: str = "markov"):
     """(target, draft, prompt) for exact sampling checks: an 8-token target with a spread-out distribution and a
-    γ = 3 draft whose sequential head and confidences depend on the tokens, so every acceptance path takes part."""
+    γ = 3 draft whose sequential head (`head`) and confidences depend on the tokens, so every acceptance path takes
+    part."""
     target = make_target("llama", vocab_size=8, hidden_size=32, num_layers=3, seed=3)
     torch.nn.init.normal_(target.lm_head.weight, std=0.15)
-    draft = make_draft(target, block_size=3)
-    torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.5)
+    draft = make_draft(target, block_size=3, head=head)
+    for name, parameter in draft.markov_head.named_parameters():  # W2 starts at zero, the gates near constant
+        if name != "markov_w1.weight":
+            torch.nn.init.normal_(parameter, std=0.5)
     torch.nn.init.normal_(draft.confidence_head.proj.weight, std=0.5)
     return target, draft, torch.tensor([[1, 2, 3]])
 

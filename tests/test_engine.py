@@ -140,6 +140,19 @@ def test_greedy_requests_identical_to_plain_generate(
     assert engine.num_active == 0 and engine.stats.finished_requests == len(mix)
 
 
+@pytest.mark.parametrize("head", ["gated", "rnn", "none"])
+def test_every_head_type_serves_greedy_requests_identical_to_plain_generate(targets, head):
+    target = targets["qwen3"]
+    draft = new_draft(target, head=head)
+    for name, parameter in (draft.markov_head.named_parameters() if draft.markov_head is not None else []):
+        if name != "markov_w1.weight":  # W2 starts at zero: give the head something to do
+            torch.nn.init.normal_(parameter, std=0.5)
+    engine = make_engine(target, draft, "threshold")
+    arrivals = [(0, [1, 2, 3], SamplingParams(max_new_tokens=12)), (1, [4, 5], SamplingParams(max_new_tokens=9))]
+    for request, (_, prompt, params) in zip(run_arrivals(engine, arrivals), arrivals, strict=True):
+        assert request.token_ids == reference(target, prompt, params.max_new_tokens)
+
+
 def test_trained_drafts_are_accepted_in_batches(targets, drafts):
     """Guards the property test: the trained drafts make multi-token rounds happen inside the engine."""
     engine = make_engine(targets["llama"], drafts[("llama", True)], "full")

@@ -32,7 +32,7 @@ from dspark_hf.speculative.decoding import DSparkProposer, prompt_lookup
 from dspark_hf.speculative.round import sample_block
 
 VOCAB = 32
-HEADS = ["markov", "rnn", "none"]
+HEADS = ["markov", "gated", "rnn", "none"]
 
 
 def new_draft(target, head="markov", block_size=4, seed=1):
@@ -433,6 +433,18 @@ def test_sampling_with_a_draft_vocabulary_matches_target_distribution(sampling_s
     restricted = copy.deepcopy(draft).set_draft_vocabulary([0, 2, 3, 5, 6])
     torch.manual_seed(1)
     empirical = _empirical_two_token_distribution(target, restricted, prompt, runs=4_000)
+    tv = 0.5 * (empirical - exact).abs().sum().item()
+    assert tv < tv_bound(exact, 4_000), (tv, tv_bound(exact, 4_000))
+
+
+@pytest.mark.parametrize("head", ["gated", "rnn"])
+def test_sampling_with_hidden_state_dependent_heads_matches_target_distribution(head):
+    """4k sampled generations with a head whose bias depends on the hidden state as well as the previous token (gated
+    Markov, RNN): TV of (t2, t3) stays within the McDiarmid bound for that sample size."""
+    target, draft, prompt = make_sampling_setup(head)
+    exact = exact_two_token_distribution(target, prompt)
+    torch.manual_seed(2)
+    empirical = _empirical_two_token_distribution(target, draft, prompt, runs=4_000)
     tv = 0.5 * (empirical - exact).abs().sum().item()
     assert tv < tv_bound(exact, 4_000), (tv, tv_bound(exact, 4_000))
 

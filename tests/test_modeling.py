@@ -17,7 +17,7 @@ from dspark_hf import (
     select_target_features,
 )
 
-HEAD_TYPES = ["markov", "rnn", "none"]
+HEAD_TYPES = ["markov", "gated", "rnn", "none"]
 VOCAB, HIDDEN, GAMMA = 96, 64, 4
 
 

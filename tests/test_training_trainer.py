@@ -99,7 +99,7 @@ def target():
 # -- training forward == inference forward ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("head", ["markov", "rnn", "none"])
+@pytest.mark.parametrize("head", ["markov", "gated", "rnn", "none"])
 def test_training_block_logits_match_per_block_inference(target, head):
     draft = make_draft(target, markov_head_type=head).eval()
     batch = padded_batch()
@@ -184,7 +184,7 @@ def test_target_logits_are_the_targets_own(target):
                 )
 
 
-@pytest.mark.parametrize("head", ["markov", "rnn", "none"])
+@pytest.mark.parametrize("head", ["markov", "gated", "rnn", "none"])
 def test_draft_vocabulary_loss_is_the_full_loss_restricted_to_its_tokens(target, head):
     """With a draft vocabulary, the loss equals `dspark_loss` over the vocabulary's columns of the full-vocabulary
     draft and target logits, labels renumbered to those columns and CE skipping labels outside."""

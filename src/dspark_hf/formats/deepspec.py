@@ -1,9 +1,10 @@
 """Import and export of the reference (DeepSpec) checkpoint layout that vLLM and SGLang serve.
 
 The reference layout is a Qwen3 config with flat DSpark fields (`block_size`, `target_layer_ids`, `mask_token_id`,
-`markov_rank`, `markov_head_type`, `enable_confidence_head`, `confidence_head_with_markov`) and a self-contained
-state dict that also carries copies of the target's `embed_tokens` and `lm_head`. Our own module names already
-follow the reference keys, so conversion is a config mapping plus those two tensors.
+`num_anchors`, `markov_rank`, `markov_head_type`, `enable_confidence_head`, `confidence_head_with_markov`) and a
+self-contained state dict that also carries copies of the target's `embed_tokens` and `lm_head`. Our module names
+follow the reference keys but for the ones in `PARAMETER_RENAMES`, so conversion is a config mapping, those renames
+and the two copied tensors. `tests/fixtures/deepspec/` holds checkpoints written by the reference's own code.
 """
 
 import json
@@ -20,8 +21,13 @@ from ..models.dspark.configuration_dspark import DSparkDraftConfig
 REFERENCE_ARCHITECTURE = "Qwen3DSparkModel"
 WEIGHTS_NAME = "model.safetensors"
 # Our head names ↔ the reference's (`vanilla` is the reference name of the first-order Markov head).
-_HEAD_TO_REFERENCE = {"markov": "vanilla", "rnn": "rnn"}
-_HEAD_FROM_REFERENCE = {"vanilla": "markov", "markov": "markov", "rnn": "rnn"}
+_HEAD_TO_REFERENCE = {"markov": "vanilla", "gated": "gated", "rnn": "rnn"}
+_HEAD_FROM_REFERENCE = {"vanilla": "markov", "markov": "markov", "gated": "gated", "rnn": "rnn"}
+# Our parameter-name prefixes → the reference's, where they differ (the reverse map is applied on import).
+PARAMETER_RENAMES = {"markov_head.rnn_proj.": "markov_head.joint_proj."}
+# Anchors per training sequence: only the reference's trainer reads it, but its model constructors require it. A draft
+# trained here has none of its own, so it is exported with the value of the released recipes.
+DEFAULT_NUM_ANCHORS = 512
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 # DSpark fields with no place in the reference config, kept under this key so a round trip loses nothing.
 _EXTRA_KEY = "dspark_hf"
@@ -35,6 +41,9 @@ _EXTRA_FIELDS = (
     "confidence_loss_weight",
     "loss_position_decay",
 )
+# Reference fields with no meaning here: an import keeps them as config attributes (saved with the draft), so that a
+# later export writes them back.
+_REFERENCE_ONLY_FIELDS = ("num_anchors",)
 # The draft vocabulary (`DSparkDraftModel.set_draft_vocabulary`) travels as a token-id list under _EXTRA_KEY, so the
 # reference state dict holds only tensors that vLLM and SGLang know.
 _VOCABULARY_KEY = "draft_vocab_ids"
@@ -99,12 +108,33 @@ def reference_config(config: DSparkDraftConfig, dtype: torch.dtype) -> dict:
         rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
         markov_rank=config.markov_rank if config.has_sequential_head else 0,
         enable_confidence_head=bool(config.confidence_head),
-        confidence_head_with_markov=bool(config.confidence_head and config.has_sequential_head),
+        confidence_head_with_markov=bool(
+            config.confidence_head and config.has_sequential_head and config.confidence_head_with_markov
+        ),
+        num_anchors=getattr(config, "num_anchors", DEFAULT_NUM_ANCHORS),
     )
     if config.has_sequential_head:
         flat["markov_head_type"] = _HEAD_TO_REFERENCE[config.markov_head_type]
     flat[_EXTRA_KEY] = {name: getattr(config, name) for name in _EXTRA_FIELDS}
     return flat
+
+
+def to_reference_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A draft state dict with the reference's parameter names ([`PARAMETER_RENAMES`])."""
+    return {_rename(key, PARAMETER_RENAMES): value for key, value in state.items()}
+
+
+def from_reference_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of [`to_reference_names`]."""
+    reverse = {theirs: ours for ours, theirs in PARAMETER_RENAMES.items()}
+    return {_rename(key, reverse): value for key, value in state.items()}
+
+
+def _rename(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
 def _draft_vocabulary(draft) -> list[int] | None:
@@ -126,8 +156,6 @@ def config_from_reference(flat: dict) -> DSparkDraftConfig:
             )
         head = _HEAD_FROM_REFERENCE[reference_head]
     confidence = bool(flat.get("enable_confidence_head", False))
-    if confidence and rank > 0 and not flat.get("confidence_head_with_markov", True):
-        raise ValueError("Reference checkpoints with confidence_head_with_markov=false and a Markov head are not supported.")
     rope = flat.get("rope_parameters") or flat.get("rope_scaling") or {"rope_type": "default"}
     rope = {**rope, "rope_theta": rope.get("rope_theta", flat.get("rope_theta", 10000.0))}
     fields = {name: flat[name] for name in _SHARED_FIELDS if name in flat}
@@ -137,8 +165,13 @@ def config_from_reference(flat: dict) -> DSparkDraftConfig:
         markov_head_type=head,
         markov_rank=rank if rank > 0 else DSparkDraftConfig.markov_rank,
         confidence_head=confidence,
+        confidence_head_with_markov=bool(flat.get("confidence_head_with_markov", rank > 0)),
     )
-    return DSparkDraftConfig(**fields)
+    config = DSparkDraftConfig(**fields)
+    for name in _REFERENCE_ONLY_FIELDS:
+        if name in flat:
+            setattr(config, name, flat[name])
+    return config
 
 
 def save_deepspec_checkpoint(draft, save_directory: str | os.PathLike) -> None:
@@ -153,7 +186,7 @@ def save_deepspec_checkpoint(draft, save_directory: str | os.PathLike) -> None:
     }
     state["embed_tokens.weight"] = embed.weight
     state["lm_head.weight"] = lm_head.weight
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_reference_names(state).items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     flat = reference_config(draft.config, draft.dtype)
     flat[_EXTRA_KEY][_VOCABULARY_KEY] = _draft_vocabulary(draft)
@@ -173,7 +206,7 @@ def load_deepspec_checkpoint(
     flat = _read_config(path, **kwargs)
     config = config_from_reference(flat)
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    state = load_file(cached_file(str(path), WEIGHTS_NAME, **hub_kwargs))
+    state = from_reference_names(load_file(cached_file(str(path), WEIGHTS_NAME, **hub_kwargs)))
     for key in ("embed_tokens.weight", "lm_head.weight"):
         if key not in state:
             raise ValueError(f"Reference checkpoint at {path} has no {key!r}; it is not a self-contained DSpark draft.")

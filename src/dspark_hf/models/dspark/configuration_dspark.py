@@ -5,7 +5,7 @@ import math
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-SEQUENTIAL_HEAD_TYPES = ("markov", "rnn", "none")
+SEQUENTIAL_HEAD_TYPES = ("markov", "gated", "rnn", "none")
 
 
 class DSparkDraftConfig(PreTrainedConfig):
@@ -27,14 +27,18 @@ class DSparkDraftConfig(PreTrainedConfig):
         rope_parameters (`dict`, *optional*): RoPE settings, as in transformers (copied from the target).
         num_target_layers (`int`, *optional*): Number of decoder layers of the target.
         target_layer_ids (`list[int]`): Target layers whose outputs form the context features. Layer `i` means
-            the output of decoder layer `i` (`hidden_states[i + 1]` in transformers); the last layer is
-            excluded because transformers returns it after the final norm.
+            the output of decoder layer `i` (`hidden_states[i + 1]` in transformers) and `-1` the embedding output
+            (`hidden_states[0]`); the last layer is excluded because transformers returns it after the final norm.
         block_size (`int`): γ, the number of drafted tokens per round (anchor + γ−1 mask tokens as input).
         mask_token_id (`int`): Token whose embedding fills the γ−1 mask positions.
         markov_head_type (`str`): Sequential head: `"markov"` (low-rank first-order transition, paper eq. 5),
-            `"rnn"` (gated recurrent state, eq. 6) or `"none"` (plain DFlash).
+            `"gated"` (the transition gated by the hidden state: W2(σ(G[h_k ; W1[x]]) ⊙ W1[x])), `"rnn"` (gated
+            recurrent state, eq. 6) or `"none"` (plain DFlash).
         markov_rank (`int`): Rank r of the sequential head.
         confidence_head (`bool`): Whether to add the confidence head (eq. 7).
+        confidence_head_with_markov (`bool`): Whether the confidence head also reads the sequential head's
+            previous-token feature W1[x_{k−1}] (eq. 7) or the hidden state alone; only meaningful with a sequential
+            head.
         calibration_temperatures (`list[float]`, *optional*): One temperature per block position, fitted by
             Sequential Temperature Scaling; confidence logits are divided by them at inference.
         calibration_biases (`list[float]`, *optional*): One bias per block position, added after the temperature:
@@ -75,6 +79,7 @@ class DSparkDraftConfig(PreTrainedConfig):
     markov_head_type: str = "markov"
     markov_rank: int = 256
     confidence_head: bool = True
+    confidence_head_with_markov: bool = True
     calibration_temperatures: list[float] | None = None
     calibration_biases: list[float] | None = None
     draft_vocab_size: int | None = None
@@ -185,8 +190,10 @@ class DSparkDraftConfig(PreTrainedConfig):
         ids = self.target_layer_ids
         if not ids:
             raise ValueError("target_layer_ids must name at least one target layer.")
-        if any(i < 0 for i in ids) or sorted(set(ids)) != ids:
-            raise ValueError(f"target_layer_ids must be distinct, non-negative and increasing, got {ids}.")
+        if any(i < -1 for i in ids) or sorted(set(ids)) != ids:
+            raise ValueError(
+                f"target_layer_ids must be distinct, increasing and >= -1 (-1: the embedding output), got {ids}."
+            )
         if self.num_target_layers is not None and ids[-1] > self.num_target_layers - 2:
             raise ValueError(
                 f"target_layer_ids={ids} reaches layer {ids[-1]} but the target has {self.num_target_layers} layers; "

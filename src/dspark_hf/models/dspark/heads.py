@@ -1,4 +1,5 @@
-"""The sequential heads (Markov, RNN; paper §3.1) and the confidence head (paper eq. 7) of a DSpark draft."""
+"""The sequential heads (Markov, gated Markov, RNN; paper §3.1) and the confidence head (paper eq. 7) of a DSpark
+draft."""
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,34 @@ class DSparkMarkovHead(nn.Module):
         return self.project(self.markov_w1(prev_ids), output_weight)
 
 
+class DSparkGatedMarkovHead(DSparkMarkovHead):
+    """Markov transition gated per rank by the hidden state: B_k = W2(σ(G[h_k ; W1[x_{k−1}]]) ⊙ W1[x_{k−1}])."""
+
+    def __init__(self, config: DSparkDraftConfig):
+        super().__init__(config)
+        self.gate_proj = nn.Linear(config.hidden_size + config.markov_rank, config.markov_rank)
+
+    def gated_features(self, prev_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.Tensor:
+        """prev `(...,)`, hidden `(..., d)` → gated features `(..., r)`."""
+        token = self.markov_w1(prev_ids)
+        gate = torch.sigmoid(self.gate_proj(torch.cat([hidden.to(token.dtype), token], dim=-1)))
+        return gate * token
+
+    def step(
+        self,
+        prev_ids: torch.LongTensor,
+        hidden: torch.Tensor,
+        state: torch.Tensor | None,
+        output_weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        return self.project(self.gated_features(prev_ids, hidden), output_weight), None
+
+    def teacher_forced(
+        self, prev_ids: torch.LongTensor, hidden: torch.Tensor, output_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.project(self.gated_features(prev_ids, hidden), output_weight)
+
+
 class DSparkRNNHead(DSparkMarkovHead):
     """Gated recurrent state over the in-block prefix (paper eq. 6)."""
 
@@ -78,11 +107,12 @@ class DSparkRNNHead(DSparkMarkovHead):
 
 
 class DSparkConfidenceHead(nn.Module):
-    """c_k = σ(wᵀ[h_k ; W1[x_{k−1}]]) (paper eq. 7); returns the logit, before the sigmoid."""
+    """c_k = σ(wᵀ[h_k ; W1[x_{k−1}]]) (paper eq. 7), or σ(wᵀh_k) without the previous-token feature; returns the
+    logit, before the sigmoid."""
 
     def __init__(self, config: DSparkDraftConfig):
         super().__init__()
-        extra = config.markov_rank if config.has_sequential_head else 0
+        extra = config.markov_rank if config.has_sequential_head and config.confidence_head_with_markov else 0
         self.proj = nn.Linear(config.hidden_size + extra, 1)
 
     def forward(self, hidden: torch.Tensor, token_features: torch.Tensor | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput, logging
 from ...compat import UploadHook
 from ...model_card import DSparkModelCardData, load_model_card_data, save_model_card
 from .configuration_dspark import DSparkDraftConfig
-from .heads import DSparkConfidenceHead, DSparkMarkovHead, DSparkRNNHead
+from .heads import DSparkConfidenceHead, DSparkGatedMarkovHead, DSparkMarkovHead, DSparkRNNHead
 
 logger = logging.get_logger(__name__)
 
@@ -287,7 +287,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         self.layers = nn.ModuleList(DSparkDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DSparkRotaryEmbedding(config)
-        head_classes = {"markov": DSparkMarkovHead, "rnn": DSparkRNNHead}
+        head_classes = {"markov": DSparkMarkovHead, "gated": DSparkGatedMarkovHead, "rnn": DSparkRNNHead}
         self.markov_head = head_classes[config.markov_head_type](config) if config.has_sequential_head else None
         self.confidence_head = DSparkConfidenceHead(config) if config.confidence_head else None
         # Token ids drafting samples among (sorted), or None for the whole vocabulary; see set_draft_vocabulary.
@@ -534,8 +534,10 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             cache.update(i, *layer.self_attn.keys_values(context_states, rope))
 
     def previous_token_features(self, prev_ids: torch.LongTensor) -> torch.Tensor | None:
-        """W1[x_{k−1}] `(..., r)` for the confidence head, or None without a sequential head."""
-        return None if self.markov_head is None else self.markov_head.token_features(prev_ids)
+        """W1[x_{k−1}] `(..., r)` for the confidence head, or None when it reads the hidden state alone."""
+        if self.markov_head is None or not self.config.confidence_head_with_markov:
+            return None
+        return self.markov_head.token_features(prev_ids)
 
     def sequential_logits(
         self,
