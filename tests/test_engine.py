@@ -153,6 +153,30 @@ def test_every_head_type_serves_greedy_requests_identical_to_plain_generate(targ
         assert request.token_ids == reference(target, prompt, params.max_new_tokens)
 
 
+@pytest.mark.parametrize(
+    "poison",
+    [
+        SamplingParams(max_new_tokens=8, do_sample=True, top_k=9223372036854775813),  # overflows the top-k tensor
+        SamplingParams(max_new_tokens=8, do_sample=True, temperature=1e-50),  # infinite logits: no distribution
+    ],
+    ids=["top_k_overflow", "tiny_temperature"],
+)
+def test_a_poisoned_request_fails_alone(targets, drafts, poison):
+    """A request whose prefill raises finishes with an error; the healthy requests that joined with it finish with
+    the same tokens as alone, and the engine goes idle."""
+    target = targets["llama"]
+    engine = make_engine(target, drafts[("llama", True)], "full")
+    healthy = [([1, 2, 3], 12), ([4, 5], 9), ([6], 14)]
+    arrivals = [(0, prompt, SamplingParams(max_new_tokens=n)) for prompt, n in healthy]
+    arrivals.insert(1, (0, [7, 8], poison))
+    requests = run_arrivals(engine, arrivals)
+    assert requests[1].finish_reason == "error" and requests[1].error
+    for request, (_, prompt, params) in zip(requests[:1] + requests[2:], arrivals[:1] + arrivals[2:], strict=True):
+        assert request.finish_reason == "length"
+        assert request.token_ids == reference(target, prompt, params.max_new_tokens)
+    assert not engine.has_unfinished() and engine.num_active == 0
+
+
 def test_trained_drafts_are_accepted_in_batches(targets, drafts):
     """Guards the property test: the trained drafts make multi-token rounds happen inside the engine."""
     engine = make_engine(targets["llama"], drafts[("llama", True)], "full")

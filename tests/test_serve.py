@@ -3,6 +3,7 @@
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -141,15 +142,156 @@ def test_sampling_request(served):
         ({"messages": [{"role": "user", "content": "w1"}], "n": 2}, 400, "n=1"),
         ({"messages": [{"role": "user", "content": "w1"}], "top_p": 2.0}, 400, "top_p"),
         ({"messages": [{"role": "user", "content": "w1"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"messages": [{"role": "user", "content": "w1"}], "temperature": 1e-50}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "w1"}], "temperature": 1e308}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "w1"}], "temperature": -0.5}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "w1"}], "temperature": "hot"}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "w1"}], "temperature": 1, "top_k": 9223372036854775813}, 400, "top_k"),
+        ({"messages": [{"role": "user", "content": "w1"}], "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "w1"}], "max_tokens": True}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "w1"}], "max_tokens": 10**30}, 400, "context window"),
+        ({"messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": 1.5}, 400, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": "w1"}], "stream": "false"}, 400, "stream"),
+        ({"messages": [{"role": "user", "content": "w1"}], "logprobs": True}, 400, "logprobs"),
+        ({"messages": [{"role": "user", "content": "w1"}], "model": "gpt-9"}, 404, "gpt-9"),
+        ('{"messages": [{"role": "user", "content": "w1 \\ud800"}]}', 400, "surrogate"),
+        ('{"messages": [{"role": "user", "content": "w1"}], "temperature": NaN}', 400, "temperature"),
+        ("[" * 100_000, 400, "Invalid JSON"),
     ],
 )
 def test_bad_requests(served, body, status, match):
     server, _, _ = served
     data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-    request = urllib.request.Request(server.url + "/v1/chat/completions", data=data)
+    request = urllib.request.Request(
+        server.url + "/v1/chat/completions", data=data, headers={"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=30)
     assert error.value.code == status and match in json.loads(error.value.read())["error"]["message"]
+
+
+def raw_request(server, head: bytes, body: bytes = b"", close_write: bool = False) -> bytes:
+    """Sends `head` + `body` on a fresh connection and returns everything the server answers."""
+    with socket.create_connection(server.server_address[:2], timeout=60) as connection:
+        connection.sendall(head + body)
+        if close_write:
+            connection.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize(
+    "length, close_write, match",
+    [("abc", False, b"Content-Length"), ("100", True, b"ended after"), (None, False, b"Content-Length")],
+)
+def test_malformed_content_length_is_a_clear_400(served, length, close_write, match):
+    server, _, _ = served
+    body = json.dumps({"messages": [{"role": "user", "content": "w1"}]}).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    if length is not None:
+        head += f"Content-Length: {length}\r\n".encode()
+    answer = raw_request(server, head + b"Connection: close\r\n\r\n", body[:20] if close_write else b"", close_write)
+    assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert match in answer
+
+
+def test_a_long_prompt_is_refused_with_the_cap(served):
+    server, _, _ = served
+    server.limits.max_prompt_tokens = 8
+    try:
+        with pytest.raises(ValueError, match="accepts fewer than 8"):
+            server.parse_chat_request({"messages": [{"role": "user", "content": " ".join(["w1"] * 20)}]})
+    finally:
+        server.limits.max_prompt_tokens = None
+
+
+def test_disconnected_non_streaming_request_is_cancelled(served, monkeypatch):
+    server, _, _ = served
+    cancelled = threading.Event()
+    original = server.engine.cancel
+
+    def spy(request_id):
+        result = original(request_id)
+        cancelled.set()
+        return result
+
+    step = server.engine.step
+
+    def slow_step():  # keeps the request running well past the handler's first check for a departed client
+        time.sleep(0.05)
+        return step()
+
+    monkeypatch.setattr(server.engine, "cancel", spy)
+    monkeypatch.setattr(server.engine, "step", slow_step)
+    body = json.dumps({"messages": [{"role": "user", "content": "w1 w2"}], "temperature": 0, "max_tokens": 400}).encode()
+    with socket.create_connection(server.server_address[:2], timeout=30) as connection:
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+    assert cancelled.wait(timeout=60)
+
+
+@pytest.fixture
+def plain_server():
+    """A second server over an engine without a draft, with an API key, for access and failure checks."""
+    from dspark_hf.engine import DSparkEngine
+
+    target, tokenizer = make_target("llama", vocab_size=VOCAB), make_tokenizer(VOCAB)
+    server = DSparkServer(DSparkEngine(target, tokenizer=tokenizer), model_name="tiny", port=0, api_key="s3cret")
+    yield server.start()
+    server.close()
+
+
+def request_status(server, headers: dict, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body or {"messages": [{"role": "user", "content": "w1"}], "max_tokens": 2}).encode()
+    request = urllib.request.Request(server.url + "/v1/chat/completions", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_api_key_origin_and_content_type_checks(plain_server):
+    json_type = {"Content-Type": "application/json"}
+    key = {"Authorization": "Bearer s3cret"}
+    assert request_status(plain_server, json_type)[0] == 401
+    assert request_status(plain_server, json_type | {"Authorization": "Bearer wrong"})[0] == 401
+    assert request_status(plain_server, json_type | key)[0] == 200
+    assert request_status(plain_server, json_type | key | {"Origin": "http://evil.example"})[0] == 403
+    assert request_status(plain_server, json_type | key | {"Origin": "http://localhost:3000"})[0] == 200
+    assert request_status(plain_server, json_type | key | {"Host": "evil.example"})[0] == 403
+    assert request_status(plain_server, {"Content-Type": "text/plain"} | key)[0] == 415
+
+
+def test_a_failing_request_gets_a_500_without_internals(plain_server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(plain_server.engine, "_prefill", broken)
+    status, body = request_status(plain_server, {"Content-Type": "application/json", "Authorization": "Bearer s3cret"})
+    assert status == 500 and "secret" not in json.dumps(body)
+    assert body["error"]["type"] == "server_error"
+
+
+def test_binding_beyond_loopback_without_a_key_warns(caplog):
+    from dspark_hf.engine import DSparkEngine
+
+    target, tokenizer = make_target("llama", vocab_size=VOCAB), make_tokenizer(VOCAB)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            server = DSparkServer(DSparkEngine(target, tokenizer=tokenizer), host="0.0.0.0", port=0)
+            server.server_close()
+    finally:
+        hf_logging.disable_propagation()
+    assert "without an API key" in caplog.text
+    assert server.request_queue_size >= 128
 
 
 def test_unknown_route(served):
@@ -175,7 +317,7 @@ def test_disconnected_stream_is_cancelled(served, monkeypatch):
                        "stream": True}).encode()
     with socket.create_connection(server.server_address[:2], timeout=30) as connection:
         connection.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
         )
         received = b""

@@ -1,6 +1,7 @@
 """`dspark-hf serve`: an OpenAI-compatible [`DSparkServer`] over a [`DSparkEngine`] built from the command line."""
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads.")
+    parser.add_argument("--max-prompt-tokens", type=int, help="Longest prompt accepted (default: the context window).")
+    parser.add_argument(
+        "--allow-special-tokens", action="store_true",
+        help="Let special-token text typed in messages act as control tokens (default: it stays plain text).",
+    )
+    parser.add_argument(
+        "--api-key", default=os.environ.get("DSPARK_API_KEY"),
+        help="Require `Authorization: Bearer KEY` on every request (default: $DSPARK_API_KEY, else no key).",
+    )
 
 
 def build_engine(args: argparse.Namespace) -> "DSparkEngine":
@@ -74,7 +84,8 @@ def make_server(args: argparse.Namespace) -> "DSparkServer":
     require(args, "target")
     return DSparkServer(
         build_engine(args), model_name=args.model_name or args.target, host=args.host, port=args.port,
-        default_max_tokens=args.max_tokens,
+        default_max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        allow_special_tokens=args.allow_special_tokens, api_key=args.api_key,
     )
 
 

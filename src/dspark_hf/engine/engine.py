@@ -311,13 +311,26 @@ class DSparkEngine:
             self._remove(cancelled)
             finished += cancelled + waiting_cancelled
             if joining:
-                finished += self._prefill(joining)
+                finished += self._prefill_isolating_failures(joining)
             if self._rows:
                 finished += self._round()
             self.stats.busy_time_s += time.perf_counter() - started
             return finished
 
     # -- internals ---------------------------------------------------------------------------------------------------
+
+    def _prefill_isolating_failures(self, joining: list[EngineRequest]) -> list[EngineRequest]:
+        """[`_prefill`], and when it raises, the joining requests one at a time, so that a request whose prefill
+        fails (e.g. its sampling settings overflow) finishes with an error alone and the others join the batch.
+        `_prefill` changes no state before its last step, so a failed attempt leaves the batch as it was."""
+        try:
+            return self._prefill(joining)
+        except Exception as error:  # noqa: BLE001 - reported to the request that caused it
+            if len(joining) > 1:
+                return [r for request in joining for r in self._prefill_isolating_failures([request])]
+            logger.exception("DSparkEngine prefill of request %s failed", joining[0].request_id)
+            self._fail([joining[0]], f"{type(error).__name__}: {error}")
+            return joining
 
     def _prefill(self, joining: list[EngineRequest]) -> list[EngineRequest]:
         """One batched (left-padded) prefill of the joining requests; emits their first token and joins the batch."""
@@ -517,10 +530,15 @@ class DSparkEngine:
             self._kv.select(torch.tensor(keep, device=self._kv.valid.device))
 
     def _fail_all(self, message: str) -> None:
+        """Finishes every unfinished request (in the batch, waiting, or taken from the queue by the failed step) with
+        `finish_reason="error"`, so that no client waits forever and the loop goes idle."""
         with self._lock:
-            requests = self._rows + list(self._waiting)
+            requests = list(self._requests.values())
             self._waiting.clear()
         self._rows, self._kv = [], None
+        self._fail(requests, message)
+
+    def _fail(self, requests: list[EngineRequest], message: str) -> None:
         for request in requests:
             if not request.finished:
                 request.error = message

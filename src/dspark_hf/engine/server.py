@@ -5,8 +5,12 @@ Standard library only (`http.server.ThreadingHTTPServer`): one thread per connec
 engine, and one background thread drives the engine loop, so concurrent clients share speculative rounds.
 """
 
+import hmac
+import ipaddress
 import json
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -15,23 +19,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from transformers.utils import logging
 
-from ..speculative.sampling import SamplingParams
-from ..targets import chat_input_ids
+from .chat_request import ChatRequest, ChatRequestLimits, RequestError, parse_chat_request
 from .engine import DSparkEngine
 from .requests import EngineRequest
 
 logger = logging.get_logger(__name__)
 
 MAX_BODY_BYTES = 1 << 22
-MAX_STOP_STRINGS = 4
-
-
-class RequestError(ValueError):
-    """A client error, answered with `status` and an OpenAI-style error body."""
-
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
-        super().__init__(message)
-        self.status = status
+LISTEN_BACKLOG = 128
+# Seconds a connection may stay silent while its request is read (slow or half-open clients are dropped).
+SOCKET_TIMEOUT_S = 30.0
 
 
 class DSparkServer(ThreadingHTTPServer):
@@ -42,11 +39,19 @@ class DSparkServer(ThreadingHTTPServer):
         model_name: the id listed by `/v1/models` and echoed in responses.
         host, port: where to listen (`port=0` picks a free port; see `url`).
         default_max_tokens: completion length when a request gives neither `max_tokens` nor `max_completion_tokens`.
+        max_prompt_tokens: longest prompt accepted (None: the target's context window).
+        allow_special_tokens: let special-token text inside messages become control tokens (default: plain text).
+        api_key: when set, every request needs `Authorization: Bearer <api_key>` (401 otherwise).
+
+    On a loopback address the server answers only requests whose `Host` (and `Origin`, when sent) is a loopback
+    name, so a web page cannot reach it through DNS rebinding; POST bodies must be `application/json`, which a
+    browser cannot send cross-origin without asking first.
 
     Use `start()` / `close()` (or `with`) to run in the background, `serve()` to block.
     """
 
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(
         self,
@@ -55,6 +60,9 @@ class DSparkServer(ThreadingHTTPServer):
         host: str = "127.0.0.1",
         port: int = 8000,
         default_max_tokens: int = 256,
+        max_prompt_tokens: int | None = None,
+        allow_special_tokens: bool = False,
+        api_key: str | None = None,
     ):
         tokenizer = engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -65,8 +73,26 @@ class DSparkServer(ThreadingHTTPServer):
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
+        self.api_key = api_key or None
+        self.loopback = _is_loopback(host)
+        if not self.loopback and self.api_key is None:
+            logger.warning(
+                "Serving on %s without an API key: anyone who can reach this address can use the model. Pass "
+                "api_key= (dspark-hf serve --api-key or DSPARK_API_KEY), or bind to 127.0.0.1.",
+                host,
+            )
         eos = [tokenizer.eos_token_id, *_as_list(engine.target.generation_config.eos_token_id)]
         self.stop_token_ids = tuple(sorted({int(t) for t in eos if t is not None}))
+        text_config = engine.target.config.get_text_config()
+        self.limits = ChatRequestLimits(
+            model_name=model_name,
+            default_max_tokens=default_max_tokens,
+            context_window=getattr(text_config, "max_position_embeddings", None),
+            max_prompt_tokens=max_prompt_tokens,
+            vocab_size=engine.vocab_size,
+            stop_token_ids=self.stop_token_ids,
+            allow_special_tokens=allow_special_tokens,
+        )
         self._stop = threading.Event()
         self._background: list[threading.Thread] = []
 
@@ -117,43 +143,9 @@ class DSparkServer(ThreadingHTTPServer):
 
     # -- request translation -----------------------------------------------------------------------------------------
 
-    def parse_chat_request(self, body: dict) -> tuple[list[int], SamplingParams, bool, bool]:
-        """A chat completion body → (prompt ids, sampling params, stream, include usage in the stream)."""
-        if not isinstance(body, dict):
-            raise RequestError("The request body must be a JSON object.")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("`messages` must be a non-empty list of {role, content} objects.")
-        chat = [{"role": _field(m, "role"), "content": _content(m)} for m in messages]
-        if body.get("n", 1) != 1:
-            raise RequestError("Only n=1 is supported.")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or self.default_max_tokens
-        temperature = body.get("temperature", 1.0)
-        top_p = body.get("top_p")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
-            raise RequestError(f"`stop` must be a string or a list of at most {MAX_STOP_STRINGS} strings.")
-        try:
-            params = SamplingParams(
-                max_new_tokens=max_tokens,
-                do_sample=temperature is not None and temperature > 0,
-                temperature=temperature if temperature else 1.0,
-                top_p=1.0 if top_p is None else top_p,
-                top_k=body.get("top_k") or 0,
-                stop_token_ids=self.stop_token_ids,
-                stop=stop,
-            )
-            prompt_ids = chat_input_ids(self.tokenizer, chat)[0].tolist()
-        except (TypeError, ValueError) as error:
-            raise RequestError(str(error)) from error
-        except Exception as error:  # noqa: BLE001 - jinja errors of a user-controlled chat
-            raise RequestError(f"The chat could not be rendered: {error}") from error
-        stream_options = body.get("stream_options") or {}
-        if not isinstance(stream_options, dict):
-            raise RequestError("`stream_options` must be an object.")
-        include_usage = bool(stream_options.get("include_usage", False))
-        return prompt_ids, params, bool(body.get("stream", False)), include_usage
+    def parse_chat_request(self, body) -> ChatRequest:
+        """A chat-completions body → a validated [`ChatRequest`] (raises [`RequestError`] naming the bad field)."""
+        return parse_chat_request(body, self.tokenizer, self.limits)
 
     def completion(self, completion_id: str, request: EngineRequest) -> dict:
         """The `chat.completion` object of a finished request."""
@@ -189,20 +181,22 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _field(message, name: str) -> str:
-    if not isinstance(message, dict) or not isinstance(message.get(name), str):
-        raise RequestError(f"Every message needs a string `{name}`.")
-    return message[name]
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-def _content(message) -> str:
-    """A message's text: a string, or the concatenated `text` parts of a content list."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise RequestError("Only text content parts are supported.")
-        return "".join(p["text"] for p in content)
-    return _field(message, "content")
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _hostname(value: str) -> str:
+    """The host of a `Host` header or of an origin URL, without port or brackets."""
+    value = value.split("://", 1)[-1].split("/", 1)[0]
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
 def _finish_reason(request: EngineRequest) -> str:
@@ -217,30 +211,50 @@ def _usage(request: EngineRequest) -> dict:
 class _Handler(BaseHTTPRequestHandler):
     server: DSparkServer
     server_version = "dspark-hf"
+    timeout = SOCKET_TIMEOUT_S
 
     def log_message(self, format: str, *args) -> None:
         logger.info("%s - %s", self.address_string(), format % args)
 
+    def _refused(self, post: bool) -> bool:
+        """Answers and returns True when the request fails the access checks (key, host, origin, content type)."""
+        server = self.server
+        if server.api_key is not None:
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+                self._error(HTTPStatus.UNAUTHORIZED, "A valid `Authorization: Bearer <api key>` header is required.",
+                            "authentication_error")
+                return True
+        if server.loopback:
+            host, origin = self.headers.get("Host", ""), self.headers.get("Origin")
+            if _hostname(host) not in LOOPBACK_NAMES or (origin is not None and _hostname(origin) not in LOOPBACK_NAMES):
+                self._error(HTTPStatus.FORBIDDEN, "This server answers loopback hosts and origins only.",
+                            "permission_error")
+                return True
+        content_type = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if post and content_type != "application/json":
+            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Send the body as `Content-Type: application/json`.")
+            return True
+        return False
+
     def do_GET(self) -> None:
+        if self._refused(post=False):
+            return
         if self.path.rstrip("/") != "/v1/models":
             return self._error(HTTPStatus.NOT_FOUND, f"No route GET {self.path}.")
         model = {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "dspark-hf"}
         self._json(HTTPStatus.OK, {"object": "list", "data": [model]})
 
     def do_POST(self) -> None:
+        if self._refused(post=True):
+            return
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self._error(HTTPStatus.NOT_FOUND, f"No route POST {self.path}.")
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if not 0 < length <= MAX_BODY_BYTES:
-                raise RequestError(f"A JSON body of 1 to {MAX_BODY_BYTES} bytes (with Content-Length) is required.")
-            try:
-                body = json.loads(self.rfile.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise RequestError(f"Invalid JSON: {error}") from error
-            prompt_ids, params, stream, include_usage = self.server.parse_chat_request(body)
+            parsed = self.server.parse_chat_request(self._read_json())
         except RequestError as error:
             return self._error(error.status, str(error))
+        prompt_ids, params, stream, include_usage = parsed.prompt_ids, parsed.params, parsed.stream, parsed.include_usage
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         events: queue.Queue = queue.Queue()  # (new text, finished) per round, filled by the engine thread
         try:
@@ -252,10 +266,43 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(HTTPStatus.BAD_REQUEST, str(error))
         if stream:
             return self._stream(request, events, include_usage)
-        request.wait()
+        while not request.wait(timeout=0.5):
+            if self._client_left():  # nobody will read the answer: free the request's slot in the batch
+                self.server.engine.cancel(completion_id)
+                request.wait()
+                return
         if request.finish_reason == "error":
-            return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, request.error, "server_error")
+            logger.error("Request %s failed: %s", completion_id, request.error)
+            return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "The server failed on this request.", "server_error")
         self._json(HTTPStatus.OK, self.server.completion(completion_id, request))
+
+    def _read_json(self):
+        """The request body as JSON; a missing, malformed or oversized body is a [`RequestError`]."""
+        header = self.headers.get("Content-Length")
+        if header is None or not header.strip().isdigit():
+            raise RequestError(f"A Content-Length header with the body's size in bytes is required, got {header!r}.")
+        length = int(header)
+        if not 0 < length <= MAX_BODY_BYTES:
+            raise RequestError(f"A JSON body of 1 to {MAX_BODY_BYTES} bytes is required, got {length}.")
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise RequestError(f"The body ended after {len(data)} of the {length} bytes its Content-Length announced.")
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(f"Invalid JSON: {error}") from error
+        except RecursionError as error:
+            raise RequestError("Invalid JSON: nested too deeply.") from error
+
+    def _client_left(self) -> bool:
+        """True once the client closed its side of the connection (a readable socket with no data)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _stream(self, request: EngineRequest, events: queue.Queue, include_usage: bool) -> None:
         """Server-sent events: a role chunk, content chunks as rounds produce text, a final chunk, `[DONE]`."""
@@ -273,7 +320,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if text:
                     self._event(self.server.chunk(completion_id, {"content": text}))
             if request.finish_reason == "error":
-                self._event({"error": {"message": request.error, "type": "server_error"}})
+                logger.error("Request %s failed: %s", completion_id, request.error)
+                self._event({"error": {"message": "The server failed on this request.", "type": "server_error"}})
             else:
                 self._event(self.server.chunk(completion_id, {}, _finish_reason(request)))
                 if include_usage:
