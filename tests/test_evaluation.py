@@ -122,6 +122,45 @@ def test_load_prompt_sets(tmp_path):
         load_prompt_sets(tmp_path, ["bad"])
 
 
+def test_prompt_files_with_line_separators_and_blank_lines_load(tmp_path):
+    (tmp_path / "chat.jsonl").write_text('\n{"turns": ["one\u2028two"]}\n\n{"turns": ["three"]}\n', encoding="utf-8")
+    assert load_prompt_sets(tmp_path) == {"chat": [["one\u2028two"], ["three"]]}
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"turns": ["a"]}\n\n{"turns": ["b"\n', r"bad\.jsonl:3: not valid JSON"),
+        ('{"turns": ["a"]}\n[1, 2]\n', r"bad\.jsonl:2: expected a JSON object"),
+        ('{"turns": [123]}\n', "non-empty strings"),
+        ("", "holds no prompts"),
+        ("\n\n", "holds no prompts"),
+    ],
+)
+def test_bad_prompt_files_name_the_file_and_line(tmp_path, text, match):
+    (tmp_path / "bad.jsonl").write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        load_prompt_sets(tmp_path, ["bad"])
+
+
+def test_cli_errors_are_one_line_with_a_nonzero_status(tmp_path, capsys):
+    from dspark_hf.cli import main
+
+    (tmp_path / "bad.jsonl").write_text('{"turns": ["a"]}\n[1]\n', encoding="utf-8")
+    arguments = ["eval", "--target", str(tmp_path / "missing"), "--draft", "d", "--prompts-dir", str(tmp_path),
+                 "--out", str(tmp_path / "out")]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert "dspark-hf eval: error:" in error and "bad.jsonl:2" in error  # prompts are checked before any model loads
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1
+    (tmp_path / "bad.jsonl").unlink()
+    (tmp_path / "good.jsonl").write_text('{"turns": ["a"]}\n', encoding="utf-8")
+    assert main(arguments) == 1
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", *arguments])
+
+
 def test_evaluate_end_to_end_and_resume(tmp_path):
     tokenizer = make_tokenizer(64)
     target = make_target("llama", vocab_size=64)

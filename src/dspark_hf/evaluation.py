@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers.utils import ModelOutput
 
+from .jsonl import read_jsonl
 from .speculative.stats import SpeculationStats
 from .targets import chat_input_ids
 
@@ -30,6 +31,8 @@ DATASET_DOMAINS = {
 
 def load_prompt_sets(directory: str | Path, datasets: list[str] | None = None, limit: int | None = None) -> dict:
     """`{dataset: [turns, ...]}` from `<directory>/<dataset>.jsonl` files with a `turns` list per line."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of prompts per dataset, got {limit}.")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -42,10 +45,15 @@ def load_prompt_sets(directory: str | Path, datasets: list[str] | None = None, l
         path = directory / f"{name}.jsonl"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found; available: {sorted(p.stem for p in directory.glob('*.jsonl'))}.")
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_jsonl(path)
+        if not rows:
+            raise ValueError(f"{path} holds no prompts: give one JSON object with a `turns` list per line.")
         for i, row in enumerate(rows):
-            if not isinstance(row.get("turns"), list) or not row["turns"]:
-                raise ValueError(f"{path}:{i + 1} has no non-empty `turns` list.")
+            turns = row.get("turns")
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+                raise ValueError(
+                    f"{path}: prompt {i + 1} needs a non-empty `turns` list of non-empty strings, got {turns!r:.80}."
+                )
         sets[name] = [row["turns"] for row in rows[:limit]]
     return sets
 

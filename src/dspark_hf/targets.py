@@ -189,6 +189,15 @@ def parse_dtype(name: str | None) -> "torch.dtype | str":
     return dtype
 
 
+def check_local_path(name_or_path: "str | os.PathLike", what: str) -> None:
+    """Raises `FileNotFoundError` naming `name_or_path` when it is written as a local path (absolute, or starting
+    with `.` or `~`, or ending in `.gguf`) that does not exist, instead of letting it be read as a Hub id."""
+    text = os.fspath(name_or_path)
+    local = os.path.isabs(text) or text.startswith((".", "~")) or text.endswith(".gguf")
+    if local and not os.path.exists(os.path.expanduser(text)):
+        raise FileNotFoundError(f"The {what} path {text!r} does not exist (no such file or directory).")
+
+
 def load_target(
     name_or_path: str,
     gguf_file: str | None = None,
@@ -205,6 +214,7 @@ def load_target(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_local_path(name_or_path, "target")
     if name_or_path.lower() in SMOLLM2_ALIASES:
         path = smollm2_gguf_path()
         name_or_path, gguf_file = str(path.parent), path.name

@@ -16,6 +16,7 @@ The built-in subcommands are the modules of this package (one each, with `NAME`,
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dspark-hf", description="DSpark speculative decoding for transformers."
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="On an error, show the full Python traceback instead of one line."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser._dspark_subparsers = {}
     for command in COMMANDS.values():
@@ -123,7 +127,30 @@ def run_command(argv: list[str] | None = None) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dspark-hf` console script; returns the exit status (results: [`run_command`]).
 
-    A subcommand that returns an `int` sets the exit status; any other result means success.
+    A subcommand that returns an `int` sets the exit status; any other result means success. An error is printed as
+    one line naming the command and the problem, with exit status 1 (130 when interrupted); `dspark-hf --debug ...`
+    lets the traceback through instead.
     """
-    result = run_command(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in arguments[: next((i for i, a in enumerate(arguments) if a in COMMANDS), len(arguments))]
+    try:
+        result = run_command(arguments)
+    except KeyboardInterrupt:
+        print("dspark-hf: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one clear line instead of a traceback, unless --debug
+        if debug:
+            raise
+        command = next((a for a in arguments if a in COMMANDS), None)
+        where = f"dspark-hf {command}" if command else "dspark-hf"
+        print(f"{where}: error: {_describe(error)} (run with `dspark-hf --debug ...` for the traceback)", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _describe(error: BaseException) -> str:
+    """`error` as one line: its message, or its type when the message is empty; a missing file names its path."""
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return f"no such file or directory: {error.filename}"
+    message = " ".join(str(error).split())
+    return message if message else type(error).__name__

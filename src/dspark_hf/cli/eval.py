@@ -43,6 +43,7 @@ def run(args: argparse.Namespace):
     from ..evaluation import domain_summaries, evaluate, load_prompt_sets, markdown_table
     from ..models.dspark import DSparkDraftModel
 
+    prompt_sets = load_prompt_sets(args.prompts_dir, args.datasets, args.limit)  # bad prompts fail before loading
     target, tokenizer = target_from_args(args)
     draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype).eval()
     draft_generate_kwargs = {}
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace):
         draft_generate_kwargs["lookup_min_probability"] = args.lookup_min_probability
     torch.manual_seed(0)
     summaries = evaluate(
-        target, tokenizer, draft, load_prompt_sets(args.prompts_dir, args.datasets, args.limit), output_dir=args.out,
+        target, tokenizer, draft, prompt_sets, output_dir=args.out,
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
         compare_plain=not args.no_plain, prompt_lookup_num_tokens=args.prompt_lookup_tokens or None,
         draft_prompt_lookup_num_tokens=args.draft_lookup_tokens, draft_generate_kwargs=draft_generate_kwargs,

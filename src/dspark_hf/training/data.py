@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from ..jsonl import read_jsonl
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
@@ -47,21 +49,6 @@ _SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repeti
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a JSONL file (blank lines and a truncated last line, as left by an interrupted writer, are skipped)."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning("Skipping unreadable line %d of %s.", number, path)
-    return rows
 
 
 def prompt_id(system: str | None, turns: Sequence[str]) -> str:
@@ -154,7 +141,7 @@ def load_prompts(
 
             rows = list(datasets.load_from_disk(str(path)))
         else:
-            rows = read_jsonl(path)
+            rows = read_jsonl(path, skip_unreadable=True)
     else:
         rows = list(source)
     if categories is not None:
@@ -327,7 +314,7 @@ def regenerate_responses(
     prompts = [p if {"id", "turns", "meta"} <= set(p) else normalize_prompt(dict(p)) for p in prompts]
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {row["id"]: row for row in read_jsonl(output_path)} if output_path.exists() else {}
+    done = {row["id"]: row for row in read_jsonl(output_path, skip_unreadable=True)} if output_path.exists() else {}
     pending = [p for p in prompts if p["id"] not in done]
     if sort_by_length or max_prompt_tokens is not None:
         lengths = {p["id"]: prompt_token_count(tokenizer, first_turn_messages(p)) for p in pending}
@@ -469,7 +456,7 @@ def tokenize_conversations(
     import datasets
 
     if isinstance(conversations, (str, os.PathLike)):
-        conversations = read_jsonl(conversations)
+        conversations = read_jsonl(conversations, skip_unreadable=True)
     columns: dict[str, list] = {"input_ids": [], "loss_mask": [], "num_tokens": []}
     kept = [c for c in keep_columns]
     for name in kept:
@@ -536,7 +523,7 @@ def load_training_dataset(path: str | os.PathLike, tokenizer=None, max_length: i
         return datasets.load_from_disk(str(path))
     if tokenizer is None:
         raise ValueError(f"{path} is a JSONL of conversations; pass the tokenizer to tokenize it.")
-    return tokenize_conversations(read_jsonl(path), tokenizer, max_length=max_length)
+    return tokenize_conversations(read_jsonl(path, skip_unreadable=True), tokenizer, max_length=max_length)
 
 
 def frequent_token_ids(dataset, size: int, always_include: Iterable[int] = ()) -> tuple[list[int], float]:
