@@ -277,6 +277,29 @@ def test_a_failing_request_gets_a_500_without_internals(plain_server, monkeypatc
     assert body["error"]["type"] == "server_error"
 
 
+def test_connection_and_queue_caps_answer_503_and_429():
+    from dspark_hf.engine import DSparkEngine
+
+    target, tokenizer = make_target("llama", vocab_size=VOCAB), make_tokenizer(VOCAB)
+    server = DSparkServer(DSparkEngine(target, tokenizer=tokenizer), port=0, max_connections=1, max_queued_requests=0)
+    server.start()
+    try:
+        with socket.create_connection(server.server_address[:2], timeout=30) as idle:  # holds the only slot
+            idle.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers not finished yet
+            time.sleep(0.2)
+            answer = raw_request(server, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After" in answer
+        deadline = time.time() + 30
+        while True:  # the slot is free again once the idle connection's thread ends
+            status, body = request_status(server, {"Content-Type": "application/json"})
+            if status != 503 or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        assert status == 429 and body["error"]["type"] == "rate_limit_error"  # no request may wait
+    finally:
+        server.close()
+
+
 def test_binding_beyond_loopback_without_a_key_warns(caplog):
     from dspark_hf.engine import DSparkEngine
 

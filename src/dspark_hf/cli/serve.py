@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--allow-special-tokens", action="store_true",
         help="Let special-token text typed in messages act as control tokens (default: it stays plain text).",
     )
+    parser.add_argument("--max-connections", type=int, default=256, help="Connections served at once (then 503).")
+    parser.add_argument("--max-queued-requests", type=int, default=256, help="Requests waiting for the batch (then 429).")
     parser.add_argument(
         "--api-key", default=os.environ.get("DSPARK_API_KEY"),
         help="Require `Authorization: Bearer KEY` on every request (default: $DSPARK_API_KEY, else no key).",
@@ -85,7 +87,8 @@ def make_server(args: argparse.Namespace) -> "DSparkServer":
     return DSparkServer(
         build_engine(args), model_name=args.model_name or args.target, host=args.host, port=args.port,
         default_max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-        allow_special_tokens=args.allow_special_tokens, api_key=args.api_key,
+        allow_special_tokens=args.allow_special_tokens, api_key=args.api_key, max_connections=args.max_connections,
+        max_queued_requests=args.max_queued_requests,
     )
 
 

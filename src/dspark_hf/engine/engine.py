@@ -249,6 +249,12 @@ class DSparkEngine:
         """Requests in the running batch."""
         return len(self._rows)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests added but not yet in the batch."""
+        with self._lock:
+            return len(self._waiting)
+
     def reset_stats(self) -> None:
         self.stats = EngineStats()
 

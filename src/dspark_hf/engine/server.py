@@ -42,6 +42,8 @@ class DSparkServer(ThreadingHTTPServer):
         max_prompt_tokens: longest prompt accepted (None: the target's context window).
         allow_special_tokens: let special-token text inside messages become control tokens (default: plain text).
         api_key: when set, every request needs `Authorization: Bearer <api_key>` (401 otherwise).
+        max_connections: connections served at once; one more is answered 503 at once and closed.
+        max_queued_requests: requests waiting for a place in the batch; beyond it a request is answered 429.
 
     On a loopback address the server answers only requests whose `Host` (and `Origin`, when sent) is a loopback
     name, so a web page cannot reach it through DNS rebinding; POST bodies must be `application/json`, which a
@@ -63,6 +65,8 @@ class DSparkServer(ThreadingHTTPServer):
         max_prompt_tokens: int | None = None,
         allow_special_tokens: bool = False,
         api_key: str | None = None,
+        max_connections: int = 256,
+        max_queued_requests: int = 256,
     ):
         tokenizer = engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -74,6 +78,8 @@ class DSparkServer(ThreadingHTTPServer):
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
         self.api_key = api_key or None
+        self.max_queued_requests = max_queued_requests
+        self._connection_slots = threading.BoundedSemaphore(max_connections)
         self.loopback = _is_loopback(host)
         if not self.loopback and self.api_key is None:
             logger.warning(
@@ -134,6 +140,27 @@ class DSparkServer(ThreadingHTTPServer):
             thread.join(timeout=10)
         self._background.clear()
         self.server_close()
+
+    def process_request(self, request, client_address) -> None:
+        """Serves the connection in its own thread, or answers 503 at once when `max_connections` are being served."""
+        if not self._connection_slots.acquire(blocking=False):
+            body = json.dumps({"error": {"message": "Too many connections; retry shortly.", "type": "server_busy",
+                                         "code": 503}}).encode()
+            head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+                    "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+            try:
+                request.sendall(head.encode() + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_slots.release()
 
     def __enter__(self) -> "DSparkServer":
         return self.start()
@@ -255,6 +282,9 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as error:
             return self._error(error.status, str(error))
         prompt_ids, params, stream, include_usage = parsed.prompt_ids, parsed.params, parsed.stream, parsed.include_usage
+        if self.server.engine.num_waiting >= self.server.max_queued_requests:
+            return self._error(HTTPStatus.TOO_MANY_REQUESTS, "Too many requests are waiting; retry shortly.",
+                               "rate_limit_error")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         events: queue.Queue = queue.Queue()  # (new text, finished) per round, filled by the engine thread
         try:
