@@ -419,7 +419,10 @@ def test_train_pipeline_saves_reports_and_resumes(tmp_path):
     for name in ("train_results.json", "eval_results.json", "trainer_state.json", "checkpoint-2"):
         assert (tmp_path / "out" / name).exists(), name
 
-    # Two more steps from the last checkpoint equal four steps in one go.
+    # Two more steps from the last checkpoint equal four steps in one go; a newer checkpoint left half-written by a
+    # killed run is skipped.
+    (tmp_path / "out" / "checkpoint-3").mkdir()
+    (tmp_path / "out" / "checkpoint-3" / "model.safetensors").write_bytes(b"")
     resumed = run(tmp_path / "out", 4, resume="latest")
     straight = run(tmp_path / "straight", 4)
     assert resumed.trainer.state.global_step == straight.trainer.state.global_step == 4

@@ -36,6 +36,7 @@ from .pipeline import (
     apply_draft_vocabulary,
     build_training_draft,
     cache_target_features,
+    latest_complete_checkpoint,
     load_training_datasets,
     train,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "dspark_loss",
     "expected_acceptance_length",
     "frequent_token_ids",
+    "latest_complete_checkpoint",
     "load_prompts",
     "load_target_cache_info",
     "load_training_dataset",

@@ -30,6 +30,7 @@ __all__ = [
     "apply_draft_vocabulary",
     "build_training_draft",
     "cache_target_features",
+    "latest_complete_checkpoint",
     "load_training_datasets",
     "train",
 ]
@@ -169,6 +170,22 @@ def cache_target_features(
     )
 
 
+CHECKPOINT_WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` that holds weights and `trainer_state.json` (written last by
+    the `Trainer`), or None when there is none. Newer folders a killed run left half-written are skipped with a
+    warning."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if (folder / "trainer_state.json").is_file() and any((folder / w).is_file() for w in CHECKPOINT_WEIGHTS):
+            return str(folder)
+        logger.warning("Skipping %s: it is incomplete (a run stopped while saving it).", folder)
+    logger.warning("No complete checkpoint in %s to resume from; training starts from the beginning.", output_dir)
+    return None
+
+
 @dataclass
 class DraftTrainingResult:
     """What [`train`] returns: the trainer (its model is the trained draft, PEFT-wrapped when an adapter was
@@ -216,7 +233,8 @@ def train(
         peft_config: a `peft` config (e.g. `LoraConfig`): train an adapter on the draft instead of the draft.
         training_args: [`DSparkTrainingArguments`] fields; `output_dir` and `seed` are filled in, and with an eval
             dataset `eval_strategy` defaults to "steps" when `eval_steps` is given, else "epoch".
-        resume_from_checkpoint: a checkpoint folder, or True / "latest" for the last checkpoint in `output_dir`.
+        resume_from_checkpoint: a checkpoint folder, or True / "latest" for the newest complete checkpoint in
+            `output_dir` ([`latest_complete_checkpoint`]; none: from the beginning).
     """
     draft = build_training_draft(
         target, tokenizer, draft, num_draft_layers=num_draft_layers, config_overrides=draft_config, seed=seed
@@ -246,8 +264,8 @@ def train(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
-    if resume_from_checkpoint == "latest":
-        resume_from_checkpoint = True
+    if resume_from_checkpoint in ("latest", True):
+        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(str(output_dir))
     trainer.save_metrics("train", output.metrics)
