@@ -645,6 +645,13 @@ def test_calibrate_refuses_rounds_of_another_block_size_and_missing_inputs(targe
         calibrate(None, draft)
 
 
+def test_cli_calibrate_refuses_empty_prompts_before_loading_models(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    arguments = ["calibrate", "--target", str(tmp_path / "no-such-target"), "--draft", "d", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="holds no prompts"):
+        run_command([*arguments, "--prompts", str(tmp_path / "empty.jsonl")])
+
+
 def test_cli_profile(target, tmp_path):
     target_dir, draft_dir = tmp_path / "target", tmp_path / "draft"
     target.save_pretrained(target_dir)

@@ -86,6 +86,11 @@ def run(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.rounds:  # bad or empty prompts fail here, before any model loads
+        from ..training.data import load_prompts
+
+        if not load_prompts(args.prompts):
+            raise SystemExit(f"dspark-hf calibrate: --prompts {args.prompts} holds no prompts.")
     target, tokenizer = target_from_args(args) if args.target else (None, None)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     try:
