@@ -133,6 +133,53 @@ def make_hybrid_target(family: str = "qwen3_5", vocab_size: int = 32, seed: int 
     return model_class(config).eval()
 
 
+GEMMA4_KINDS = ("text", "multimodal")
+
+
+def make_gemma4_target(kind: str = "text", vocab_size: int = 32, seed: int = 0, sliding_window: int = 8, **overrides):
+    """A tiny random Gemma 4 target in eval mode: `Gemma4ForCausalLM` ("text") or the top-level multimodal
+    `Gemma4ForConditionalGeneration` with `vision_config=None, audio_config=None` ("multimodal").
+
+    Sliding and full-attention layers differ as in the released models: full-attention layers use `global_head_dim`
+    (32, ≠ `head_dim` 16) and, with `attention_k_eq_v`, `num_global_key_value_heads` (1) with values = keys;
+    logits are soft-capped. `overrides` set any other text-config field.
+    """
+    from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
+
+    fields = {
+        "vocab_size": vocab_size,
+        "vocab_size_per_layer_input": vocab_size,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": 5,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention", "full_attention"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True,
+        "hidden_size_per_layer_input": 0,
+        "sliding_window": sliding_window,
+        "final_logit_softcapping": 10.0,
+        "max_position_embeddings": 512,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": 0,  # the multimodal model masks multimodal positions with it
+        "tie_word_embeddings": False,
+        "initializer_range": 0.1,  # larger than the default, so that a wrong rollback shows in greedy outputs
+        **overrides,
+    }
+    torch.manual_seed(seed)
+    if kind == "text":
+        return Gemma4ForCausalLM(Gemma4TextConfig(**fields)).eval()
+    config = Gemma4Config(
+        text_config=fields, vision_config=None, audio_config=None, tie_word_embeddings=False,
+        initializer_range=fields["initializer_range"],  # the multimodal model initialises with the top-level value
+    )
+    return Gemma4ForConditionalGeneration(config).eval()
+
+
 def make_draft(target, block_size: int = 4, head: str = "markov", seed: int = 1, **overrides):
     """A fresh one-layer DSpark draft for a tiny target (rank-16 sequential head, the last token as mask), eval mode."""
     from dspark_hf import DSparkDraftModel
@@ -140,7 +187,7 @@ def make_draft(target, block_size: int = 4, head: str = "markov", seed: int = 1,
     torch.manual_seed(seed)
     return DSparkDraftModel.from_target(
         target, block_size=block_size, markov_head_type=head, markov_rank=16, num_hidden_layers=1,
-        mask_token_id=target.config.vocab_size - 1, **overrides,
+        mask_token_id=target.config.get_text_config().vocab_size - 1, **overrides,
     ).eval()
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TARGET_FAMILIES, make_target
+from conftest import TARGET_FAMILIES, make_gemma4_target, make_target
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel
 
@@ -335,7 +335,7 @@ def test_mask_token_prefers_unused_special_token(llama_target):
         ({"markov_rank": 0}, "markov_rank"),
         ({"target_layer_ids": []}, "target_layer_ids"),
         ({"target_layer_ids": [2, 1]}, "increasing"),
-        ({"target_layer_ids": [-1, 1]}, "non-negative"),
+        ({"target_layer_ids": [-2, 1]}, ">= -1"),
         ({"target_layer_ids": [3], "num_target_layers": 4}, "final norm"),
         ({"mask_token_id": 96}, "mask_token_id"),
         ({"calibration_temperatures": [1.0]}, "calibration_temperatures"),
@@ -345,6 +345,11 @@ def test_mask_token_prefers_unused_special_token(llama_target):
         ({"loss_position_decay": 0.0}, "loss_position_decay"),
         ({"draft_vocab_size": 0}, "draft_vocab_size"),
         ({"draft_vocab_size": VOCAB + 1}, "draft_vocab_size"),
+        ({"draft_architecture": "llama"}, "draft_architecture must be one of"),
+        ({"attention_k_eq_v": True}, "attention_k_eq_v=True needs draft_architecture='gemma4'"),
+        ({"use_double_wide_mlp": True}, "use_double_wide_mlp=True needs draft_architecture='gemma4'"),
+        ({"attention_scale": 0.0}, "attention_scale"),
+        ({"num_kv_shared_layers": -1}, "num_kv_shared_layers"),
     ],
 )
 def test_bad_config_raises_clear_error(overrides, message):
@@ -420,3 +425,64 @@ def test_forward_with_prev_ids_runs_the_heads(llama_target, head):
     torch.testing.assert_close(out.confidence_logits, draft.confidence_logits(hidden, prev_ids))
     if head != "none":  # the sequential head changes the logits, so the comparison above is not vacuous
         assert not torch.allclose(out.logits, backbone.logits.view(2, 2, GAMMA, -1))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Gemma 4 draft layer (draft_architecture="gemma4"; its numerics against the reference: test_reference_format.py)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma4_target():
+    return make_gemma4_target("text", vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("layout", ["hf", "deepspec"])
+def test_gemma4_drafts_save_and_load_bit_exact(tmp_path, gemma4_target, layout):
+    draft = make_draft(gemma4_target, "rnn", num_hidden_layers=2, calibration_temperatures=[1.0, 1.5, 2.0, 0.5])
+    assert draft.config.draft_architecture == "gemma4" and draft.config.attention_k_eq_v
+    draft.save_pretrained(tmp_path, layout=layout)
+    loaded = DSparkDraftModel.from_pretrained(tmp_path, target_model=gemma4_target).eval()
+    for name in ("draft_architecture", "head_dim", "num_key_value_heads", "attention_k_eq_v", "attention_scale",
+                 "hidden_act", "rope_parameters", "final_logit_softcapping", "calibration_temperatures"):
+        assert getattr(loaded.config, name) == getattr(draft.config, name), name
+    original_state, loaded_state = draft.state_dict(), loaded.state_dict()
+    assert original_state.keys() == loaded_state.keys() and "layers.1.layer_scalar" in original_state
+    assert all(torch.equal(original_state[k], loaded_state[k]) for k in original_state)
+    ids = torch.randint(0, VOCAB - 1, (1, 12))
+    features = context_features(gemma4_target, ids, draft.config.target_layer_ids)
+    assert torch.equal(run_blocks(draft, features, ids, [5]).logits, run_blocks(loaded, features, ids, [5]).logits)
+
+
+@pytest.mark.parametrize(
+    "layers, shared, double, widths",
+    [
+        (2, 1, True, [1, 2]),
+        (3, 2, True, [1, 2, 2]),
+        (2, 2, True, [1, 1]),  # the bound num_hidden_layers - num_kv_shared_layers must be > 0 (the reference's rule)
+        (2, 20, True, [1, 1]),  # a 35-layer target's 20 kv-shared layers copied into a 2-layer draft
+        (2, 0, True, [1, 1]),
+        (3, 1, False, [1, 1, 1]),
+    ],
+)
+def test_double_wide_mlps_follow_the_reference_rule(gemma4_target, layers, shared, double, widths):
+    draft = make_draft(
+        gemma4_target, num_hidden_layers=layers, num_kv_shared_layers=shared, use_double_wide_mlp=double
+    )
+    width = draft.config.intermediate_size
+    assert [layer.mlp.gate_proj.out_features for layer in draft.layers] == [w * width for w in widths]
+
+
+def test_gemma4_added_layers_start_as_identity_and_keep_their_widths(tmp_path, gemma4_target):
+    draft = make_draft(gemma4_target, num_hidden_layers=2, num_kv_shared_layers=1, use_double_wide_mlp=True)
+    ids = torch.randint(0, VOCAB - 1, (1, 12))
+    features = context_features(gemma4_target, ids, draft.config.target_layer_ids)
+    before = run_blocks(draft, features, ids, [3, 7]).logits
+    draft.add_layers(2)
+    width = draft.config.intermediate_size
+    assert [layer.mlp.gate_proj.out_features for layer in draft.layers] == [width, 2 * width, 2 * width, 2 * width]
+    assert (draft.config.num_hidden_layers, draft.config.num_kv_shared_layers) == (4, 3)
+    assert torch.equal(run_blocks(draft, features, ids, [3, 7]).logits, before)
+    draft.save_pretrained(tmp_path)
+    loaded = DSparkDraftModel.from_pretrained(tmp_path, target_model=gemma4_target)
+    assert [layer.mlp.gate_proj.out_features for layer in loaded.layers] == [width, 2 * width, 2 * width, 2 * width]

@@ -256,6 +256,7 @@ def model_card_section(draft: "DSparkDraftModel", model_id: str | None = None, l
         [
             ("block size γ", config.block_size),
             ("draft layers", config.num_hidden_layers),
+            *([] if config.draft_architecture == "qwen3" else [("layer design", f"`{config.draft_architecture}`")]),
             ("sequential head", head),
             ("confidence head", "yes" if config.confidence_head else "no"),
             ("target layers (`target_layer_ids`)", ", ".join(map(str, config.target_layer_ids))),

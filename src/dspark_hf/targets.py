@@ -15,6 +15,8 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_NUM_TARGET_FEATURES = 5
 DEFAULT_DRAFT_LAYERS = 2
+# Text-config model types of Gemma 4 targets: their drafts get the reference's Gemma 4 layer.
+GEMMA4_TEXT_MODEL_TYPES = ("gemma4_text", "gemma4_unified_text")
 
 
 def default_target_layer_ids(num_target_layers: int, num_features: int = DEFAULT_NUM_TARGET_FEATURES) -> list[int]:
@@ -89,18 +91,56 @@ def _embedding_scale(target: PreTrainedModel, config) -> float:
     return math.sqrt(config.hidden_size)
 
 
+def full_attention_layer_config(config):
+    """The config of one of the target's full-attention layers, per-layer overrides applied.
+
+    From transformers 5.24 on, attributes that differ between layers (Gemma 4's `head_dim` and `num_key_value_heads`,
+    whose full-attention layers use `global_head_dim` and `num_global_key_value_heads`) live in `per_layer_config`,
+    and reading them from the global config raises. A homogeneous config is returned as it is.
+    """
+    if not getattr(config, "is_heterogeneous", False):
+        return config
+    try:
+        return config.per_layer_config["full_attention"]
+    except ValueError:  # no layer type named so, or its layers differ: the last layer (a full-attention one in Gemma)
+        return config.per_layer_config[config.num_hidden_layers - 1]
+
+
+def _draft_architecture_fields(config, architecture: str) -> dict:
+    """The fields of `draft_architecture` that come from the target: for a Gemma 4 draft the reference's layer
+    (attention scale 1.0, values = keys where the target's full-attention layers do so, the double-wide MLP rule)."""
+    if architecture != "gemma4":
+        return {"draft_architecture": architecture}
+    return {
+        "draft_architecture": architecture,
+        "attention_scale": 1.0,
+        "attention_k_eq_v": bool(getattr(config, "attention_k_eq_v", False)),
+        "use_double_wide_mlp": bool(getattr(config, "use_double_wide_mlp", False)),
+        "num_kv_shared_layers": int(getattr(config, "num_kv_shared_layers", 0) or 0),
+    }
+
+
 def draft_config_from_target(target: PreTrainedModel, tokenizer=None, **overrides) -> DSparkDraftConfig:
-    """A [`DSparkDraftConfig`] sized for `target`; `overrides` set any field."""
+    """A [`DSparkDraftConfig`] sized for `target`; `overrides` set any field.
+
+    The draft's attention geometry is that of the target's full-attention layers. A Gemma 4 target (text-only or the
+    multimodal model, whose `text_config` is used) gets the reference's Gemma 4 draft layer
+    (`draft_architecture="gemma4"`); every other target the Qwen3-style one.
+    """
     config = target.config.get_text_config()
-    num_heads = config.num_attention_heads
+    layer = full_attention_layer_config(config)
+    num_heads = layer.num_attention_heads
+    architecture = overrides.get(
+        "draft_architecture", "gemma4" if config.model_type in GEMMA4_TEXT_MODEL_TYPES else "qwen3"
+    )
     fields = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
+        "intermediate_size": layer.intermediate_size,
         "num_hidden_layers": DEFAULT_DRAFT_LAYERS,
         "num_attention_heads": num_heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or num_heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+        "num_key_value_heads": getattr(layer, "num_key_value_heads", None) or num_heads,
+        "head_dim": getattr(layer, "head_dim", None) or config.hidden_size // num_heads,
         "hidden_act": getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu"),
         "max_position_embeddings": getattr(config, "max_position_embeddings", 32768),
         "rms_norm_eps": getattr(config, "rms_norm_eps", 1e-6),
@@ -112,6 +152,7 @@ def draft_config_from_target(target: PreTrainedModel, tokenizer=None, **override
         "pad_token_id": config.pad_token_id,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
+        **_draft_architecture_fields(config, architecture),
     }
     unknown = set(overrides) - set(DSparkDraftConfig.__dataclass_fields__)
     if unknown:

@@ -1,13 +1,18 @@
 """Import and export of the reference (DeepSpec) checkpoint layout that vLLM and SGLang serve.
 
-The reference layout is a Qwen3 config with flat DSpark fields (`block_size`, `target_layer_ids`, `mask_token_id`,
+The reference has two draft families, chosen by `architectures[0]`: `Qwen3DSparkModel` (a flat Qwen3 config) and
+`Gemma4DSparkModel` (a flat `gemma4_text` config with `global_head_dim`, `num_global_key_value_heads`,
+`attention_k_eq_v`, ...). Both carry the flat DSpark fields (`block_size`, `target_layer_ids`, `mask_token_id`,
 `num_anchors`, `markov_rank`, `markov_head_type`, `enable_confidence_head`, `confidence_head_with_markov`) and a
-self-contained state dict that also carries copies of the target's `embed_tokens` and `lm_head`. Our module names
-follow the reference keys but for the ones in `PARAMETER_RENAMES`, so conversion is a config mapping, those renames
-and the two copied tensors. `tests/fixtures/deepspec/` holds checkpoints written by the reference's own code.
+self-contained state dict that also holds copies of the target's `embed_tokens` (unscaled) and `lm_head`. They map
+to `DSparkDraftConfig.draft_architecture` "qwen3" and "gemma4". Our module names follow the reference keys but for
+the ones in `PARAMETER_RENAMES`, so conversion is a config mapping, those renames and the two copied tensors. A
+reference checkpoint this library cannot run the way the reference does raises `ValueError` naming the field.
+`tests/fixtures/deepspec/` holds checkpoints written by the reference's own code (its README documents the layout).
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -17,8 +22,12 @@ from torch import nn
 from transformers.utils import cached_file
 
 from ..models.dspark.configuration_dspark import DSparkDraftConfig
+from ..models.dspark.gemma4_layers import DSparkScaledEmbedding
 
-REFERENCE_ARCHITECTURE = "Qwen3DSparkModel"
+# The reference's draft classes (its `architectures[0]`) and config model types, per `draft_architecture`.
+REFERENCE_ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "gemma4": "Gemma4DSparkModel"}
+REFERENCE_ARCHITECTURE = REFERENCE_ARCHITECTURES["qwen3"]
+_MODEL_TYPES = {"qwen3": "qwen3", "gemma4": "gemma4_text"}
 WEIGHTS_NAME = "model.safetensors"
 # Our head names ↔ the reference's (`vanilla` is the reference name of the first-order Markov head).
 _HEAD_TO_REFERENCE = {"markov": "vanilla", "gated": "gated", "rnn": "rnn"}
@@ -44,6 +53,13 @@ _EXTRA_FIELDS = (
 # Reference fields with no meaning here: an import keeps them as config attributes (saved with the draft), so that a
 # later export writes them back.
 _REFERENCE_ONLY_FIELDS = ("num_anchors",)
+# The other entries of an imported Gemma 4 reference config that describe the target rather than the draft (its
+# sliding layers' `head_dim`, `sliding_window`, `target_model_type`, ...): kept in this config attribute and written
+# back under the reference's values on export.
+PASSTHROUGH_ATTRIBUTE = "deepspec_fields"
+_NOT_PASSED_THROUGH = (
+    "architectures", "model_type", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "per_layer_config"
+)
 # The draft vocabulary (`DSparkDraftModel.set_draft_vocabulary`) travels as a token-id list under _EXTRA_KEY, so the
 # reference state dict holds only tensors that vLLM and SGLang know.
 _VOCABULARY_KEY = "draft_vocab_ids"
@@ -69,6 +85,20 @@ _SHARED_FIELDS = (
     "bos_token_id",
     "eos_token_id",
 )
+# Gemma 4 reference fields our config holds under other names or computes from (read on import, written on export).
+_GEMMA4_FIELDS = (
+    "global_head_dim",
+    "num_global_key_value_heads",
+    "attention_k_eq_v",
+    "hidden_activation",
+    "use_double_wide_mlp",
+    "num_kv_shared_layers",
+    "enable_moe_block",
+    "hidden_size_per_layer_input",
+    "final_logit_softcapping",
+    "rope_parameters",
+    "layer_types",
+)
 
 
 def _read_config(path: str | os.PathLike, **kwargs) -> dict | None:
@@ -81,7 +111,8 @@ def _read_config(path: str | os.PathLike, **kwargs) -> dict | None:
 
 
 def is_deepspec_checkpoint(path: str | os.PathLike, **kwargs) -> bool:
-    """True when `path` holds a reference-layout checkpoint (any `*DSparkModel` architecture)."""
+    """True when `path` holds a reference-layout checkpoint (any `*DSparkModel` architecture; loading one this library
+    cannot read raises a `ValueError` that says why)."""
     try:
         config = _read_config(path, **kwargs)
     except OSError:
@@ -91,21 +122,39 @@ def is_deepspec_checkpoint(path: str | os.PathLike, **kwargs) -> bool:
     return any(str(a).endswith("DSparkModel") for a in config.get("architectures") or [])
 
 
+_MISSING = object()
+
+
+def _unsupported(field: str, value, expectation: str) -> ValueError:
+    found = f"no {field}" if value is _MISSING else f"{field}={value!r}"
+    return ValueError(f"Reference DSpark checkpoint has {found}, which this library cannot read: {expectation}.")
+
+
+def reference_family(flat: dict) -> str:
+    """The `draft_architecture` of a reference config, from `architectures[0]` as the reference's `eval.py` picks its
+    class; raises `ValueError` for any other class."""
+    architectures = flat.get("architectures") or []
+    name = architectures[0] if architectures else None
+    for family, reference_name in REFERENCE_ARCHITECTURES.items():
+        if name == reference_name:
+            return family
+    raise _unsupported(
+        "architectures[0]", name, f"the reference's draft classes are {sorted(REFERENCE_ARCHITECTURES.values())}"
+    )
+
+
 def reference_config(config: DSparkDraftConfig, dtype: torch.dtype) -> dict:
-    """The flat reference config of a draft."""
+    """The flat reference config of a draft (its `draft_architecture` picks the reference class)."""
+    family = config.draft_architecture
     rope = dict(config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
-    flat = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    kept = dict(getattr(config, PASSTHROUGH_ATTRIBUTE, None) or {}) if family == "gemma4" else {}
+    flat = {**kept, **{name: getattr(config, name) for name in _SHARED_FIELDS}}
     flat.update(
-        architectures=[REFERENCE_ARCHITECTURE],
-        model_type="qwen3",
+        architectures=[REFERENCE_ARCHITECTURES[family]],
+        model_type=_MODEL_TYPES[family],
         dtype=str(dtype).removeprefix("torch."),
         tie_word_embeddings=False,
-        use_sliding_window=False,
-        sliding_window=None,
         layer_types=["full_attention"] * config.num_hidden_layers,
-        rope_parameters=rope,
-        rope_theta=rope.get("rope_theta", 10000.0),
-        rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
         markov_rank=config.markov_rank if config.has_sequential_head else 0,
         enable_confidence_head=bool(config.confidence_head),
         confidence_head_with_markov=bool(
@@ -113,10 +162,46 @@ def reference_config(config: DSparkDraftConfig, dtype: torch.dtype) -> dict:
         ),
         num_anchors=getattr(config, "num_anchors", DEFAULT_NUM_ANCHORS),
     )
+    if family == "gemma4":
+        flat.update(_gemma4_reference_fields(config, kept, rope))
+        del flat["hidden_act"]
+    else:
+        flat.update(
+            use_sliding_window=False,
+            sliding_window=None,
+            rope_parameters=rope,
+            rope_theta=rope.get("rope_theta", 10000.0),
+            rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
+        )
     if config.has_sequential_head:
         flat["markov_head_type"] = _HEAD_TO_REFERENCE[config.markov_head_type]
     flat[_EXTRA_KEY] = {name: getattr(config, name) for name in _EXTRA_FIELDS}
     return flat
+
+
+def _gemma4_reference_fields(config: DSparkDraftConfig, kept: dict, rope: dict) -> dict:
+    """The Gemma 4 fields of the reference config. Our `head_dim` / `num_key_value_heads` are the draft layers' (the
+    reference's `global_head_dim` and, with `attention_k_eq_v`, `num_global_key_value_heads`); the reference's
+    `head_dim` and the kv-head count of the branch it does not use describe the target and keep an import's values."""
+    heads, k_eq_v = config.num_key_value_heads, bool(config.attention_k_eq_v)
+    return {
+        "head_dim": kept.get("head_dim", config.head_dim),
+        "global_head_dim": config.head_dim,
+        "num_key_value_heads": kept.get("num_key_value_heads", heads) if k_eq_v else heads,
+        "num_global_key_value_heads": heads if k_eq_v else kept.get("num_global_key_value_heads", heads),
+        "attention_k_eq_v": k_eq_v,
+        "hidden_activation": config.hidden_act,
+        "use_double_wide_mlp": bool(config.use_double_wide_mlp),
+        "num_kv_shared_layers": config.num_kv_shared_layers,
+        "enable_moe_block": False,
+        "hidden_size_per_layer_input": 0,
+        "final_logit_softcapping": config.final_logit_softcapping,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            **(kept.get("rope_parameters") or {}),
+            "full_attention": rope,
+        },
+    }
 
 
 def to_reference_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,16 +228,24 @@ def _draft_vocabulary(draft) -> list[int] | None:
 
 def config_from_reference(flat: dict) -> DSparkDraftConfig:
     """Inverse of [`reference_config`]; raises `ValueError` on a layout this library cannot serve."""
+    family = reference_family(flat)
     missing = [k for k in ("block_size", "target_layer_ids", "mask_token_id", "hidden_size", "vocab_size") if k not in flat]
     if missing:
         raise ValueError(f"Reference DSpark config is missing required field(s) {missing}.")
+    layer_types = flat.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        raise _unsupported(
+            "layer_types", layer_types, 'every draft layer must be "full_attention" (as build_draft_config writes)'
+        )
+    if not layer_types and flat.get("use_sliding_window"):  # Qwen3Config would then make sliding layers
+        raise _unsupported("use_sliding_window", True, "draft layers attend to the whole context (no sliding window)")
     rank = int(flat.get("markov_rank", 0) or 0)
     head = "none"
     if rank > 0:
         reference_head = str(flat.get("markov_head_type", "vanilla")).lower()
         if reference_head not in _HEAD_FROM_REFERENCE:
-            raise ValueError(
-                f"Reference markov_head_type={reference_head!r} is not supported; supported: {sorted(_HEAD_FROM_REFERENCE)}."
+            raise _unsupported(
+                "markov_head_type", reference_head, f"the reference's head types are {sorted(_HEAD_TO_REFERENCE.values())}"
             )
         head = _HEAD_FROM_REFERENCE[reference_head]
     confidence = bool(flat.get("enable_confidence_head", False))
@@ -167,24 +260,113 @@ def config_from_reference(flat: dict) -> DSparkDraftConfig:
         confidence_head=confidence,
         confidence_head_with_markov=bool(flat.get("confidence_head_with_markov", rank > 0)),
     )
+    if family == "gemma4":
+        fields.update(_gemma4_config_fields(flat))
     config = DSparkDraftConfig(**fields)
     for name in _REFERENCE_ONLY_FIELDS:
         if name in flat:
             setattr(config, name, flat[name])
+    if family == "gemma4":
+        consumed = {*_SHARED_FIELDS, *_GEMMA4_FIELDS, *_REFERENCE_ONLY_FIELDS, *_NOT_PASSED_THROUGH, _EXTRA_KEY}
+        kept = {k: v for k, v in flat.items() if k not in consumed or k in ("head_dim", "num_key_value_heads")}
+        if "num_global_key_value_heads" in flat:
+            kept["num_global_key_value_heads"] = flat["num_global_key_value_heads"]
+        kept["rope_parameters"] = {k: v for k, v in flat["rope_parameters"].items() if k != "full_attention"}
+        setattr(config, PASSTHROUGH_ATTRIBUTE, kept)
     return config
+
+
+def _gemma4_config_fields(flat: dict) -> dict:
+    """Our config fields for a `Gemma4DSparkModel` config; raises `ValueError` for what its constructor rejects or
+    what this library cannot run (per-layer inputs, MoE blocks, a missing head geometry)."""
+    # A missing entry takes Gemma4TextConfig's default there: enable_moe_block=False (fine), hidden_size_per_layer_input=256.
+    for field, expected, default in (("enable_moe_block", False, False), ("hidden_size_per_layer_input", 0, 256)):
+        value = flat.get(field, _MISSING)
+        if (default if value is _MISSING else value) != expected or value is None:
+            raise _unsupported(
+                field, value, f"the reference's Gemma4DSparkModel asserts {field} == {expected!r} (its draft layers "
+                f"have no MoE block and no per-layer inputs; a missing value means {default!r})"
+            )
+    flat = _global_fields_from_per_layer_config(flat)
+    k_eq_v = bool(flat.get("attention_k_eq_v", False))
+    required = ["global_head_dim", "num_global_key_value_heads" if k_eq_v else "num_key_value_heads"]
+    for field in required:
+        if flat.get(field) is None:
+            raise _unsupported(
+                field, flat.get(field, _MISSING), "the reference's Gemma4DSparkModel needs it for the draft's attention "
+                "geometry" + (" with attention_k_eq_v=true" if field == "num_global_key_value_heads" else "")
+            )
+    rope = flat.get("rope_parameters")
+    if not isinstance(rope, dict) or not isinstance(rope.get("full_attention"), dict):
+        raise _unsupported(
+            "rope_parameters", rope, 'the reference\'s Gemma4DSparkModel reads rope_parameters["full_attention"]'
+        )
+    return {
+        "draft_architecture": "gemma4",
+        "head_dim": flat["global_head_dim"],
+        "num_key_value_heads": flat[required[1]],
+        "attention_k_eq_v": k_eq_v,
+        "attention_scale": 1.0,
+        "hidden_act": flat.get("hidden_activation", "gelu_pytorch_tanh"),
+        "use_double_wide_mlp": bool(flat.get("use_double_wide_mlp", False)),
+        "num_kv_shared_layers": int(flat.get("num_kv_shared_layers") or 0),
+        "final_logit_softcapping": flat.get("final_logit_softcapping"),
+        "rope_parameters": dict(rope["full_attention"]),
+        # The reference scales the embedding by √hidden_size inside its embedding module, as the Gemma 4 target's
+        # own module does: the draft applies no scale of its own (see load_deepspec_checkpoint).
+        "embedding_scale": 1.0,
+    }
+
+
+def _global_fields_from_per_layer_config(flat: dict) -> dict:
+    """`global_head_dim` / `num_global_key_value_heads` of a config re-saved by transformers >= 5.24, which moves them
+    into `per_layer_config` (overrides of the full-attention layers, i.e. of every draft layer, written only where
+    they differ from `head_dim` / `num_key_value_heads`). Values that differ between layers stay missing."""
+    per_layer = flat.get("per_layer_config")
+    if not isinstance(per_layer, dict) or "global_head_dim" in flat:
+        return flat
+    layers = {int(index): overrides for index, overrides in per_layer.items()}
+    flat = dict(flat)
+    for name, attribute in (("global_head_dim", "head_dim"), ("num_global_key_value_heads", "num_key_value_heads")):
+        values = {layers.get(i, {}).get(attribute, flat.get(attribute)) for i in range(flat.get("num_hidden_layers", 0))}
+        if len(values) == 1 and name not in flat:
+            flat[name] = values.pop()
+    return flat
+
+
+def _check_exportable(draft) -> None:
+    """Raises `ValueError` when the reference class would compute something else than this draft."""
+    config = draft.config
+    embed, lm_head = draft.get_input_embeddings(), draft.get_output_embeddings()
+    if getattr(lm_head, "bias", None) is not None:
+        raise ValueError("The reference layout has no LM-head bias; this target's LM head has one.")
+    scale = config.attention_scale
+    if config.draft_architecture == "gemma4":
+        module_scale = float(getattr(embed, "embed_scale", 1.0))
+        expected = config.hidden_size**0.5
+        if not math.isclose(module_scale * config.embedding_scale, expected, rel_tol=1e-2):
+            raise ValueError(
+                f"The reference's Gemma4DSparkModel scales embeddings by sqrt(hidden_size)={expected:.4g}; this draft "
+                f"scales them by {module_scale * config.embedding_scale:.4g} (embedding module × embedding_scale)."
+            )
+        if scale != 1.0:
+            raise ValueError(f"The reference's Gemma4DSparkModel uses attention scale 1.0; this draft has {scale!r}.")
+    elif scale is not None and not math.isclose(scale, config.head_dim**-0.5):
+        raise ValueError(
+            f"The reference's Qwen3DSparkModel uses attention scale head_dim**-0.5; this draft has attention_scale={scale}."
+        )
 
 
 def save_deepspec_checkpoint(draft, save_directory: str | os.PathLike) -> None:
     """Writes `config.json` + `model.safetensors` in the reference layout (with embedding and LM-head copies)."""
+    _check_exportable(draft)
     embed, lm_head = draft.get_input_embeddings(), draft.get_output_embeddings()
-    if getattr(lm_head, "bias", None) is not None:
-        raise ValueError("The reference layout has no LM-head bias; this target's LM head has one.")
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         k: v for k, v in draft.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head.", _VOCABULARY_KEY))
     }
-    state["embed_tokens.weight"] = embed.weight
+    state["embed_tokens.weight"] = embed.weight  # unscaled: a scaling embedding module applies its factor itself
     state["lm_head.weight"] = lm_head.weight
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_reference_names(state).items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -199,8 +381,9 @@ def load_deepspec_checkpoint(
 ):
     """Builds a `model_class` draft (a [`DSparkDraftModel`]) from a reference-layout checkpoint.
 
-    The checkpoint's embedding and LM-head copies are kept as the draft's own modules until a target is attached.
-    Tensors keep their stored dtype unless `dtype` is given.
+    The checkpoint's embedding and LM-head copies are kept as the draft's own modules until a target is attached
+    (a Gemma 4 draft's embedding multiplies by √hidden_size, as the reference's does). Tensors keep their stored dtype
+    unless `dtype` is given.
     """
     dtype = kwargs.pop("torch_dtype", None) or dtype
     flat = _read_config(path, **kwargs)
@@ -215,7 +398,11 @@ def load_deepspec_checkpoint(
     if dtype is None or dtype == "auto":
         dtype = state["fc.weight"].dtype
     model = model_class(config)
-    model.embed_tokens = nn.Embedding(*state["embed_tokens.weight"].shape)
+    vocab, hidden = state["embed_tokens.weight"].shape
+    if config.draft_architecture == "gemma4":
+        model.embed_tokens = DSparkScaledEmbedding(vocab, hidden, scale=hidden**0.5)
+    else:
+        model.embed_tokens = nn.Embedding(vocab, hidden)
     model.lm_head = nn.Linear(state["lm_head.weight"].shape[1], state["lm_head.weight"].shape[0], bias=False)
     model.load_state_dict(state, strict=True)
     model.set_draft_vocabulary((flat.get(_EXTRA_KEY) or {}).get(_VOCABULARY_KEY))

@@ -6,6 +6,9 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 SEQUENTIAL_HEAD_TYPES = ("markov", "gated", "rnn", "none")
+# Layer designs of the draft backbone: the reference's two draft families (DeepSpec's Qwen3DSparkModel and
+# Gemma4DSparkModel). "qwen3" is every draft's default; "gemma4" is what from_target picks for a Gemma 4 target.
+DRAFT_ARCHITECTURES = ("qwen3", "gemma4")
 
 
 class DSparkDraftConfig(PreTrainedConfig):
@@ -22,8 +25,20 @@ class DSparkDraftConfig(PreTrainedConfig):
         intermediate_size (`int`): Width of the SwiGLU MLP in each draft layer.
         num_hidden_layers (`int`): Number of draft decoder layers.
         num_attention_heads (`int`), num_key_value_heads (`int`, *optional*), head_dim (`int`, *optional*):
-            Attention geometry (grouped-query attention when `num_key_value_heads < num_attention_heads`).
+            Attention geometry of every draft layer (grouped-query attention when `num_key_value_heads <
+            num_attention_heads`). For a Gemma 4 draft these are the target's full-attention (global) values:
+            `global_head_dim`, and `num_global_key_value_heads` with `attention_k_eq_v`.
         hidden_act (`str`): MLP activation.
+        draft_architecture (`str`): Layer design of the backbone. `"qwen3"` (default): pre-norm layers,
+            h += attn(norm(h)); h += mlp(norm(h)). `"gemma4"` (the reference's Gemma 4 draft): sandwich norms,
+            h += norm(attn(norm(h))); h = (h + norm(mlp(norm(h)))) · layer_scalar, a value norm without weight,
+            Gemma's float32 RMSNorm, and the options below.
+        attention_scale (`float`, *optional*): Factor on q·k before the softmax; None means `head_dim ** -0.5`.
+            Gemma 4 drafts use 1.0 (their q and k are RMS-normed per head).
+        attention_k_eq_v (`bool`): Gemma 4 only: no `v_proj`; the values are the `k_proj` output (before `k_norm`).
+        use_double_wide_mlp (`bool`), num_kv_shared_layers (`int`): Gemma 4 only, as in the reference: with
+            `use_double_wide_mlp`, draft layers `i >= num_hidden_layers - num_kv_shared_layers > 0` have an MLP of
+            twice `intermediate_size` (see [`mlp_intermediate_size`]).
         rope_parameters (`dict`, *optional*): RoPE settings, as in transformers (copied from the target).
         num_target_layers (`int`, *optional*): Number of decoder layers of the target.
         target_layer_ids (`list[int]`): Target layers whose outputs form the context features. Layer `i` means
@@ -66,6 +81,11 @@ class DSparkDraftConfig(PreTrainedConfig):
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     hidden_act: str = "silu"
+    draft_architecture: str = "qwen3"
+    attention_scale: float | None = None
+    attention_k_eq_v: bool = False
+    use_double_wide_mlp: bool = False
+    num_kv_shared_layers: int = 0
     max_position_embeddings: int = 32768
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
@@ -113,6 +133,13 @@ class DSparkDraftConfig(PreTrainedConfig):
     def has_sequential_head(self) -> bool:
         return self.markov_head_type != "none"
 
+    def mlp_intermediate_size(self, layer_idx: int) -> int:
+        """Width of the MLP of draft layer `layer_idx`: `intermediate_size`, doubled with `use_double_wide_mlp` for
+        layers `>= num_hidden_layers - num_kv_shared_layers` when that bound is > 0 (the reference's rule)."""
+        first_shared = self.num_hidden_layers - self.num_kv_shared_layers
+        double = self.use_double_wide_mlp and layer_idx >= first_shared > 0
+        return self.intermediate_size * (2 if double else 1)
+
     def validate_dspark(self) -> None:
         """Checks every DSpark field; raises `ValueError` naming the field, its value and the fix."""
         positive = {
@@ -144,6 +171,7 @@ class DSparkDraftConfig(PreTrainedConfig):
                 f"got {self.markov_rank!r}."
             )
         self._validate_target_layer_ids()
+        self._validate_architecture()
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(
                 f"mask_token_id={self.mask_token_id} is outside the vocabulary [0, {self.vocab_size}); pick a "
@@ -186,6 +214,24 @@ class DSparkDraftConfig(PreTrainedConfig):
         if self.embedding_scale <= 0:
             raise ValueError(f"embedding_scale must be > 0, got {self.embedding_scale}.")
 
+    def _validate_architecture(self) -> None:
+        if self.draft_architecture not in DRAFT_ARCHITECTURES:
+            raise ValueError(
+                f"draft_architecture must be one of {DRAFT_ARCHITECTURES}, got {self.draft_architecture!r}."
+            )
+        if self.draft_architecture != "gemma4":
+            for name in ("attention_k_eq_v", "use_double_wide_mlp"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"{name}=True needs draft_architecture='gemma4' (a Gemma 4 draft layer); this config has "
+                        f"draft_architecture={self.draft_architecture!r}."
+                    )
+        if not isinstance(self.num_kv_shared_layers, int) or self.num_kv_shared_layers < 0:
+            raise ValueError(f"num_kv_shared_layers must be an integer >= 0, got {self.num_kv_shared_layers!r}.")
+        scale = self.attention_scale
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"attention_scale must be a finite number > 0 or None (head_dim ** -0.5), got {scale!r}.")
+
     def _validate_target_layer_ids(self) -> None:
         ids = self.target_layer_ids
         if not ids:
@@ -202,4 +248,4 @@ class DSparkDraftConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["DSparkDraftConfig"]
+__all__ = ["DRAFT_ARCHITECTURES", "DSparkDraftConfig"]

@@ -1,4 +1,7 @@
-"""DSpark draft model: parallel backbone with KV injection, sequential heads and confidence head."""
+"""DSpark draft model: parallel backbone with KV injection, sequential heads and confidence head.
+
+The backbone's layers are in `layers.py` (the Qwen3-style layer) and `gemma4_layers.py` (the reference's Gemma 4
+layer); `config.draft_architecture` picks one."""
 
 import os
 from collections.abc import Sequence
@@ -8,18 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from ...compat import UploadHook
 from ...model_card import DSparkModelCardData, load_model_card_data, save_model_card
 from .configuration_dspark import DSparkDraftConfig
+from .gemma4_layers import DSparkGemma4DecoderLayer, DSparkGemma4RMSNorm
 from .heads import DSparkConfidenceHead, DSparkGatedMarkovHead, DSparkMarkovHead, DSparkRNNHead
+from .layers import DSparkDecoderLayer, DSparkRMSNorm, DSparkRotaryEmbedding
 
 logger = logging.get_logger(__name__)
 
 SHARED_WEIGHT_PREFIXES = ("embed_tokens.", "lm_head.")
+# The decoder layer and RMSNorm of each `config.draft_architecture`.
+_LAYER_CLASSES = {"qwen3": DSparkDecoderLayer, "gemma4": DSparkGemma4DecoderLayer}
+_NORM_CLASSES = {"qwen3": DSparkRMSNorm, "gemma4": DSparkGemma4RMSNorm}
 
 
 def target_hidden_state_indices(target_layer_ids: Sequence[int]) -> list[int]:
@@ -71,162 +78,6 @@ class DSparkContextCache:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Backbone
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class DSparkRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(dtype)
-
-
-class DSparkRotaryEmbedding(nn.Module):
-    """RoPE tables for arbitrary position ids; supports every rope type transformers knows."""
-
-    def __init__(self, config: DSparkDraftConfig):
-        super().__init__()
-        self.config = config
-        self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-        inv_freq, self.attention_scaling = self.rope_init_fn(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-
-    @property
-    def rope_init_fn(self):
-        if self.rope_type == "default":
-            return self.compute_default_rope_parameters
-        return ROPE_INIT_FUNCTIONS[self.rope_type]
-
-    @staticmethod
-    def compute_default_rope_parameters(config: DSparkDraftConfig, device=None, seq_len=None):
-        base = (config.rope_parameters or {}).get("rope_theta", 10000.0)
-        dim = config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-        return inv_freq, 1.0
-
-    @torch.no_grad()
-    def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(batch, len)` positions → cos, sin of shape `(batch, len, head_dim)`."""
-        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.float().to(position_ids.device)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: `(batch, heads, len, head_dim)`; cos/sin: `(batch, len, head_dim)`."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
-class DSparkAttention(nn.Module):
-    """Attention of block queries over [context K/V ; block K/V] (paper eq. 3)."""
-
-    def __init__(self, config: DSparkDraftConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.q_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.k_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-
-    def keys_values(
-        self, states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """States `(batch, len, d)` → keys, values `(batch, kv_heads, len, head_dim)`."""
-        batch, length, _ = states.shape
-        keys = self.k_norm(self.k_proj(states).view(batch, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        values = self.v_proj(states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(keys, *rope), values
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        block_rope: tuple[torch.Tensor, torch.Tensor],
-        context: tuple[torch.Tensor, torch.Tensor] | None,
-        attention_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        batch, q_len, _ = hidden_states.shape
-        queries = self.q_norm(self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim))
-        queries = apply_rotary(queries.transpose(1, 2), *block_rope)
-        keys, values = self.keys_values(hidden_states, block_rope)
-        if context is not None:
-            keys = torch.cat([context[0], keys], dim=-2)
-            values = torch.cat([context[1], values], dim=-2)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=1)
-            values = values.repeat_interleave(groups, dim=1)
-        dropout = self.config.attention_dropout if self.training else 0.0
-        if self.config._attn_implementation == "eager":
-            scores = torch.matmul(queries, keys.transpose(-1, -2)) * self.scaling
-            if attention_mask is not None:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores.float(), dim=-1).to(queries.dtype)
-            probs = F.dropout(probs, p=dropout, training=self.training)
-            output = torch.matmul(probs, values)
-        else:
-            output = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling
-            )
-        output = output.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
-        return self.o_proj(output)
-
-
-class DSparkMLP(nn.Module):
-    def __init__(self, config: DSparkDraftConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DSparkDecoderLayer(nn.Module):
-    def __init__(self, config: DSparkDraftConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = DSparkAttention(config, layer_idx)
-        self.mlp = DSparkMLP(config)
-        self.input_layernorm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        block_rope: tuple[torch.Tensor, torch.Tensor],
-        context: tuple[torch.Tensor, torch.Tensor] | None,
-        attention_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        attention = self.self_attn(self.input_layernorm(hidden_states), block_rope, context, attention_mask)
-        hidden_states = hidden_states + attention
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -257,7 +108,7 @@ class DSparkPreTrainedModel(UploadHook, PreTrainedModel):
     base_model_prefix = "dspark"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["DSparkDecoderLayer"]
+    _no_split_modules = ["DSparkDecoderLayer", "DSparkGemma4DecoderLayer"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"^embed_tokens\.", r"^lm_head\."]
 
@@ -266,6 +117,8 @@ class DSparkPreTrainedModel(UploadHook, PreTrainedModel):
         if isinstance(module, DSparkMarkovHead):
             # A zero transition matrix starts the draft exactly at its DFlash backbone.
             nn.init.zeros_(module.markov_w2.weight)
+        elif isinstance(module, DSparkGemma4DecoderLayer):
+            init.ones_(module.layer_scalar)
 
 
 class DSparkDraftModel(DSparkPreTrainedModel):
@@ -283,9 +136,10 @@ class DSparkDraftModel(DSparkPreTrainedModel):
                 "or pass mask_token_id= (a reserved or unused special token of the target's tokenizer)."
             )
         self.fc = nn.Linear(len(config.target_layer_ids) * config.hidden_size, config.hidden_size, bias=False)
-        self.hidden_norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.layers = nn.ModuleList(DSparkDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = DSparkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        norm_class, layer_class = _NORM_CLASSES[config.draft_architecture], _LAYER_CLASSES[config.draft_architecture]
+        self.hidden_norm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DSparkRotaryEmbedding(config)
         head_classes = {"markov": DSparkMarkovHead, "gated": DSparkGatedMarkovHead, "rnn": DSparkRNNHead}
         self.markov_head = head_classes[config.markov_head_type](config) if config.has_sequential_head else None
@@ -305,7 +159,9 @@ class DSparkDraftModel(DSparkPreTrainedModel):
     def from_target(cls, target: PreTrainedModel, tokenizer=None, **overrides) -> "DSparkDraftModel":
         """Builds a fresh, randomly initialised draft for `target` (any transformers causal LM) and attaches it.
 
-        Width, vocabulary, attention geometry and RoPE settings are copied from the target; `overrides` set any
+        Width, vocabulary, attention geometry (of the target's full-attention layers) and RoPE settings are copied
+        from the target; a Gemma 4 target (`Gemma4ForCausalLM` or the multimodal `Gemma4ForConditionalGeneration`)
+        gets the reference's Gemma 4 draft layer (`draft_architecture="gemma4"`). `overrides` set any
         [`DSparkDraftConfig`] field (e.g. `num_hidden_layers=2, block_size=8, markov_head_type="rnn"`).
         Pass the target's `tokenizer` so that `mask_token_id` is chosen among its unused special tokens.
         """
@@ -412,18 +268,22 @@ class DSparkDraftModel(DSparkPreTrainedModel):
 
         Each new layer's attention output and MLP down projections are zero, so right after the call the draft
         computes exactly what it did before; training then grows the new layers from there. Updates
-        `config.num_hidden_layers`.
+        `config.num_hidden_layers` (and a non-zero `num_kv_shared_layers` by as many, so that the existing layers keep
+        their MLP widths).
         """
         if num_layers < 1:
             raise ValueError(f"add_layers needs a positive number of layers, got {num_layers}.")
         reference = self.fc.weight
-        for _ in range(num_layers):
-            layer = DSparkDecoderLayer(self.config, len(self.layers))
+        existing = len(self.layers)
+        self.config.num_hidden_layers = existing + num_layers
+        if self.config.num_kv_shared_layers:
+            self.config.num_kv_shared_layers += num_layers
+        for index in range(existing, existing + num_layers):
+            layer = _LAYER_CLASSES[self.config.draft_architecture](self.config, index)
             layer.apply(self._init_weights)
             nn.init.zeros_(layer.self_attn.o_proj.weight)
             nn.init.zeros_(layer.mlp.down_proj.weight)
             self.layers.append(layer.to(dtype=reference.dtype, device=reference.device))
-        self.config.num_hidden_layers = len(self.layers)
         return self
 
     def train(self, mode: bool = True) -> "DSparkDraftModel":
