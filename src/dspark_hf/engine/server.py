@@ -148,13 +148,23 @@ class DSparkServer(ThreadingHTTPServer):
                                          "code": 503}}).encode()
             head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
                     "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
-            try:
-                request.sendall(head.encode() + body)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+            threading.Thread(target=self._refuse, args=(request, head.encode() + body), daemon=True).start()
             return
         super().process_request(request, client_address)
+
+    def _refuse(self, connection, answer: bytes) -> None:
+        """Sends `answer`, then reads what the client still sends before closing, so that the close does not reset
+        the connection before the client has read the answer."""
+        try:
+            connection.sendall(answer)
+            connection.shutdown(socket.SHUT_WR)
+            connection.settimeout(1.0)
+            while connection.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            connection.close()
 
     def process_request_thread(self, request, client_address) -> None:
         try:
