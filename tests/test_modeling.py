@@ -233,6 +233,21 @@ def test_hf_layout_stores_no_target_weights(tmp_path, llama_target):
     assert "fc.weight" in keys and "markov_head.markov_w1.weight" in keys
 
 
+def test_a_checkpoint_missing_weights_is_refused_unless_allowed(tmp_path, llama_target):
+    from safetensors.torch import load_file, save_file
+
+    make_draft(llama_target, "markov").save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["confidence_head.proj.bias"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights \['confidence_head.proj.bias'\]"):
+        DSparkDraftModel.from_pretrained(tmp_path, target_model=llama_target)
+    draft, info = DSparkDraftModel.from_pretrained(tmp_path, allow_missing_weights=True, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["confidence_head.proj.bias"] and draft.confidence_head is not None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DSparkDraftModel.from_pretrained(tmp_path / "no-such-draft")
+
+
 def test_deepspec_layout_keys_and_config(tmp_path, llama_target):
     draft = make_draft(llama_target)
     draft.save_pretrained(tmp_path, layout="deepspec")

@@ -480,22 +480,42 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         save_model_card(self, working_dir, model_id=repo_id)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, target_model=None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, target_model=None, allow_missing_weights: bool = False, **kwargs
+    ):
         """Loads a draft saved in either layout (detected from its config) with the data of its model card;
         attaches `target_model` if given and, unless `device_map` is passed, moves the draft to the target's device
-        (`target_model.device`)."""
-        from ...formats.deepspec import is_deepspec_checkpoint, load_deepspec_checkpoint
+        (`target_model.device`).
 
+        A checkpoint that lacks some of the draft's weights is refused with an error naming them (transformers would
+        initialise them randomly with a warning); pass `allow_missing_weights=True` to initialise them. Weights of
+        another shape are refused by transformers unless `ignore_mismatched_sizes=True`. With
+        `output_loading_info=True` the result is `(model, loading_info)`, as in transformers.
+        """
+        from ...formats.deepspec import is_deepspec_checkpoint, load_deepspec_checkpoint
+        from ...targets import check_local_path
+
+        check_local_path(pretrained_model_name_or_path, "draft")
+        wants_info, info = kwargs.pop("output_loading_info", False), {}
         if is_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs):
             model = load_deepspec_checkpoint(cls, pretrained_model_name_or_path, **kwargs)
         else:
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+            missing = sorted(info.get("missing_keys") or [])
+            if missing and not allow_missing_weights:
+                raise ValueError(
+                    f"The draft checkpoint at {pretrained_model_name_or_path} lacks weights {missing}: they would be "
+                    "randomly initialised. Check that it is the checkpoint of this draft configuration, or pass "
+                    "allow_missing_weights=True to initialise them."
+                )
         model.model_card_data = load_model_card_data(pretrained_model_name_or_path, **kwargs)
         if target_model is not None:
             if kwargs.get("device_map") is None:
                 model.to(target_model.device)
             model.attach(target_model)
-        return model
+        return (model, info) if wants_info else model
 
 
 __all__ = [
