@@ -532,6 +532,17 @@ def test_cli_train(tmp_path):
         )
 
 
+def test_cli_train_checks_local_inputs_before_loading_the_target(tmp_path):
+    from dspark_hf.cli import run_command
+
+    arguments = ["train", "--target", str(tmp_path / "no-target"), "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="--data .* does not exist"):
+        run_command([*arguments, "--data", str(tmp_path / "no-data")])
+    (tmp_path / "data.jsonl").write_text('{"messages": []}\n')
+    with pytest.raises(FileNotFoundError, match="draft path"):
+        run_command([*arguments, "--data", str(tmp_path / "data.jsonl"), "--draft", str(tmp_path / "no-draft")])
+
+
 def test_cli_train_rejects_an_empty_draft_vocabulary(tmp_path):
     from dspark_hf.cli import run_command
 

@@ -2,8 +2,10 @@
 
 import argparse
 import json
+import os
 import sys
 
+from ..targets import check_local_path
 from .arguments import add_target_arguments, parse_csv, parse_mapping, require, target_from_args
 
 NAME = "train"
@@ -133,6 +135,12 @@ def run(args: argparse.Namespace):
             f"--draft-vocab-size must be a positive number of tokens (e.g. 8192), got {args.draft_vocab_size}; "
             "leave it out to train over the whole vocabulary."
         )
+    for option in ("data", "eval_data", "target_cache"):  # local inputs, checked before the target loads
+        path = getattr(args, option)
+        if path and not os.path.exists(path):
+            raise SystemExit(f"dspark-hf train: --{option.replace('_', '-')} {path} does not exist.")
+    if args.draft:
+        check_local_path(args.draft, "draft")  # a Hub id passes
     from ..training.pipeline import build_training_draft, load_training_datasets, train
 
     target, tokenizer = target_from_args(args, require_tokenizer=False)
