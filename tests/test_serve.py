@@ -170,6 +170,20 @@ def test_bad_requests(served, body, status, match):
     assert error.value.code == status and match in json.loads(error.value.read())["error"]["message"]
 
 
+def spy_on_cancel(server, monkeypatch) -> threading.Event:
+    """An event set once the engine has cancelled a request (its `cancel` still runs)."""
+    cancelled = threading.Event()
+    original = server.engine.cancel
+
+    def spy(request_id):
+        result = original(request_id)
+        cancelled.set()
+        return result
+
+    monkeypatch.setattr(server.engine, "cancel", spy)
+    return cancelled
+
+
 def raw_request(server, head: bytes, body: bytes = b"", close_write: bool = False) -> bytes:
     """Sends `head` + `body` on a fresh connection and returns everything the server answers."""
     with socket.create_connection(server.server_address[:2], timeout=60) as connection:
@@ -209,21 +223,13 @@ def test_a_long_prompt_is_refused_with_the_cap(served):
 
 def test_disconnected_non_streaming_request_is_cancelled(served, monkeypatch):
     server, _, _ = served
-    cancelled = threading.Event()
-    original = server.engine.cancel
-
-    def spy(request_id):
-        result = original(request_id)
-        cancelled.set()
-        return result
-
+    cancelled = spy_on_cancel(server, monkeypatch)
     step = server.engine.step
 
     def slow_step():  # keeps the request running well past the handler's first check for a departed client
         time.sleep(0.05)
         return step()
 
-    monkeypatch.setattr(server.engine, "cancel", spy)
     monkeypatch.setattr(server.engine, "step", slow_step)
     body = json.dumps({"messages": [{"role": "user", "content": "w1 w2"}], "temperature": 0, "max_tokens": 400}).encode()
     with socket.create_connection(server.server_address[:2], timeout=30) as connection:
@@ -327,15 +333,7 @@ def test_unknown_route(served):
 def test_disconnected_stream_is_cancelled(served, monkeypatch):
     """A client that goes away mid-stream frees its slot: the handler cancels its request."""
     server, _, _ = served
-    cancelled = threading.Event()
-    original = server.engine.cancel
-
-    def spy(request_id):
-        result = original(request_id)
-        cancelled.set()
-        return result
-
-    monkeypatch.setattr(server.engine, "cancel", spy)
+    cancelled = spy_on_cancel(server, monkeypatch)
     body = json.dumps({"messages": [{"role": "user", "content": "w1 w2 w3"}], "temperature": 0, "max_tokens": 400,
                        "stream": True}).encode()
     with socket.create_connection(server.server_address[:2], timeout=30) as connection:
