@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+import dspark_hf.engine.engine as engine_module
 import dspark_hf.speculative.round as speculative_module
 from dspark_hf.engine import DSparkEngine, SamplingParams, warp_logits
 from dspark_hf.scheduling import (
@@ -35,6 +36,7 @@ from dspark_hf.scheduling import (
     profile_verify_cost,
 )
 from dspark_hf.speculative.round import draw_tokens
+from dspark_hf.speculative.sampling import RequestSamplingWarper
 
 VOCAB = 32
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"  # ids 0..30; 31 is "<eos>" (and the drafts' mask token)
@@ -174,6 +176,50 @@ def test_a_poisoned_request_fails_alone(targets, drafts, poison):
     for request, (_, prompt, params) in zip(requests[:1] + requests[2:], arrivals[:1] + arrivals[2:], strict=True):
         assert request.finish_reason == "length"
         assert request.token_ids == reference(target, prompt, params.max_new_tokens)
+    assert not engine.has_unfinished() and engine.num_active == 0
+
+
+class RoundFaultWarper(RequestSamplingWarper):
+    """Sampling that raises from the third call of any batch holding a request with max_new_tokens=17, i.e. in that
+    request's second speculative round (its prefill and first round sample cleanly)."""
+
+    calls = 0
+
+    def __init__(self, params, device):
+        super().__init__(params, device)
+        self.poisoned = any(p.max_new_tokens == 17 for p in params)
+
+    def probabilities(self, logits):
+        if self.poisoned:
+            RoundFaultWarper.calls += 1
+            if RoundFaultWarper.calls >= 3:
+                raise RuntimeError("injected sampling fault")
+        return super().probabilities(logits)
+
+
+@pytest.mark.parametrize("policy", ["full", "prefix"])
+def test_a_request_whose_round_fails_fails_alone(targets, drafts, monkeypatch, policy):
+    """Fault injection inside a round: the poisoned request finishes with an error; the healthy streaming requests
+    batched with it stream exactly their final tokens, which equal plain generate's, and the engine goes idle."""
+    monkeypatch.setattr(engine_module, "RequestSamplingWarper", RoundFaultWarper)
+    monkeypatch.setattr(RoundFaultWarper, "calls", 0)
+    target = targets["llama"]
+    engine = make_engine(target, drafts[("llama", True)], policy)
+    streamed = {}
+
+    def callback(request, tokens, text):
+        streamed.setdefault(request.request_id, []).extend(tokens)
+
+    healthy = [([1, 2, 3], 12), ([4, 5], 9), ([6], 14)]
+    requests = [engine.add_request(p, SamplingParams(max_new_tokens=n), callback=callback) for p, n in healthy]
+    poisoned = engine.add_request([7, 8], SamplingParams(max_new_tokens=17), callback=callback)
+    while engine.has_unfinished():
+        engine.step()
+    assert poisoned.finish_reason == "error" and "injected sampling fault" in poisoned.error
+    assert RoundFaultWarper.calls >= 3  # the fault did fire in a round
+    for request, (prompt, n) in zip(requests, healthy, strict=True):
+        assert request.finish_reason == "length"
+        assert request.token_ids == streamed[request.request_id] == reference(target, prompt, n)
     assert not engine.has_unfinished() and engine.num_active == 0
 
 

@@ -73,3 +73,21 @@ def test_map_applies_to_every_cached_tensor():
     kv.map(lambda t: t * 2)
     keys, _ = compat.cache_layer_tensors(kv.cache)
     assert keys[1][0, 0, :, 0].tolist() == [4.0, 6.0] and kv.draft_cache.keys[0][0, 0, :, 0].tolist() == [22.0, 24.0]
+
+
+def test_take_copies_rows_and_leaves_the_layout_as_it_was():
+    kv = make_layout([[None, 1, 2], [3, 4, None], [5, 6, 7]])
+    taken = kv.take(torch.tensor([1]))
+    assert valid_labels(taken) == [[3, 4]] and taken.width == 2  # trimmed to the slots row 1 uses
+    assert valid_labels(kv) == [[1, 2], [3, 4], [5, 6, 7]] and kv.width == 3
+    taken.map(lambda t: t + 100)  # a copy: changing it leaves the source alone
+    assert valid_labels(kv) == [[1, 2], [3, 4], [5, 6, 7]]
+
+
+def test_truncate_drops_appended_slots_from_every_cache():
+    kv = make_layout([[1, 2], [3, None]])
+    valid_before = kv.valid
+    grown = make_layout([[1, 2, 8], [3, None, 9]])
+    kv.cache, kv.draft_cache, kv.valid = grown.cache, grown.draft_cache, grown.valid
+    kv.truncate(2, valid_before)
+    assert kv.width == 2 and valid_labels(kv) == [[1, 2], [3]]

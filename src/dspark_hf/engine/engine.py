@@ -279,7 +279,9 @@ class DSparkEngine:
     def run_forever(self, stop: threading.Event, idle_wait_s: float = 0.05) -> None:
         """Steps while there is work until `stop` is set (run it in one background thread).
 
-        An exception inside a step finishes every request with `finish_reason="error"` instead of killing the loop.
+        A prefill or round that raises fails only the request it is pinned on ([`step`] retries the others one at
+        a time); an exception that no single request explains finishes every request with `finish_reason="error"`
+        instead of killing the loop.
         """
         while not stop.is_set():
             with self._lock:
@@ -319,7 +321,7 @@ class DSparkEngine:
             if joining:
                 finished += self._prefill_isolating_failures(joining)
             if self._rows:
-                finished += self._round()
+                finished += self._round_isolating_failures()
             self.stats.busy_time_s += time.perf_counter() - started
             return finished
 
@@ -337,6 +339,33 @@ class DSparkEngine:
             logger.exception("DSparkEngine prefill of request %s failed", joining[0].request_id)
             self._fail([joining[0]], f"{type(error).__name__}: {error}")
             return joining
+
+    def _round_isolating_failures(self) -> list[EngineRequest]:
+        """[`_round`], and when it raises, each active request's round alone, so that a request whose round fails
+        (e.g. its sampling meets a distribution it cannot draw from) finishes with an error alone and the others go
+        on. A failed `_round` leaves the layout as it was (it removes the slots its verify pass appended), and no
+        request's tokens change before its last step."""
+        try:
+            return self._round()
+        except Exception as error:  # noqa: BLE001 - reported to the request that caused it
+            rows, kv = self._rows, self._kv
+            if len(rows) == 1:
+                logger.exception("DSparkEngine round of request %s failed", rows[0].request_id)
+                self._fail(rows, f"{type(error).__name__}: {error}")
+                self._rows, self._kv = [], None
+                return rows
+        finished, kept_rows, kept_kv = [], [], None
+        for i, request in enumerate(rows):
+            self._rows, self._kv = [request], kv.take(torch.tensor([i], device=kv.valid.device))
+            finished += self._round_isolating_failures()
+            if self._rows:
+                kept_rows += self._rows
+                if kept_kv is None:
+                    kept_kv = self._kv
+                else:
+                    kept_kv.merge(self._kv)
+        self._rows, self._kv = kept_rows, kept_kv
+        return finished
 
     def _prefill(self, joining: list[EngineRequest]) -> list[EngineRequest]:
         """One batched (left-padded) prefill of the joining requests; emits their first token and joins the batch."""
@@ -416,19 +445,26 @@ class DSparkEngine:
         if self.sliding_window is not None and kv.width + width > self.sliding_window:
             kv.compact()  # holes must not push verified slots out of the window (add_request bounds the length)
             self.stats.compactions += 1
-        out = self.target(
-            input_ids=input_ids,
-            attention_mask=torch.cat([kv.valid, new_valid], dim=1).long(),
-            position_ids=position_ids,
-            cache=kv.cache,
-            use_cache=True,
-            **self._hidden_kwargs,
-        )
-        accepted, next_tokens = speculative_accept(warper.probabilities(out.logits), block, lengths_t, warper.greedy)
-        kv.valid = torch.cat([kv.valid, offsets <= accepted.unsqueeze(-1)], dim=1)
-        if self.speculative:  # features of the anchor and the accepted tokens; the rest are holes
-            features = select_target_features(out.hidden_states, self.draft.config.target_layer_ids)
-            self.draft.extend_context(kv.draft_cache, features.to(self.draft.device), position_ids)
+        width_before, valid_before = kv.width, kv.valid
+        try:
+            out = self.target(
+                input_ids=input_ids,
+                attention_mask=torch.cat([kv.valid, new_valid], dim=1).long(),
+                position_ids=position_ids,
+                cache=kv.cache,
+                use_cache=True,
+                **self._hidden_kwargs,
+            )
+            accepted, next_tokens = speculative_accept(
+                warper.probabilities(out.logits), block, lengths_t, warper.greedy
+            )
+            kv.valid = torch.cat([kv.valid, offsets <= accepted.unsqueeze(-1)], dim=1)
+            if self.speculative:  # features of the anchor and the accepted tokens; the rest are holes
+                features = select_target_features(out.hidden_states, self.draft.config.target_layer_ids)
+                self.draft.extend_context(kv.draft_cache, features.to(self.draft.device), position_ids)
+        except BaseException:
+            kv.truncate(width_before, valid_before)  # this round's slots leave both caches
+            raise
         verified = time.perf_counter()
 
         accepted_list, next_list = accepted.tolist(), next_tokens.tolist()

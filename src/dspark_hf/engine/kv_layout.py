@@ -8,6 +8,7 @@ position ids), so holes change nothing but memory. [`RaggedKVLayout.compact`] re
 [`RaggedKVLayout.merge`] (left-padded to the common width) and leave by [`RaggedKVLayout.select`].
 """
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -79,6 +80,22 @@ class RaggedKVLayout:
         self.map(lambda t: t[rows])
         self.valid = self.valid[rows]
         self.trim()
+
+    def take(self, rows: torch.LongTensor) -> "RaggedKVLayout":
+        """A new layout holding copies of `rows` (in that order); this one is left as it is."""
+        tensors = self._tensor_lists()
+        self._assign([[t[rows] for t in layer_tensors] for layer_tensors in tensors])
+        try:
+            taken = RaggedKVLayout(compat.copy_cache(self.cache), copy.deepcopy(self.draft_cache), self.valid[rows])
+        finally:
+            self._assign(tensors)
+        taken.trim()
+        return taken
+
+    def truncate(self, width: int, valid: torch.BoolTensor) -> None:
+        """Drops every slot from `width` on (e.g. those a failed round appended) and restores `valid` `(R, width)`."""
+        self.map(lambda t: t[:, :, :width])
+        self.valid = valid
 
     def trim(self) -> None:
         """Drops leading and trailing slots that no row uses."""
