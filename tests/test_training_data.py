@@ -1,6 +1,7 @@
 """Data preparation, collator and anchor sampling for DSpark training (tiny offline tokenizer and target)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -243,6 +244,36 @@ def test_cli_prepare_data(tmp_path, target, tokenizer):
     )
     assert len(datasets.load_from_disk(str(tmp_path / "out"))) == 3
     assert len(read_jsonl(tmp_path / "out.responses.jsonl")) == 3
+
+
+@pytest.mark.parametrize(
+    "rows, extra, match",
+    [
+        ("", [], "No prompts to answer"),  # an empty file
+        ('{"turns": ["a"], "category": "chat"}\n', ["--categories", "math"], "No prompts to answer"),
+        ('{"turns": ["a"]}\n[1]\n', [], r"prompts\.jsonl:2"),
+        ('{"turns": ["a"]}\n', ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_cli_prepare_data_checks_its_prompts_before_loading_the_target(tmp_path, capsys, rows, extra, match):
+    from dspark_hf.cli import main
+
+    (tmp_path / "prompts.jsonl").write_text(rows, encoding="utf-8")
+    arguments = ["prepare-data", "--target", str(tmp_path / "no-such-target"), "--prompts",
+                 str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "out"), *extra]
+    assert main(arguments) == 1  # the target path does not exist: the prompt error must come first
+    error = capsys.readouterr().err
+    assert re.search(match, error) and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_training_dataset_refuses_to_save_nothing(tmp_path, target, tokenizer):
+    with pytest.raises(ValueError, match="No prompts"):
+        build_training_dataset(target, tokenizer, [], tmp_path / "data", progress=False)
+    with pytest.raises(ValueError, match="nothing was saved"):  # every prompt is longer than the cap
+        build_training_dataset(target, tokenizer, [{"turns": ["w1 w2 w3 w4"]}], tmp_path / "data",
+                               max_prompt_tokens=1, max_new_tokens=2, progress=False)
+    assert not (tmp_path / "data").exists()
 
 
 def _answers_dataset():

@@ -47,11 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace):
     require(args, "target", "prompts", "output")
+    for name in ("num_prompts", "batch_size", "max_new_tokens", "max_length", "max_prompt_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
 
     from ..training.data import build_training_dataset, load_prompts
 
-    target, tokenizer = target_from_args(args)
-    prompts = load_prompts(
+    prompts = load_prompts(  # read (and checked) before the target loads
         args.prompts,
         limit=args.num_prompts,
         offset=args.skip_prompts,
@@ -59,6 +62,12 @@ def run(args: argparse.Namespace):
         shuffle=args.shuffle,
         seed=args.seed,
     )
+    if not prompts:
+        raise ValueError(
+            f"No prompts to answer in {args.prompts} (after --categories / --skip-prompts / --num-prompts): "
+            "pass a file with at least one prompt row (`turns`, `messages` or `prompt`)."
+        )
+    target, tokenizer = target_from_args(args)
     generation = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     if args.greedy:
         generation = {"do_sample": False}

@@ -508,8 +508,17 @@ def build_training_dataset(
         responses_path = output_dir.with_name(output_dir.name + ".responses.jsonl")
     if not isinstance(prompts, list) or (prompts and not {"id", "turns", "meta"} <= set(prompts[0])):
         prompts = load_prompts(prompts)
+    if not prompts:
+        raise ValueError("No prompts to answer: pass at least one prompt (a `turns`, `messages` or `prompt` row).")
     conversations = regenerate_responses(target, tokenizer, prompts, responses_path, **regenerate_kwargs)
     dataset = tokenize_conversations(conversations, tokenizer, max_length=max_length)
+    if len(dataset) == 0:
+        raise ValueError(
+            f"None of the {len(prompts)} prompts gave a trainable conversation (prompts longer than "
+            f"max_prompt_tokens={regenerate_kwargs['max_prompt_tokens']} are skipped, and answers cut away by "
+            f"max_length={max_length} leave no assistant token); nothing was saved to {output_dir}. Raise "
+            f"max_length or pass shorter prompts. The answers generated so far are kept in {responses_path}."
+        )
     dataset.save_to_disk(str(output_dir))
     return dataset
 
