@@ -548,23 +548,40 @@ def test_cancellation(targets, drafts):
     assert keep.token_ids == reference(target, [1, 2, 3], 20) and not engine.cancel(keep.request_id)
 
 
-def test_background_loop_serves_requests_from_other_threads(targets, drafts):
+def test_background_loop_serves_requests_from_other_threads(targets, drafts, monkeypatch):
     import threading
+    import time
 
+    releases = []
+    monkeypatch.setattr(engine_module, "release_free_memory", lambda: releases.append(time.perf_counter()))
     target, draft = targets["llama"], drafts[("llama", True)]
     engine = make_engine(target, draft, "lagged")
     stop = threading.Event()
     loop = threading.Thread(target=engine.run_forever, args=(stop,), daemon=True)
     loop.start()
     try:
+        time.sleep(0.2)
+        assert releases == []  # idle from the start: nothing to hand back
         requests = [engine.add_request([i, i + 1], SamplingParams(max_new_tokens=12)) for i in range(3)]
         assert all(r.wait(timeout=60) for r in requests)
+        time.sleep(0.3)
+        released = len(releases)
+        assert released >= 1  # once the batch drained, its memory went back to the OS
+        time.sleep(0.3)
+        assert len(releases) == released  # and not again and again while idle
     finally:
         stop.set()
         engine.wake()
         loop.join(timeout=10)
     assert not loop.is_alive()
     assert [r.token_ids for r in requests] == [reference(target, [i, i + 1], 12) for i in range(3)]
+
+
+def test_release_free_memory_trims_the_heap_on_glibc():
+    import platform
+
+    released = engine_module.release_free_memory()
+    assert released is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
 def test_engine_stats(targets, drafts):

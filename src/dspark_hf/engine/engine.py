@@ -23,6 +23,8 @@ than `compact_threshold` of the width. Requests joining are prefilled in their o
 layout; finished requests are dropped by row selection.
 """
 
+import ctypes
+import gc
 import itertools
 import threading
 import time
@@ -64,6 +66,19 @@ def _sliding_window(config) -> int | None:
     if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
         return None
     return int(window)
+
+
+def release_free_memory() -> bool:
+    """Collects garbage and hands the C heap's free pages back to the OS (glibc's `malloc_trim`), which otherwise
+    keeps the peak of a burst's activations resident. Returns False where `malloc_trim` does not exist (not glibc)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
 
 
 class DSparkEngine:
@@ -276,18 +291,27 @@ class DSparkEngine:
             self.step()
         return requests
 
-    def run_forever(self, stop: threading.Event, idle_wait_s: float = 0.05) -> None:
+    def run_forever(self, stop: threading.Event, idle_wait_s: float = 0.05, release_memory_when_idle: bool = True) -> None:
         """Steps while there is work until `stop` is set (run it in one background thread).
 
         A prefill or round that raises fails only the request it is pinned on ([`step`] retries the others one at
         a time); an exception that no single request explains finishes every request with `finish_reason="error"`
-        instead of killing the loop.
+        instead of killing the loop. With `release_memory_when_idle`, each time the last request finishes the
+        memory freed by the batch is handed back to the OS ([`release_free_memory`]), so the resident size of a
+        long-running server returns to its idle level after every burst instead of keeping its peak.
         """
+        worked = False
         while not stop.is_set():
             with self._lock:
-                if not self._requests:
+                idle = not self._requests
+                if idle and not (worked and release_memory_when_idle):
                     self._work.wait(idle_wait_s)
                     continue
+            if idle:
+                release_free_memory()
+                worked = False
+                continue
+            worked = True
             try:
                 self.step()
             except Exception as error:  # noqa: BLE001 - reported to every request, the loop keeps serving
@@ -588,4 +612,4 @@ class DSparkEngine:
                 request.deliver([], "")
 
 
-__all__ = ["DSparkEngine"]
+__all__ = ["DSparkEngine", "release_free_memory"]
