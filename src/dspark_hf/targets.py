@@ -120,24 +120,19 @@ def _draft_architecture_fields(config, architecture: str) -> dict:
     }
 
 
-def draft_config_from_target(target: PreTrainedModel, tokenizer=None, **overrides) -> DSparkDraftConfig:
-    """A [`DSparkDraftConfig`] sized for `target`; `overrides` set any field.
-
-    The draft's attention geometry is that of the target's full-attention layers. A Gemma 4 target (text-only or the
-    multimodal model, whose `text_config` is used) gets the reference's Gemma 4 draft layer
-    (`draft_architecture="gemma4"`); every other target the Qwen3-style one.
-    """
+def target_draft_fields(target: PreTrainedModel, draft_architecture: str | None = None) -> dict:
+    """The draft-config fields every draft family takes from `target`: width, vocabulary, the attention geometry of
+    its full-attention layers, RoPE, embedding scale, logit soft-capping, special ids, default `target_layer_ids`,
+    and the layer design (`draft_architecture`: the reference's Gemma 4 layer for a Gemma 4 target, text-only or the
+    multimodal model whose `text_config` is used, else the Qwen3-style one, unless given)."""
     config = target.config.get_text_config()
     layer = full_attention_layer_config(config)
     num_heads = layer.num_attention_heads
-    architecture = overrides.get(
-        "draft_architecture", "gemma4" if config.model_type in GEMMA4_TEXT_MODEL_TYPES else "qwen3"
-    )
-    fields = {
+    architecture = draft_architecture or ("gemma4" if config.model_type in GEMMA4_TEXT_MODEL_TYPES else "qwen3")
+    return {
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": layer.intermediate_size,
-        "num_hidden_layers": DEFAULT_DRAFT_LAYERS,
         "num_attention_heads": num_heads,
         "num_key_value_heads": getattr(layer, "num_key_value_heads", None) or num_heads,
         "head_dim": getattr(layer, "head_dim", None) or config.hidden_size // num_heads,
@@ -153,6 +148,19 @@ def draft_config_from_target(target: PreTrainedModel, tokenizer=None, **override
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         **_draft_architecture_fields(config, architecture),
+    }
+
+
+def draft_config_from_target(target: PreTrainedModel, tokenizer=None, **overrides) -> DSparkDraftConfig:
+    """A [`DSparkDraftConfig`] sized for `target`; `overrides` set any field.
+
+    The draft's attention geometry is that of the target's full-attention layers. A Gemma 4 target (text-only or the
+    multimodal model, whose `text_config` is used) gets the reference's Gemma 4 draft layer
+    (`draft_architecture="gemma4"`); every other target the Qwen3-style one.
+    """
+    fields = {
+        "num_hidden_layers": DEFAULT_DRAFT_LAYERS,
+        **target_draft_fields(target, overrides.get("draft_architecture")),
     }
     unknown = set(overrides) - set(DSparkDraftConfig.__dataclass_fields__)
     if unknown:

@@ -37,7 +37,7 @@ PARAMETER_RENAMES = {"markov_head.rnn_proj.": "markov_head.joint_proj."}
 # Anchors per training sequence: only the reference's trainer reads it, but its model constructors require it. A draft
 # trained here has none of its own, so it is exported with the value of the released recipes.
 DEFAULT_NUM_ANCHORS = 512
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 # DSpark fields with no place in the reference config, kept under this key so a round trip loses nothing.
 _EXTRA_KEY = "dspark_hf"
 _EXTRA_FIELDS = (
@@ -101,8 +101,9 @@ _GEMMA4_FIELDS = (
 )
 
 
-def _read_config(path: str | os.PathLike, **kwargs) -> dict | None:
-    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+def read_reference_config(path: str | os.PathLike, **kwargs) -> dict | None:
+    """The `config.json` of a local folder or Hub repository as a dict, or None when there is none."""
+    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
     resolved = cached_file(str(path), "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
     if resolved is None:
         return None
@@ -114,7 +115,7 @@ def is_deepspec_checkpoint(path: str | os.PathLike, **kwargs) -> bool:
     """True when `path` holds a reference-layout checkpoint (any `*DSparkModel` architecture; loading one this library
     cannot read raises a `ValueError` that says why)."""
     try:
-        config = _read_config(path, **kwargs)
+        config = read_reference_config(path, **kwargs)
     except OSError:
         return False
     if not config or config.get("model_type") == DSparkDraftConfig.model_type:
@@ -122,12 +123,14 @@ def is_deepspec_checkpoint(path: str | os.PathLike, **kwargs) -> bool:
     return any(str(a).endswith("DSparkModel") for a in config.get("architectures") or [])
 
 
-_MISSING = object()
+MISSING = object()
 
 
-def _unsupported(field: str, value, expectation: str) -> ValueError:
-    found = f"no {field}" if value is _MISSING else f"{field}={value!r}"
-    return ValueError(f"Reference DSpark checkpoint has {found}, which this library cannot read: {expectation}.")
+def unsupported_field(field: str, value, expectation: str, family: str = "DSpark") -> ValueError:
+    """The `ValueError` for a reference checkpoint of `family` whose `field` (`MISSING`: absent) this library cannot
+    read, with what it expects."""
+    found = f"no {field}" if value is MISSING else f"{field}={value!r}"
+    return ValueError(f"Reference {family} checkpoint has {found}, which this library cannot read: {expectation}.")
 
 
 def reference_family(flat: dict) -> str:
@@ -138,7 +141,7 @@ def reference_family(flat: dict) -> str:
     for family, reference_name in REFERENCE_ARCHITECTURES.items():
         if name == reference_name:
             return family
-    raise _unsupported(
+    raise unsupported_field(
         "architectures[0]", name, f"the reference's draft classes are {sorted(REFERENCE_ARCHITECTURES.values())}"
     )
 
@@ -163,7 +166,7 @@ def reference_config(config: DSparkDraftConfig, dtype: torch.dtype) -> dict:
         num_anchors=getattr(config, "num_anchors", DEFAULT_NUM_ANCHORS),
     )
     if family == "gemma4":
-        flat.update(_gemma4_reference_fields(config, kept, rope))
+        flat.update(gemma4_reference_fields(config, kept, rope))
         del flat["hidden_act"]
     else:
         flat.update(
@@ -179,7 +182,7 @@ def reference_config(config: DSparkDraftConfig, dtype: torch.dtype) -> dict:
     return flat
 
 
-def _gemma4_reference_fields(config: DSparkDraftConfig, kept: dict, rope: dict) -> dict:
+def gemma4_reference_fields(config: DSparkDraftConfig, kept: dict, rope: dict) -> dict:
     """The Gemma 4 fields of the reference config. Our `head_dim` / `num_key_value_heads` are the draft layers' (the
     reference's `global_head_dim` and, with `attention_k_eq_v`, `num_global_key_value_heads`); the reference's
     `head_dim` and the kv-head count of the branch it does not use describe the target and keep an import's values."""
@@ -234,17 +237,17 @@ def config_from_reference(flat: dict) -> DSparkDraftConfig:
         raise ValueError(f"Reference DSpark config is missing required field(s) {missing}.")
     layer_types = flat.get("layer_types") or []
     if any(t != "full_attention" for t in layer_types):
-        raise _unsupported(
+        raise unsupported_field(
             "layer_types", layer_types, 'every draft layer must be "full_attention" (as build_draft_config writes)'
         )
     if not layer_types and flat.get("use_sliding_window"):  # Qwen3Config would then make sliding layers
-        raise _unsupported("use_sliding_window", True, "draft layers attend to the whole context (no sliding window)")
+        raise unsupported_field("use_sliding_window", True, "draft layers attend to the whole context (no sliding window)")
     rank = int(flat.get("markov_rank", 0) or 0)
     head = "none"
     if rank > 0:
         reference_head = str(flat.get("markov_head_type", "vanilla")).lower()
         if reference_head not in _HEAD_FROM_REFERENCE:
-            raise _unsupported(
+            raise unsupported_field(
                 "markov_head_type", reference_head, f"the reference's head types are {sorted(_HEAD_TO_REFERENCE.values())}"
             )
         head = _HEAD_FROM_REFERENCE[reference_head]
@@ -261,45 +264,55 @@ def config_from_reference(flat: dict) -> DSparkDraftConfig:
         confidence_head_with_markov=bool(flat.get("confidence_head_with_markov", rank > 0)),
     )
     if family == "gemma4":
-        fields.update(_gemma4_config_fields(flat))
+        fields.update(gemma4_config_fields(flat))
     config = DSparkDraftConfig(**fields)
     for name in _REFERENCE_ONLY_FIELDS:
         if name in flat:
             setattr(config, name, flat[name])
     if family == "gemma4":
-        consumed = {*_SHARED_FIELDS, *_GEMMA4_FIELDS, *_REFERENCE_ONLY_FIELDS, *_NOT_PASSED_THROUGH, _EXTRA_KEY}
-        kept = {k: v for k, v in flat.items() if k not in consumed or k in ("head_dim", "num_key_value_heads")}
-        if "num_global_key_value_heads" in flat:
-            kept["num_global_key_value_heads"] = flat["num_global_key_value_heads"]
-        kept["rope_parameters"] = {k: v for k, v in flat["rope_parameters"].items() if k != "full_attention"}
-        setattr(config, PASSTHROUGH_ATTRIBUTE, kept)
+        consumed = {*_SHARED_FIELDS, *_REFERENCE_ONLY_FIELDS, _EXTRA_KEY}
+        setattr(config, PASSTHROUGH_ATTRIBUTE, gemma4_passthrough(flat, consumed))
     return config
 
 
-def _gemma4_config_fields(flat: dict) -> dict:
-    """Our config fields for a `Gemma4DSparkModel` config; raises `ValueError` for what its constructor rejects or
-    what this library cannot run (per-layer inputs, MoE blocks, a missing head geometry)."""
+def gemma4_passthrough(flat: dict, consumed) -> dict:
+    """The entries of a Gemma 4 reference config that describe the target rather than the draft (all but `consumed`,
+    the Gemma 4 draft fields and bookkeeping; the reference's `head_dim` / kv-head counts and its non-full-attention
+    RoPE entries included), to be written back on export."""
+    consumed = {*consumed, *_GEMMA4_FIELDS, *_NOT_PASSED_THROUGH}
+    kept = {k: v for k, v in flat.items() if k not in consumed or k in ("head_dim", "num_key_value_heads")}
+    if "num_global_key_value_heads" in flat:
+        kept["num_global_key_value_heads"] = flat["num_global_key_value_heads"]
+    kept["rope_parameters"] = {k: v for k, v in flat["rope_parameters"].items() if k != "full_attention"}
+    return kept
+
+
+def gemma4_config_fields(flat: dict, reference_class: str = "Gemma4DSparkModel", family: str = "DSpark") -> dict:
+    """Our config fields for a reference Gemma 4 draft config (`reference_class`, a draft of `family`); raises
+    `ValueError` for what its constructor rejects or what this library cannot run (per-layer inputs, MoE blocks, a
+    missing head geometry)."""
     # A missing entry takes Gemma4TextConfig's default there: enable_moe_block=False (fine), hidden_size_per_layer_input=256.
     for field, expected, default in (("enable_moe_block", False, False), ("hidden_size_per_layer_input", 0, 256)):
-        value = flat.get(field, _MISSING)
-        if (default if value is _MISSING else value) != expected or value is None:
-            raise _unsupported(
-                field, value, f"the reference's Gemma4DSparkModel asserts {field} == {expected!r} (its draft layers "
-                f"have no MoE block and no per-layer inputs; a missing value means {default!r})"
+        value = flat.get(field, MISSING)
+        if (default if value is MISSING else value) != expected or value is None:
+            raise unsupported_field(
+                field, value, f"the reference's {reference_class} asserts {field} == {expected!r} (its draft layers "
+                f"have no MoE block and no per-layer inputs; a missing value means {default!r})", family
             )
     flat = _global_fields_from_per_layer_config(flat)
     k_eq_v = bool(flat.get("attention_k_eq_v", False))
     required = ["global_head_dim", "num_global_key_value_heads" if k_eq_v else "num_key_value_heads"]
     for field in required:
         if flat.get(field) is None:
-            raise _unsupported(
-                field, flat.get(field, _MISSING), "the reference's Gemma4DSparkModel needs it for the draft's attention "
-                "geometry" + (" with attention_k_eq_v=true" if field == "num_global_key_value_heads" else "")
+            raise unsupported_field(
+                field, flat.get(field, MISSING), f"the reference's {reference_class} needs it for the draft's "
+                "attention geometry" + (" with attention_k_eq_v=true" if field == "num_global_key_value_heads" else ""),
+                family,
             )
     rope = flat.get("rope_parameters")
     if not isinstance(rope, dict) or not isinstance(rope.get("full_attention"), dict):
-        raise _unsupported(
-            "rope_parameters", rope, 'the reference\'s Gemma4DSparkModel reads rope_parameters["full_attention"]'
+        raise unsupported_field(
+            "rope_parameters", rope, f'the reference\'s {reference_class} reads rope_parameters["full_attention"]', family
         )
     return {
         "draft_architecture": "gemma4",
@@ -334,8 +347,9 @@ def _global_fields_from_per_layer_config(flat: dict) -> dict:
     return flat
 
 
-def _check_exportable(draft) -> None:
-    """Raises `ValueError` when the reference class would compute something else than this draft."""
+def check_exportable(draft, reference_classes: dict[str, str] = REFERENCE_ARCHITECTURES) -> None:
+    """Raises `ValueError` when the reference class (`reference_classes[draft_architecture]`) would compute
+    something else than this draft."""
     config = draft.config
     embed, lm_head = draft.get_input_embeddings(), draft.get_output_embeddings()
     if getattr(lm_head, "bias", None) is not None:
@@ -346,20 +360,24 @@ def _check_exportable(draft) -> None:
         expected = config.hidden_size**0.5
         if not math.isclose(module_scale * config.embedding_scale, expected, rel_tol=1e-2):
             raise ValueError(
-                f"The reference's Gemma4DSparkModel scales embeddings by sqrt(hidden_size)={expected:.4g}; this draft "
-                f"scales them by {module_scale * config.embedding_scale:.4g} (embedding module × embedding_scale)."
+                f"The reference's {reference_classes['gemma4']} scales embeddings by sqrt(hidden_size)={expected:.4g}; "
+                f"this draft scales them by {module_scale * config.embedding_scale:.4g} (embedding module × "
+                "embedding_scale)."
             )
         if scale != 1.0:
-            raise ValueError(f"The reference's Gemma4DSparkModel uses attention scale 1.0; this draft has {scale!r}.")
+            raise ValueError(
+                f"The reference's {reference_classes['gemma4']} uses attention scale 1.0; this draft has {scale!r}."
+            )
     elif scale is not None and not math.isclose(scale, config.head_dim**-0.5):
         raise ValueError(
-            f"The reference's Qwen3DSparkModel uses attention scale head_dim**-0.5; this draft has attention_scale={scale}."
+            f"The reference's {reference_classes['qwen3']} uses attention scale head_dim**-0.5; this draft has "
+            f"attention_scale={scale}."
         )
 
 
 def save_deepspec_checkpoint(draft, save_directory: str | os.PathLike) -> None:
     """Writes `config.json` + `model.safetensors` in the reference layout (with embedding and LM-head copies)."""
-    _check_exportable(draft)
+    check_exportable(draft)
     embed, lm_head = draft.get_input_embeddings(), draft.get_output_embeddings()
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -386,17 +404,36 @@ def load_deepspec_checkpoint(
     unless `dtype` is given.
     """
     dtype = kwargs.pop("torch_dtype", None) or dtype
-    flat = _read_config(path, **kwargs)
+    flat = read_reference_config(path, **kwargs)
     config = config_from_reference(flat)
-    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    state = from_reference_names(load_file(cached_file(str(path), WEIGHTS_NAME, **hub_kwargs)))
+    state = from_reference_names(read_reference_weights(path, **kwargs))
+    model = build_from_reference_state(model_class, config, state, path, dtype, family="DSpark")
+    model.set_draft_vocabulary((flat.get(_EXTRA_KEY) or {}).get(_VOCABULARY_KEY))
+    return model
+
+
+def read_reference_weights(path: str | os.PathLike, **kwargs) -> dict[str, torch.Tensor]:
+    """The tensors of a reference checkpoint's `model.safetensors` (local folder or Hub repository)."""
+    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    return load_file(cached_file(str(path), WEIGHTS_NAME, **hub_kwargs))
+
+
+def build_from_reference_state(
+    model_class: type[nn.Module], config, state: dict[str, torch.Tensor], path, dtype, family: str
+) -> nn.Module:
+    """A `model_class(config)` holding a reference state dict (our names), in `dtype` (None / "auto": the stored
+    one), in eval mode. The state's `embed_tokens` / `lm_head` copies become the draft's own modules until a target
+    is attached (a Gemma 4 draft's embedding multiplies by √hidden_size, as the reference's does). Raises `ValueError`
+    naming missing or unexpected weights."""
     for key in ("embed_tokens.weight", "lm_head.weight"):
         if key not in state:
-            raise ValueError(f"Reference checkpoint at {path} has no {key!r}; it is not a self-contained DSpark draft.")
+            raise ValueError(
+                f"Reference checkpoint at {path} has no {key!r}; it is not a self-contained {family} draft."
+            )
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if dtype is None or dtype == "auto":
-        dtype = state["fc.weight"].dtype
+        dtype = state["fc.weight"].dtype if "fc.weight" in state else torch.float32
     model = model_class(config)
     vocab, hidden = state["embed_tokens.weight"].shape
     if config.draft_architecture == "gemma4":
@@ -404,6 +441,12 @@ def load_deepspec_checkpoint(
     else:
         model.embed_tokens = nn.Embedding(vocab, hidden)
     model.lm_head = nn.Linear(state["lm_head.weight"].shape[1], state["lm_head.weight"].shape[0], bias=False)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"Reference {family} checkpoint at {path} does not match its config.json: weights missing {missing}, "
+            f"unexpected {unexpected}."
+        )
     model.load_state_dict(state, strict=True)
-    model.set_draft_vocabulary((flat.get(_EXTRA_KEY) or {}).get(_VOCABULARY_KEY))
     return model.to(dtype).eval()

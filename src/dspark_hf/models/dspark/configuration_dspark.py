@@ -5,13 +5,12 @@ import math
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from ..shared_config import DRAFT_ARCHITECTURES, DraftLayerConfigMixin, check_positive_integers
+
 SEQUENTIAL_HEAD_TYPES = ("markov", "gated", "rnn", "none")
-# Layer designs of the draft backbone: the reference's two draft families (DeepSpec's Qwen3DSparkModel and
-# Gemma4DSparkModel). "qwen3" is every draft's default; "gemma4" is what from_target picks for a Gemma 4 target.
-DRAFT_ARCHITECTURES = ("qwen3", "gemma4")
 
 
-class DSparkDraftConfig(PreTrainedConfig):
+class DSparkDraftConfig(DraftLayerConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a [`DSparkDraftModel`]: a parallel (DFlash-style) backbone conditioned on hidden states
     of a frozen target model, an optional sequential head and an optional confidence head.
@@ -133,13 +132,6 @@ class DSparkDraftConfig(PreTrainedConfig):
     def has_sequential_head(self) -> bool:
         return self.markov_head_type != "none"
 
-    def mlp_intermediate_size(self, layer_idx: int) -> int:
-        """Width of the MLP of draft layer `layer_idx`: `intermediate_size`, doubled with `use_double_wide_mlp` for
-        layers `>= num_hidden_layers - num_kv_shared_layers` when that bound is > 0 (the reference's rule)."""
-        first_shared = self.num_hidden_layers - self.num_kv_shared_layers
-        double = self.use_double_wide_mlp and layer_idx >= first_shared > 0
-        return self.intermediate_size * (2 if double else 1)
-
     def validate_dspark(self) -> None:
         """Checks every DSpark field; raises `ValueError` naming the field, its value and the fix."""
         positive = {
@@ -152,14 +144,8 @@ class DSparkDraftConfig(PreTrainedConfig):
             "head_dim": self.head_dim,
             "block_size": self.block_size,
         }
-        for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DSparkDraftConfig.{name} must be a positive integer, got {value!r}.")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
-                f"({self.num_key_value_heads})."
-            )
+        check_positive_integers("DSparkDraftConfig", positive)
+        self._validate_heads()
         if self.markov_head_type not in SEQUENTIAL_HEAD_TYPES:
             raise ValueError(
                 f"markov_head_type must be one of {SEQUENTIAL_HEAD_TYPES}, got {self.markov_head_type!r} "
@@ -197,15 +183,7 @@ class DSparkDraftConfig(PreTrainedConfig):
                 raise ValueError(
                     f"calibration_biases must all be finite, got {self.calibration_biases}; refit them or set None."
                 )
-        if self.draft_vocab_size is not None and (
-            not isinstance(self.draft_vocab_size, int)
-            or isinstance(self.draft_vocab_size, bool)
-            or not 1 <= self.draft_vocab_size <= self.vocab_size
-        ):
-            raise ValueError(
-                f"draft_vocab_size must be an integer in [1, vocab_size={self.vocab_size}] or None (whole vocabulary), "
-                f"got {self.draft_vocab_size!r}."
-            )
+        self._validate_draft_vocab_size()
         for name in ("ce_loss_weight", "tv_loss_weight", "confidence_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
@@ -213,24 +191,6 @@ class DSparkDraftConfig(PreTrainedConfig):
             raise ValueError(f"loss_position_decay must be > 0, got {self.loss_position_decay}.")
         if self.embedding_scale <= 0:
             raise ValueError(f"embedding_scale must be > 0, got {self.embedding_scale}.")
-
-    def _validate_architecture(self) -> None:
-        if self.draft_architecture not in DRAFT_ARCHITECTURES:
-            raise ValueError(
-                f"draft_architecture must be one of {DRAFT_ARCHITECTURES}, got {self.draft_architecture!r}."
-            )
-        if self.draft_architecture != "gemma4":
-            for name in ("attention_k_eq_v", "use_double_wide_mlp"):
-                if getattr(self, name):
-                    raise ValueError(
-                        f"{name}=True needs draft_architecture='gemma4' (a Gemma 4 draft layer); this config has "
-                        f"draft_architecture={self.draft_architecture!r}."
-                    )
-        if not isinstance(self.num_kv_shared_layers, int) or self.num_kv_shared_layers < 0:
-            raise ValueError(f"num_kv_shared_layers must be an integer >= 0, got {self.num_kv_shared_layers!r}.")
-        scale = self.attention_scale
-        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"attention_scale must be a finite number > 0 or None (head_dim ** -0.5), got {scale!r}.")
 
     def _validate_target_layer_ids(self) -> None:
         ids = self.target_layer_ids

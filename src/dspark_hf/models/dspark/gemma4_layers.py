@@ -36,7 +36,7 @@ class DSparkGemma4Attention(DSparkAttention):
     the same k_proj output (no `v_proj`); `v_norm` has no weight. The scale is `config.attention_scale` (1.0).
     """
 
-    def __init__(self, config: DSparkDraftConfig, layer_idx: int):
+    def __init__(self, config: DSparkDraftConfig, layer_idx: int, input_size: int | None = None):
         nn.Module.__init__(self)
         self.config = config
         self.layer_idx = layer_idx
@@ -44,12 +44,10 @@ class DSparkGemma4Attention(DSparkAttention):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = config.attention_scale if config.attention_scale is not None else self.head_dim**-0.5
-        bias, eps = config.attention_bias, config.rms_norm_eps
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = (
-            None if config.attention_k_eq_v else nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        )
+        bias, eps, width = config.attention_bias, config.rms_norm_eps, input_size or config.hidden_size
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = None if config.attention_k_eq_v else nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = DSparkGemma4RMSNorm(self.head_dim, eps=eps)
         self.k_norm = DSparkGemma4RMSNorm(self.head_dim, eps=eps)
@@ -58,7 +56,7 @@ class DSparkGemma4Attention(DSparkAttention):
     def keys_values(
         self, states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """States `(batch, len, d)` → keys, values `(batch, kv_heads, len, head_dim)`."""
+        """States `(batch, len, input_size)` → keys, values `(batch, kv_heads, len, head_dim)`."""
         shape = (*states.shape[:2], self.num_kv_heads, self.head_dim)
         projected = self.k_proj(states).view(shape)
         values = projected if self.v_proj is None else self.v_proj(states).view(shape)

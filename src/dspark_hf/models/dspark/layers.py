@@ -70,9 +70,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class DSparkAttention(nn.Module):
-    """Attention of block queries over [context K/V ; block K/V] (paper eq. 3)."""
+    """Attention of block queries over [context K/V ; block K/V] (paper eq. 3).
 
-    def __init__(self, config: DSparkDraftConfig, layer_idx: int):
+    The q/k/v projections read `input_size` features (default `hidden_size`; an EAGLE-3 layer feeds
+    `[embedding ; hidden]`, 2·hidden wide) and `o_proj` writes `hidden_size`.
+    """
+
+    def __init__(self, config: DSparkDraftConfig, layer_idx: int, input_size: int | None = None):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -80,18 +84,24 @@ class DSparkAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = config.attention_scale if config.attention_scale is not None else self.head_dim**-0.5
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        bias, width = config.attention_bias, input_size or config.hidden_size
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = DSparkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
+    def queries(self, states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """States `(batch, len, input_size)` → normed, rotated queries `(batch, heads, len, head_dim)`."""
+        batch, length, _ = states.shape
+        queries = self.q_norm(self.q_proj(states).view(batch, length, self.num_heads, self.head_dim))
+        return apply_rotary(queries.transpose(1, 2), *rope)
+
     def keys_values(
         self, states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """States `(batch, len, d)` → keys, values `(batch, kv_heads, len, head_dim)`."""
+        """States `(batch, len, input_size)` → keys, values `(batch, kv_heads, len, head_dim)`."""
         batch, length, _ = states.shape
         keys = self.k_norm(self.k_proj(states).view(batch, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         values = self.v_proj(states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -104,13 +114,19 @@ class DSparkAttention(nn.Module):
         context: tuple[torch.Tensor, torch.Tensor] | None,
         attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        batch, q_len, _ = hidden_states.shape
-        queries = self.q_norm(self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim))
-        queries = apply_rotary(queries.transpose(1, 2), *block_rope)
+        queries = self.queries(hidden_states, block_rope)
         keys, values = self.keys_values(hidden_states, block_rope)
         if context is not None:
             keys = torch.cat([context[0], keys], dim=-2)
             values = torch.cat([context[1], values], dim=-2)
+        return self.attend(queries, keys, values, attention_mask)
+
+    def attend(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Queries `(batch, heads, q, head_dim)` over keys/values `(batch, kv_heads, kv, head_dim)` with a boolean
+        mask `(batch, 1, q, kv)` (True = may attend; None = everything) → `o_proj` output `(batch, q, hidden)`."""
+        batch, _, q_len, _ = queries.shape
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -16,6 +15,7 @@ from transformers.utils import ModelOutput, logging
 
 from ...compat import UploadHook
 from ...model_card import DSparkModelCardData, load_model_card_data, save_model_card
+from ..shared import DraftKVCache, TargetBoundDraftMixin
 from .configuration_dspark import DSparkDraftConfig
 from .gemma4_layers import DSparkGemma4DecoderLayer, DSparkGemma4RMSNorm
 from .heads import DSparkConfidenceHead, DSparkGatedMarkovHead, DSparkMarkovHead, DSparkRNNHead
@@ -23,7 +23,6 @@ from .layers import DSparkDecoderLayer, DSparkRMSNorm, DSparkRotaryEmbedding
 
 logger = logging.get_logger(__name__)
 
-SHARED_WEIGHT_PREFIXES = ("embed_tokens.", "lm_head.")
 # The decoder layer and RMSNorm of each `config.draft_architecture`.
 _LAYER_CLASSES = {"qwen3": DSparkDecoderLayer, "gemma4": DSparkGemma4DecoderLayer}
 _NORM_CLASSES = {"qwen3": DSparkRMSNorm, "gemma4": DSparkGemma4RMSNorm}
@@ -42,39 +41,12 @@ def select_target_features(hidden_states: tuple[torch.Tensor, ...], target_layer
     return torch.cat([hidden_states[i] for i in target_hidden_state_indices(target_layer_ids)], dim=-1)
 
 
-class DSparkContextCache:
+class DSparkContextCache(DraftKVCache):
     """Keys and values of the injected target context, one entry per draft layer.
 
     Only context entries are stored: block entries are recomputed every round and never cached.
     Tensors are `(batch, num_key_value_heads, context_length, head_dim)`.
     """
-
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-
-    def get_seq_length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[-2]
-
-    def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Appends new context keys/values of one layer."""
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = keys, values
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], keys], dim=-2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], values], dim=-2)
-
-    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Cached keys, values of one layer, or None while the cache is empty."""
-        if self.keys[layer_idx] is None:
-            return None
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def crop(self, length: int) -> None:
-        """Keeps the first `length` context positions."""
-        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            if k is not None:
-                self.keys[i], self.values[i] = k[..., :length, :], v[..., :length, :]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -121,7 +93,7 @@ class DSparkPreTrainedModel(UploadHook, PreTrainedModel):
             init.ones_(module.layer_scalar)
 
 
-class DSparkDraftModel(DSparkPreTrainedModel):
+class DSparkDraftModel(TargetBoundDraftMixin, DSparkPreTrainedModel):
     """A DSpark draft for a frozen causal-LM target.
 
     The draft borrows the target's input embedding and LM head (bound by [`attach`], never stored in its own
@@ -144,11 +116,8 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         head_classes = {"markov": DSparkMarkovHead, "gated": DSparkGatedMarkovHead, "rnn": DSparkRNNHead}
         self.markov_head = head_classes[config.markov_head_type](config) if config.has_sequential_head else None
         self.confidence_head = DSparkConfidenceHead(config) if config.confidence_head else None
-        # Token ids drafting samples among (sorted), or None for the whole vocabulary; see set_draft_vocabulary.
-        vocab_ids = None if config.draft_vocab_size is None else torch.arange(config.draft_vocab_size)
-        self.register_buffer("draft_vocab_ids", vocab_ids)
-        self._vocabulary_rows: dict[int, tuple[tuple, torch.Tensor]] = {}
-        self._shared_modules: tuple[nn.Module, nn.Module] | None = None
+        # The borrowed target modules and the draft vocabulary (`draft_vocab_ids`; see set_draft_vocabulary).
+        self._init_target_binding()
         # What the README.md written by save_pretrained reports beyond the config (target, training, τ, calibration).
         self.model_card_data = DSparkModelCardData()
         self.post_init()
@@ -172,50 +141,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         draft.model_card_data.base_model = target.name_or_path or None
         return draft.attach(target)
 
-    def attach(self, target: PreTrainedModel) -> "DSparkDraftModel":
-        """Binds the target's (frozen) input embedding and LM head; checks that the target matches this draft."""
-        from ...targets import check_target_compatible
-
-        check_target_compatible(self.config, target)
-        self._shared_modules = (target.get_input_embeddings(), target.get_output_embeddings())
-        self._vocabulary_rows.clear()  # copies of another target's LM-head rows would only hold memory
-        for name in ("embed_tokens", "lm_head"):
-            if name in self._modules:
-                del self._modules[name]
-        return self
-
-    @property
-    def is_attached(self) -> bool:
-        return self._shared_modules is not None or "embed_tokens" in self._modules
-
-    def is_attached_to(self, target: PreTrainedModel) -> bool:
-        """Whether this draft borrows `target`'s input embedding (it was attached to `target`)."""
-        return self._shared_modules is not None and self._shared_modules[0] is target.get_input_embeddings()
-
-    def _shared(self) -> tuple[nn.Module, nn.Module]:
-        if self._shared_modules is not None:
-            return self._shared_modules
-        if "embed_tokens" in self._modules:
-            return self._modules["embed_tokens"], self._modules["lm_head"]
-        raise RuntimeError(
-            "This DSparkDraftModel is not attached to a target model, so it has no token embedding or LM head. "
-            "Call draft.attach(target) or load it with DSparkDraftModel.from_pretrained(path, target_model=target)."
-        )
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self._shared()[0]
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self._shared()[1]
-
     # -- computation -----------------------------------------------------------------------------------------------
-
-    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Token ids `(...,)` → embeddings `(..., hidden)` in the draft's dtype (target embedding, frozen)."""
-        embeddings = self.get_input_embeddings()(input_ids)
-        if self.config.embedding_scale != 1.0:
-            embeddings = embeddings * self.config.embedding_scale
-        return embeddings.to(self.fc.weight.dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor, draft_vocabulary: bool = False) -> torch.Tensor:
         """Hidden states `(..., hidden)` → logits `(..., vocab)` through the target's LM head.
@@ -223,17 +149,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         With `draft_vocabulary=True` and a draft vocabulary set, only its tokens' logits are computed:
         `(..., draft_vocab_size)`, in the order of `draft_vocab_ids`.
         """
-        lm_head = self.get_output_embeddings()
-        if draft_vocabulary and self.draft_vocab_ids is not None:
-            weight = self.draft_vocabulary_rows(lm_head.weight)
-            bias = None if getattr(lm_head, "bias", None) is None else self.draft_vocabulary_rows(lm_head.bias)
-            logits = F.linear(hidden_states.to(weight.dtype), weight, bias)
-        else:
-            logits = lm_head(hidden_states.to(lm_head.weight.dtype))
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.lm_head_logits(hidden_states, draft_vocabulary)
 
     def set_draft_vocabulary(self, token_ids: Sequence[int] | torch.Tensor | None) -> "DSparkDraftModel":
         """Restricts drafting to `token_ids`, or drafts over the whole vocabulary again with `None`.
@@ -246,22 +162,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         these tokens (see [`dspark_hf.training.compute_dspark_loss`]). Saved with the draft
         (`config.draft_vocab_size` and the buffer `draft_vocab_ids`).
         """
-        self._vocabulary_rows.clear()
-        if token_ids is None:
-            self.draft_vocab_ids = None
-            self.config.draft_vocab_size = None
-            return self
-        with torch.inference_mode(False):
-            ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique()  # sorted, without repeats
-        vocab_size = self.config.vocab_size
-        if ids.numel() == 0 or ids[0] < 0 or ids[-1] >= vocab_size:
-            raise ValueError(
-                f"A draft vocabulary needs at least one token id, all in [0, {vocab_size}); got {ids.numel()} ids "
-                f"spanning [{ids.min().item() if ids.numel() else None}, {ids.max().item() if ids.numel() else None}]."
-            )
-        self.draft_vocab_ids = ids.to(self.fc.weight.device)
-        self.config.draft_vocab_size = ids.numel()
-        return self
+        return super().set_draft_vocabulary(token_ids)
 
     def add_layers(self, num_layers: int) -> "DSparkDraftModel":
         """Appends `num_layers` decoder layers that start as the identity, to train a deeper draft from this one.
@@ -285,41 +186,6 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             nn.init.zeros_(layer.mlp.down_proj.weight)
             self.layers.append(layer.to(dtype=reference.dtype, device=reference.device))
         return self
-
-    def train(self, mode: bool = True) -> "DSparkDraftModel":
-        """Sets training mode (as `nn.Module.train`) and drops the copied draft-vocabulary rows: between a switch
-        to training and back, optimizer steps may have changed the weights in place without bumping tensor
-        versions."""
-        self._vocabulary_rows.clear()
-        return super().train(mode)
-
-    def draft_vocabulary_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        """`weight[draft_vocab_ids]`: the draft-vocabulary rows of a `(vocab, ...)` output weight or bias.
-
-        Without gradients the copy is kept and reused until `weight` or the vocabulary changes (a new tensor, or
-        an in-place update that bumps the tensor's version), or until `train()` / `eval()` is called, so drafting
-        reads only these rows. After changing weights in place through `.data` or an optimizer, call `eval()`.
-        """
-        rows = self.draft_vocab_ids
-        if rows is None:
-            raise ValueError("This draft has no draft vocabulary; set one with draft.set_draft_vocabulary(token_ids).")
-        if torch.is_grad_enabled():
-            return weight[rows]
-        stamp = (weight.data_ptr(), weight._version, weight.dtype, weight.device, rows.data_ptr(), rows._version)
-        cached = self._vocabulary_rows.get(id(weight))
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, weight.detach()[rows])
-            self._vocabulary_rows[id(weight)] = cached
-        return cached[1]
-
-    def draft_vocabulary_index(self, token_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """Token ids `(...)` → their columns in draft-vocabulary logits `(...)` and whether they are in it `(...)`
-        (the column of a token outside is meaningless). Without a draft vocabulary: the ids themselves, all True."""
-        vocab_ids = self.draft_vocab_ids
-        if vocab_ids is None:
-            return token_ids, torch.ones_like(token_ids, dtype=torch.bool)
-        index = torch.searchsorted(vocab_ids, token_ids).clamp(max=vocab_ids.numel() - 1)
-        return index, vocab_ids[index] == token_ids
 
     def project_context(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
         """Concatenated target features `(batch, c, m·d)` → context states H_ctx `(batch, c, d)` (paper eq. 2)."""
@@ -467,9 +333,7 @@ class DSparkDraftModel(DSparkPreTrainedModel):
             save_deepspec_checkpoint(self, save_directory)
         else:
             if "embed_tokens" in self._modules and "state_dict" not in kwargs:
-                kwargs["state_dict"] = {
-                    k: v for k, v in self.state_dict().items() if not k.startswith(SHARED_WEIGHT_PREFIXES)
-                }
+                kwargs["state_dict"] = self.own_state_dict()
             super().save_pretrained(save_directory, *args, **kwargs)
         if model_card and kwargs.get("is_main_process", True):
             save_model_card(self, save_directory, model_id=os.fspath(save_directory), layout=layout)
@@ -493,28 +357,17 @@ class DSparkDraftModel(DSparkPreTrainedModel):
         `output_loading_info=True` the result is `(model, loading_info)`, as in transformers.
         """
         from ...formats.deepspec import is_deepspec_checkpoint, load_deepspec_checkpoint
-        from ...targets import check_local_path
 
-        check_local_path(pretrained_model_name_or_path, "draft")
-        wants_info, info = kwargs.pop("output_loading_info", False), {}
-        if is_deepspec_checkpoint(pretrained_model_name_or_path, **kwargs):
-            model = load_deepspec_checkpoint(cls, pretrained_model_name_or_path, **kwargs)
-        else:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
-            missing = sorted(info.get("missing_keys") or [])
-            if missing and not allow_missing_weights:
-                raise ValueError(
-                    f"The draft checkpoint at {pretrained_model_name_or_path} lacks weights {missing}: they would be "
-                    "randomly initialised. Check that it is the checkpoint of this draft configuration, or pass "
-                    "allow_missing_weights=True to initialise them."
-                )
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = cls.load_draft_checkpoint(
+            pretrained_model_name_or_path,
+            *model_args,
+            reference_layout=(is_deepspec_checkpoint, load_deepspec_checkpoint),
+            allow_missing_weights=allow_missing_weights,
+            **kwargs,
+        )
         model.model_card_data = load_model_card_data(pretrained_model_name_or_path, **kwargs)
-        if target_model is not None:
-            if kwargs.get("device_map") is None:
-                model.to(target_model.device)
-            model.attach(target_model)
+        model.bind_loaded(target_model, kwargs.get("device_map"))
         return (model, info) if wants_info else model
 
 
