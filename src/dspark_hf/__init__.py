@@ -1,9 +1,10 @@
 """dspark_hf: DSpark speculative decoding for Hugging Face transformers.
 
-Importing the package checks the installed transformers release, registers [`DSparkDraftConfig`] and
-[`DSparkDraftModel`] with the Auto classes and routes `generate(assistant_model=<a DSparkDraftModel>)` to DSpark's
-decoding loop. Everything else (training, calibration, scheduling, the engine and its server) is imported on first
-use of its name, as transformers does, so `import dspark_hf` stays fast.
+Importing the package checks the installed transformers release, registers [`DSparkDraftConfig`] /
+[`DSparkDraftModel`] and [`Eagle3DraftConfig`] / [`Eagle3DraftModel`] with the Auto classes and routes
+`generate(assistant_model=<a DSparkDraftModel>)` to DSpark's decoding loop. Everything else (training, calibration,
+scheduling, the engine and its server) is imported on first use of its name, as transformers does, so
+`import dspark_hf` stays fast.
 """
 
 import importlib
@@ -15,10 +16,13 @@ check_transformers_version()
 from transformers import AutoConfig, AutoModel
 
 from .models.dspark import DSparkDraftConfig, DSparkDraftModel
+from .models.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 from .speculative import hook
 
 AutoConfig.register(DSparkDraftConfig.model_type, DSparkDraftConfig, exist_ok=True)
 AutoModel.register(DSparkDraftConfig, DSparkDraftModel, exist_ok=True)
+AutoConfig.register(Eagle3DraftConfig.model_type, Eagle3DraftConfig, exist_ok=True)
+AutoModel.register(Eagle3DraftConfig, Eagle3DraftModel, exist_ok=True)
 hook.install()
 
 __version__ = "0.1.0.dev0"
@@ -49,6 +53,13 @@ _IMPORT_STRUCTURE = {
         "DSparkPreTrainedModel",
         "select_target_features",
         "target_hidden_state_indices",
+    ],
+    "models.eagle3": [
+        "Eagle3Cache",
+        "Eagle3DraftConfig",
+        "Eagle3DraftModel",
+        "Eagle3DraftOutput",
+        "Eagle3TTTOutput",
     ],
     "scheduling": [
         "CostTable",
@@ -82,6 +93,7 @@ _IMPORT_STRUCTURE = {
         "draft_config_from_target",
         "load_target",
     ],
+    "training.eagle3_losses": ["Eagle3LossOutput", "eagle3_loss"],
     "training": [
         "DSparkBlockBatch",
         "DSparkDataCollator",
