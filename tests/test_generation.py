@@ -274,6 +274,130 @@ def test_sampling_with_prompt_lookup_matches_target_distribution(sampling_setup)
     assert tv < tv_bound(exact, runs), (tv, tv_bound(exact, runs))
 
 
+@pytest.fixture
+def seeding_record(monkeypatch):
+    """(looked-up first token or None, first proposed token, seeded) of every proposal a call makes."""
+    record = []
+    propose, look_up = DSparkProposer.propose, DSparkProposer._look_up
+
+    def recording_propose(self, input_ids, budget):
+        continuation = look_up(self, input_ids, budget)
+        proposal = propose(self, input_ids, budget)
+        first = None if proposal.block is None else int(proposal.block.tokens[0, 0])
+        record.append((None if continuation is None else int(continuation[0, 0]), first, proposal.seeded))
+        return proposal
+
+    monkeypatch.setattr(DSparkProposer, "propose", recording_propose)
+    return record
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    family=st.sampled_from(["llama", "qwen3"]),
+    head=st.sampled_from(HEADS),
+    block_size=st.integers(1, 8),
+    policy=st.sampled_from([None, "threshold"]),
+    prompt=st.lists(st.integers(0, 5), min_size=2, max_size=12),  # few distinct tokens: lookups match often
+    max_new_tokens=st.integers(1, 40),
+)
+def test_lookup_seeded_blocks_are_identical_to_plain_greedy(
+    targets, trained_drafts, seeding_record, family, head, block_size, policy, prompt, max_new_tokens
+):
+    """With lookup_mode="seed", a round whose lookup finds a continuation drafts a block that starts with the
+    continuation's first token, and any other round drafts as usual; greedy output stays identical to plain decoding."""
+    target, draft = targets[family], trained_drafts[(family, head)]
+    draft.config.block_size = block_size
+    seeding_record.clear()
+    try:
+        reference, speculative, stats = greedy_pair_with_stats(
+            target, draft, torch.tensor([prompt]),
+            {"lookup_mode": "seed", "verification_policy": make_policy(policy, block_size)},
+            max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=3,
+        )
+    finally:
+        draft.config.block_size = 16
+    assert torch.equal(reference, speculative)
+    assert sum(stats.accepted) + stats.num_rounds == reference.shape[1] - len(prompt) - 1
+    assert not any(stats.looked_up) and all(p <= block_size for p in stats.proposed)
+    assert [seeded for _, _, seeded in seeding_record] == stats.seeded
+    for looked_up, first, seeded in seeding_record:
+        assert seeded == (looked_up is not None)
+        if seeded:
+            assert first == looked_up
+
+
+def test_lookup_seeding_happens_and_pays_where_the_text_repeats(targets, trained_drafts, seeding_record):
+    """Guards the property test above: on a prompt that repeats, most rounds are seeded and accepted tokens follow."""
+    target, draft = targets["llama"], trained_drafts[("llama", "markov")]
+    draft.config.block_size = 4
+    try:
+        prompt = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]])
+        reference, speculative, stats = greedy_pair_with_stats(
+            target, draft, prompt, {"lookup_mode": "seed"}, max_new_tokens=24, prompt_lookup_num_tokens=3
+        )
+    finally:
+        draft.config.block_size = 16
+    assert torch.equal(reference, speculative)
+    assert sum(stats.seeded) > 0 and stats.tau > 1.0, (stats.seeded, stats.tau)
+
+
+def test_unknown_lookup_mode_is_refused(targets):
+    target = targets["llama"]
+    with pytest.raises(ValueError, match="lookup_mode must be one of"):
+        target.generate(torch.tensor([[1, 2]]), max_new_tokens=3, assistant_model=new_draft(target),
+                        prompt_lookup_num_tokens=2, lookup_mode="token")
+
+
+def _lookup_seeded_two_token_distribution(target, draft, prompt, runs):
+    """Empirical P(t2, t3) of `runs` sampled calls with lookup-seeded blocks, and how many first rounds were seeded."""
+    counts = torch.zeros(target.config.vocab_size, target.config.vocab_size, dtype=torch.float64)
+    seeded = 0
+    for _ in range(runs):
+        result = target.generate(
+            prompt, max_new_tokens=4, do_sample=True, top_k=0, assistant_model=draft, prompt_lookup_num_tokens=3,
+            lookup_mode="seed", return_dict_in_generate=True,
+        )
+        out = result.sequences
+        counts[out[0, prompt.shape[1] + 1], out[0, prompt.shape[1] + 2]] += 1
+        seeded += result.speculation_stats.seeded[0]
+    return counts / runs, seeded
+
+
+def test_sampling_with_lookup_seeded_blocks_matches_target_distribution(sampling_setup):
+    """4k sampled generations after a prompt whose tokens repeat, so the first round is often seeded with a looked-up
+    token (t2) that the sequential head continues (t3): TV of (t2, t3) stays within the McDiarmid bound."""
+    target, draft, _, _ = sampling_setup
+    prompt = torch.tensor([[1, 2, 3, 1, 2, 3]])
+    exact = exact_two_token_distribution(target, prompt)
+    torch.manual_seed(3)
+    empirical, seeded = _lookup_seeded_two_token_distribution(target, draft, prompt, runs=4_000)
+    tv = 0.5 * (empirical - exact).abs().sum().item()
+    assert 0.1 * 4_000 < seeded < 0.9 * 4_000, seeded
+    assert tv < tv_bound(exact, 4_000), (tv, tv_bound(exact, 4_000))
+
+
+def test_a_seeded_token_checked_against_the_drafts_distribution_is_detected(sampling_setup, monkeypatch):
+    """The same statistic, same sample size, exceeds the bound when a seeded token is accepted as if the draft had drawn it (its
+    proposal distribution taken as the draft's logits instead of one-hot at it)."""
+    target, draft, _, _ = sampling_setup
+    prompt = torch.tensor([[1, 2, 3, 1, 2, 3]])
+    exact = exact_two_token_distribution(target, prompt)
+    original = speculative_module.sample_block
+
+    def draft_distribution_for_seeds(*args, **kwargs):
+        block = original(*args, **kwargs)
+        if kwargs.get("first_tokens") is not None:
+            unseeded = original(*args, **{**kwargs, "first_tokens": None})
+            block.logits[:, 0] = unseeded.logits[:, 0]
+        return block
+
+    monkeypatch.setattr(speculative_module, "sample_block", draft_distribution_for_seeds)
+    torch.manual_seed(3)
+    empirical, _ = _lookup_seeded_two_token_distribution(target, draft, prompt, runs=4_000)
+    tv = 0.5 * (empirical - exact).abs().sum().item()
+    assert tv > tv_bound(exact, 4_000), (tv, tv_bound(exact, 4_000))
+
+
 class CollectingStreamer(BaseStreamer):
     """Keeps every chunk put to it and whether it was ended."""
 

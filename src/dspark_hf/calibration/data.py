@@ -72,7 +72,7 @@ class CalibrationData(JsonFileMixin):
 
     def add_stats(self, stats: SpeculationStats, prompt_index: int = 0) -> None:
         """Appends the rounds of one `generate()` call (its output's `speculation_stats`)."""
-        if any(stats.looked_up):
+        if any(stats.looked_up) or any(stats.seeded):
             raise ValueError(
                 "These rounds come from generate(..., prompt_lookup_num_tokens=...): some verified looked-up tokens "
                 "that the confidence head never scored. Collect calibration rounds without prompt_lookup_num_tokens."

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 # generate(..., prompt_lookup_num_tokens=N) verifies a continuation found by a 1-token match only if the draft gives
 # its next token at least this probability (on SmolLM2 code prompts, the rest accepted fewer tokens than a drafted block).
 DEFAULT_LOOKUP_MIN_PROBABILITY = 0.01
+# How generate(..., prompt_lookup_num_tokens=N) uses a lookup match: verify the continuation instead of a drafted
+# block (round level, gated by lookup_min_probability), or seed the drafted block's first token with it.
+LOOKUP_MODES = ("round", "seed")
 
 
 def prompt_lookup(
@@ -96,6 +99,7 @@ class Proposal:
     block: DraftBlock | None
     length: int
     looked_up: bool = False
+    seeded: bool = False
 
     @property
     def confidence_logits(self) -> list[float]:
@@ -118,12 +122,22 @@ class DSparkProposer:
     only, never on a sampled token, and looked-up tokens are certain proposals, so sampled outputs keep the
     target's distribution.
 
+    With `lookup_mode="seed"` the lookup works token by token instead: when it finds a continuation, the
+    continuation's first token becomes the drafted block's first proposal and the sequential head drafts the rest of
+    the block from it (its previous-token input is the looked-up token); otherwise the block is drafted as usual.
+    The looked-up token is a function of the sequence so far, so its proposal distribution is one-hot at it: the
+    draft's own probability of it plays no part in acceptance (it is accepted with the target's probability of it),
+    and every later position is drawn from, and checked against, the head's distribution given it. So speculative
+    sampling stays exact.
+
     Args:
         draft: an attached [`DSparkDraftModel`].
         generation_config: the call's prepared generation config (`do_sample`, `max_length`, prompt lookup).
         logits_processor: the call's processors and warpers; drafted tokens are sampled after them.
         verification_policy: how many drafted tokens each round verifies (None: the whole block).
-        lookup_min_probability: the draft probability a 1-token lookup match's next token needs.
+        lookup_min_probability: the draft probability a 1-token lookup match's next token needs (round mode).
+        lookup_mode: `"round"` verifies a looked-up continuation or a drafted block; `"seed"` seeds the drafted
+            block's first position with the looked-up token.
     """
 
     def __init__(
@@ -133,8 +147,12 @@ class DSparkProposer:
         logits_processor: LogitsProcessorList | None,
         verification_policy: "VerificationPolicy | None" = None,
         lookup_min_probability: float = DEFAULT_LOOKUP_MIN_PROBABILITY,
+        lookup_mode: str = "round",
     ):
+        if lookup_mode not in LOOKUP_MODES:
+            raise ValueError(f"lookup_mode must be one of {LOOKUP_MODES}, got {lookup_mode!r}.")
         self.draft = draft
+        self.lookup_mode = lookup_mode
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
         self.policy = verification_policy
@@ -178,6 +196,10 @@ class DSparkProposer:
         continuation = self._look_up(input_ids, budget)
         if budget <= 0:
             return Proposal(None, 0)
+        if self.lookup_mode == "seed":
+            first = None if continuation is None else continuation[0, :1].to(self.draft.device)
+            block = self._draft(input_ids, min(self.draft.config.block_size, budget), first_tokens=first)
+            return Proposal(block, self._verification_length(block), seeded=first is not None)
         if continuation is not None and (self.lookup_min_probability <= 0 or self._long_match(input_ids)):
             return self._looked_up(continuation)
         block = self._draft(input_ids, min(self.draft.config.block_size, budget))
@@ -187,8 +209,11 @@ class DSparkProposer:
                 return self._looked_up(continuation)
         return Proposal(block, self._verification_length(block))
 
-    def _draft(self, input_ids: torch.LongTensor, budget: int) -> DraftBlock:
-        """A block of `budget` tokens drafted after `input_ids` `(1, length)`, whose last token is the anchor."""
+    def _draft(
+        self, input_ids: torch.LongTensor, budget: int, first_tokens: torch.LongTensor | None = None
+    ) -> DraftBlock:
+        """A block of `budget` tokens drafted after `input_ids` `(1, length)`, whose last token is the anchor (its
+        first token fixed to `first_tokens` `(1,)` if given)."""
         return draft_block(
             self.draft,
             self.cache,
@@ -198,6 +223,7 @@ class DSparkProposer:
             logits_processor=self.logits_processor,
             do_sample=self.do_sample,
             prefix_ids=input_ids,
+            first_tokens=first_tokens,
         )
 
     def _look_up(self, input_ids: torch.LongTensor, budget: int) -> torch.LongTensor | None:
@@ -325,6 +351,7 @@ def speculative_decoding(
     token_streamer: BaseStreamer | None = None,
     verification_policy: "VerificationPolicy | None" = None,
     lookup_min_probability: float = DEFAULT_LOOKUP_MIN_PROBABILITY,
+    lookup_mode: str = "round",
     **model_kwargs,
 ) -> "DSparkGenerateOutput | torch.LongTensor":
     """DSpark speculative decoding as a `generate()` decoding loop (batch size 1, greedy or sampling).
@@ -352,6 +379,9 @@ def speculative_decoding(
             (a `dspark_hf.scheduling.VerificationPolicy`; needs a confidence head). None verifies the whole block.
         lookup_min_probability: with `prompt_lookup_num_tokens`, the draft probability the next token of a 1-token
             lookup match needs for its continuation to be verified instead of the drafted block (0: always).
+        lookup_mode: with `prompt_lookup_num_tokens`, `"round"` (default) verifies a looked-up continuation instead of
+            a drafted block as above; `"seed"` makes a looked-up token the drafted block's first proposal and lets
+            the sequential head draft the rest from it (see [`DSparkProposer`]).
         model_kwargs: the cache, attention mask, position ids and other forward inputs `generate()` prepared.
 
     Returns:
@@ -361,7 +391,9 @@ def speculative_decoding(
     _check_call(model, input_ids, generation_config, draft, model_kwargs)
     draft.attach(model)
     cache = model_kwargs["cache"]
-    proposer = DSparkProposer(draft, generation_config, logits_processor, verification_policy, lookup_min_probability)
+    proposer = DSparkProposer(
+        draft, generation_config, logits_processor, verification_policy, lookup_min_probability, lookup_mode
+    )
     stats = SpeculationStats(block_size=proposer.longest_proposal)
     greedy = not generation_config.do_sample
     outputs_wanted = _Outputs.requested(generation_config)
@@ -407,7 +439,9 @@ def speculative_decoding(
         if kept < m + 1:  # a stopping criterion fired inside the round: the cache holds no token past the end
             cache.crop(-(m + 1 - kept))
         model_kwargs = _extend_model_kwargs(model_kwargs, kept)
-        stats.record_round(n, kept - 1, proposal.confidence_logits, looked_up=proposal.looked_up)
+        stats.record_round(
+            n, kept - 1, proposal.confidence_logits, looked_up=proposal.looked_up, seeded=proposal.seeded
+        )
         stats.draft_time_s += proposed - started
         stats.verify_time_s += time.perf_counter() - proposed
 

@@ -50,6 +50,7 @@ def sample_block(
     prefix_ids: torch.LongTensor | None = None,
     logits_processor: LogitsProcessorList | None = None,
     do_sample: bool = False,
+    first_tokens: torch.LongTensor | None = None,
 ) -> DraftBlock:
     """Samples a block left to right: p_k = softmax(process(U_k + B_k(prefix))) (paper eq. 4).
 
@@ -63,6 +64,10 @@ def sample_block(
         logits_processor: transformers processors/warpers applied to each position's logits before sampling, so
             that every drafted token is sampled from exactly the distribution returned in `DraftBlock.logits`.
         do_sample: sample (True) or take the argmax (False).
+        first_tokens: `(batch,)` position 1's proposal fixed in advance (e.g. looked up earlier in the sequence), or
+            −1 where it is drawn as usual. A fixed token is proposed with certainty: its returned logits are one-hot
+            at it (so speculative sampling accepts it with the target's probability of it, whatever the draft thinks
+            of it), its confidence is 1, and the sequential head continues the block from it.
     """
     # With a draft vocabulary, logits are computed for its tokens only and the rest of the vocabulary gets −inf.
     vocab_ids = draft.draft_vocab_ids
@@ -88,14 +93,22 @@ def sample_block(
             prev = torch.multinomial(torch.softmax(step_logits, dim=-1), num_samples=1).squeeze(-1)
         else:
             prev = step_logits.argmax(dim=-1)
+        if k == 0 and first_tokens is not None:
+            fixed = first_tokens >= 0
+            prev = torch.where(fixed, first_tokens, prev)
+            certain = torch.full_like(step_logits, float("-inf")).scatter_(-1, prev.unsqueeze(-1), 0.0)
+            step_logits = torch.where(fixed.unsqueeze(-1), certain, step_logits)
         tokens.append(prev)
         logits.append(step_logits)
     raw = torch.stack(confidence_logits, dim=1).float() if confidence_logits else None
+    confidences = None if raw is None else draft.calibrated_confidence(raw)
+    if confidences is not None and first_tokens is not None:
+        confidences[:, 0] = torch.where(first_tokens >= 0, 1.0, confidences[:, 0])
     return DraftBlock(
         tokens=torch.stack(tokens, dim=1),
         logits=torch.stack(logits, dim=1),
         confidence_logits=raw,
-        confidences=None if raw is None else draft.calibrated_confidence(raw),
+        confidences=confidences,
     )
 
 
@@ -110,6 +123,7 @@ def draft_block(
     do_sample: bool = False,
     prefix_ids: torch.LongTensor | None = None,
     context_valid: torch.BoolTensor | None = None,
+    first_tokens: torch.LongTensor | None = None,
 ) -> DraftBlock:
     """One backbone pass over R blocks (anchor + γ−1 masks), then left-to-right sampling of `budget` tokens each.
 
@@ -117,7 +131,7 @@ def draft_block(
         cache: the draft's context of every row, `(R, ..., P)` slots.
         anchors, positions: `(R,)` anchor tokens and their sequence positions.
         budget: tokens to sample per row (≤ γ).
-        logits_processor, do_sample, prefix_ids: as in [`sample_block`].
+        logits_processor, do_sample, prefix_ids, first_tokens: as in [`sample_block`].
         context_valid: `(R, P)` which context slots each row sees (False for holes of a ragged layout), or None
             when every row sees all of its context.
     """
@@ -140,7 +154,7 @@ def draft_block(
     ).hidden_states
     return sample_block(
         draft, hidden[:, :budget], anchors, prefix_ids=prefix_ids, logits_processor=logits_processor,
-        do_sample=do_sample,
+        do_sample=do_sample, first_tokens=first_tokens,
     )
 
 

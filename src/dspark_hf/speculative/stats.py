@@ -12,6 +12,8 @@ class SpeculationStats:
     `confidence_logits[i]` holds the raw confidence-head logits of the verified positions (for calibration).
     `looked_up[i]` says whether round `i` verified a prompt-lookup continuation (`prompt_lookup_num_tokens`) rather
     than a drafted block; such rounds carry no confidence logits, and `block_size` is the longest proposal allowed.
+    `seeded[i]` says whether round `i`'s drafted block started with a looked-up token (`lookup_mode="seed"`); its
+    first confidence logit scores the draft's own token, not the one verified.
     """
 
     block_size: int
@@ -19,11 +21,17 @@ class SpeculationStats:
     accepted: list[int] = field(default_factory=list)
     confidence_logits: list[list[float]] = field(default_factory=list)
     looked_up: list[bool] = field(default_factory=list)
+    seeded: list[bool] = field(default_factory=list)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
 
     def record_round(
-        self, proposed: int, accepted: int, confidence_logits: list[float] | None = None, looked_up: bool = False
+        self,
+        proposed: int,
+        accepted: int,
+        confidence_logits: list[float] | None = None,
+        looked_up: bool = False,
+        seeded: bool = False,
     ) -> None:
         if not 0 <= accepted <= proposed:
             raise ValueError(f"accepted ({accepted}) must lie in [0, proposed={proposed}].")
@@ -31,6 +39,7 @@ class SpeculationStats:
         self.accepted.append(accepted)
         self.confidence_logits.append(list(confidence_logits or []))
         self.looked_up.append(looked_up)
+        self.seeded.append(seeded)
 
     @classmethod
     def merge(cls, parts: "list[SpeculationStats]") -> "SpeculationStats":
@@ -43,6 +52,7 @@ class SpeculationStats:
             merged.accepted += part.accepted
             merged.confidence_logits += part.confidence_logits
             merged.looked_up += part.looked_up
+            merged.seeded += part.seeded
             merged.draft_time_s += part.draft_time_s
             merged.verify_time_s += part.verify_time_s
         return merged
@@ -83,6 +93,7 @@ class SpeculationStats:
             "conditional_acceptance": self.conditional_acceptance(),
             "prefix_survival": self.prefix_survival(),
             "looked_up_rounds": sum(self.looked_up),
+            "seeded_rounds": sum(self.seeded),
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,
         }
