@@ -18,25 +18,27 @@ Writes benchmarks/results/<output-name>.{json,md,png} (default speedup). Full ru
 import _common as common
 
 from dspark_hf.evaluation import domain_summaries, markdown_table
-from dspark_hf.speculative import DEFAULT_LOOKUP_MIN_PROBABILITY
+from dspark_hf.speculative import DEFAULT_LOOKUP_MIN_PROBABILITY, LOOKUP_MODES
 
 PLAIN_TARGETS = {"math": 2.0, "code": 2.0, "chat": 1.5}
 
 
 def runs(target, tokenizer, drafts: dict, prompts: dict, args):
     """Yields `(name, mode, summaries)` for every draft, then with --draft-lookup-tokens every draft as `<name>+lookup`
-    (with --lookup-only, those alone), or as `<name>+lookup@P` for each of several --lookup-min-probability values."""
-    variants = [] if args.lookup_only else [(name, draft, None, None) for name, draft in drafts.items()]
+    (with --lookup-only, those alone), named `<name>+lookup@P` for each of several --lookup-min-probability values
+    and `<name>+<lookup mode>` for each --lookup-modes value other than round."""
+    variants = [] if args.lookup_only else [(name, draft, None, {}) for name, draft in drafts.items()]
     if args.draft_lookup_tokens:
         thresholds = args.lookup_min_probability
-        variants += [
-            (f"{name}+lookup" + (f"@{p:g}" if len(thresholds) > 1 else ""), draft, args.draft_lookup_tokens, p)
-            for name, draft in drafts.items()
-            for p in thresholds
-        ]
+        for name, draft in drafts.items():
+            for lookup_mode in args.lookup_modes:
+                for p in thresholds if lookup_mode == "round" else thresholds[:1]:  # only round mode has the gate
+                    label = f"{name}+lookup" if lookup_mode == "round" else f"{name}+{lookup_mode}"
+                    label += f"@{p:g}" if len(thresholds) > 1 and lookup_mode == "round" else ""
+                    kwargs = {"lookup_min_probability": p, "lookup_mode": lookup_mode}
+                    variants.append((label, draft, args.draft_lookup_tokens, kwargs))
     baselines = {"compare_plain": True, "prompt_lookup_num_tokens": args.prompt_lookup_tokens}
-    for name, draft, draft_lookup_tokens, min_probability in variants:
-        draft_kwargs = {} if min_probability is None else {"lookup_min_probability": min_probability}
+    for name, draft, draft_lookup_tokens, draft_kwargs in variants:
         for mode in args.modes:
             yield name, mode, common.run_harness(
                 target, tokenizer, draft, prompts, args, label=name, mode=mode,
@@ -124,6 +126,10 @@ def markdown(report: dict) -> str:
             "a 2-gram match, or a 1-token match whose next token the draft gives at least `lookup_min_probability` "
             f"({', '.join(f'{p:g}' for p in settings.get('lookup_min_probability', [0.0]))}; `@P` names the value when there "
             "are several, 0 looks up every match), and the drafted block otherwise. Its τ counts both kinds of round.",
+            "`<draft>+seed` (`lookup_mode=\"seed\"`) seeds the drafted block instead: when the lookup finds a "
+            "continuation, its first token is the block's first proposal and the sequential head drafts the rest from "
+            "it. `<draft>+hybrid` verifies a 2-gram match's continuation as a whole and seeds with a 1-token match "
+            "(its `lookup_min_probability` plays no part).",
             "",
         ]
     for name, modes in report["results"].items():
@@ -225,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[DEFAULT_LOOKUP_MIN_PROBABILITY],
         help="With --draft-lookup-tokens: generate's lookup_min_probability, the draft probability a 1-token lookup "
         "match needs to be verified (0: every match, as transformers' prompt lookup). Several values: one variant each.",
+    )
+    parser.add_argument(
+        "--lookup-modes",
+        nargs="+",
+        choices=LOOKUP_MODES,
+        default=["round"],
+        help="With --draft-lookup-tokens: generate's lookup_mode, one variant each (round: verify a looked-up "
+        "continuation or the drafted block; seed: a looked-up token starts the drafted block; hybrid: both by match).",
     )
     prepared = common.prepare(parser, __file__, argv)
     if prepared is None:

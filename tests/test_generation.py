@@ -276,7 +276,7 @@ def test_sampling_with_prompt_lookup_matches_target_distribution(sampling_setup)
 
 @pytest.fixture
 def seeding_record(monkeypatch):
-    """(looked-up first token or None, first proposed token, seeded) of every proposal a call makes."""
+    """(looked-up first token or None, 2-gram match, first proposed token, seeded, looked up) of every proposal."""
     record = []
     propose, look_up = DSparkProposer.propose, DSparkProposer._look_up
 
@@ -284,7 +284,8 @@ def seeding_record(monkeypatch):
         continuation = look_up(self, input_ids, budget)
         proposal = propose(self, input_ids, budget)
         first = None if proposal.block is None else int(proposal.block.tokens[0, 0])
-        record.append((None if continuation is None else int(continuation[0, 0]), first, proposal.seeded))
+        looked_up = None if continuation is None else int(continuation[0, 0])
+        record.append((looked_up, self._long_match(input_ids), first, proposal.seeded, proposal.looked_up))
         return proposal
 
     monkeypatch.setattr(DSparkProposer, "propose", recording_propose)
@@ -299,30 +300,34 @@ def seeding_record(monkeypatch):
     policy=st.sampled_from([None, "threshold"]),
     prompt=st.lists(st.integers(0, 5), min_size=2, max_size=12),  # few distinct tokens: lookups match often
     max_new_tokens=st.integers(1, 40),
+    lookup_mode=st.sampled_from(["seed", "hybrid"]),
 )
 def test_lookup_seeded_blocks_are_identical_to_plain_greedy(
-    targets, trained_drafts, seeding_record, family, head, block_size, policy, prompt, max_new_tokens
+    targets, trained_drafts, seeding_record, family, head, block_size, policy, prompt, max_new_tokens, lookup_mode
 ):
     """With lookup_mode="seed", a round whose lookup finds a continuation drafts a block that starts with the
-    continuation's first token, and any other round drafts as usual; greedy output stays identical to plain decoding."""
+    continuation's first token, and any other round drafts as usual; "hybrid" verifies 2-gram matches' continuations
+    instead. Greedy output stays identical to plain decoding."""
     target, draft = targets[family], trained_drafts[(family, head)]
     draft.config.block_size = block_size
     seeding_record.clear()
     try:
         reference, speculative, stats = greedy_pair_with_stats(
             target, draft, torch.tensor([prompt]),
-            {"lookup_mode": "seed", "verification_policy": make_policy(policy, block_size)},
+            {"lookup_mode": lookup_mode, "verification_policy": make_policy(policy, block_size)},
             max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=3,
         )
     finally:
         draft.config.block_size = 16
     assert torch.equal(reference, speculative)
     assert sum(stats.accepted) + stats.num_rounds == reference.shape[1] - len(prompt) - 1
-    assert not any(stats.looked_up) and all(p <= block_size for p in stats.proposed)
-    assert [seeded for _, _, seeded in seeding_record] == stats.seeded
-    for looked_up, first, seeded in seeding_record:
-        assert seeded == (looked_up is not None)
-        if seeded:
+    assert all(p <= block_size for p, whole in zip(stats.proposed, stats.looked_up, strict=True) if not whole)
+    assert [seeded for *_, seeded, _ in seeding_record] == stats.seeded
+    assert [whole for *_, whole in seeding_record] == stats.looked_up
+    for looked_up, long_match, first, seeded, whole in seeding_record:
+        verified_whole = lookup_mode == "hybrid" and looked_up is not None and long_match
+        assert whole == verified_whole and seeded == (looked_up is not None and not verified_whole)
+        if looked_up is not None:
             assert first == looked_up
 
 

@@ -4,6 +4,7 @@ statistics (`stats.py`)."""
 
 from .decoding import (
     DEFAULT_LOOKUP_MIN_PROBABILITY,
+    LOOKUP_MODES,
     DSparkGenerateOutput,
     DSparkProposer,
     prompt_lookup,
@@ -14,6 +15,7 @@ from .stats import SpeculationStats
 
 __all__ = [
     "DEFAULT_LOOKUP_MIN_PROBABILITY",
+    "LOOKUP_MODES",
     "DSparkGenerateOutput",
     "DSparkProposer",
     "DraftBlock",

@@ -30,12 +30,10 @@ from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorLi
 from transformers.generation.streamers import BaseStreamer
 
 from .. import compat
-from ..models.dspark.modeling_dspark import (
-    DSparkContextCache,
-    DSparkDraftModel,
-    select_target_features,
-    target_hidden_state_indices,
-)
+from ..models.dspark.modeling_dspark import DSparkContextCache, DSparkDraftModel, target_hidden_state_indices
+from ..models.eagle3.modeling_eagle3 import Eagle3DraftModel
+from .eagle3_proposer import Eagle3Proposer
+from .proposal import BlockProposer, Proposal
 from .round import DraftBlock, draft_block, speculative_accept
 from .stats import SpeculationStats
 
@@ -46,8 +44,9 @@ if TYPE_CHECKING:
 # its next token at least this probability (on SmolLM2 code prompts, the rest accepted fewer tokens than a drafted block).
 DEFAULT_LOOKUP_MIN_PROBABILITY = 0.01
 # How generate(..., prompt_lookup_num_tokens=N) uses a lookup match: verify the continuation instead of a drafted
-# block (round level, gated by lookup_min_probability), or seed the drafted block's first token with it.
-LOOKUP_MODES = ("round", "seed")
+# block (round level, gated by lookup_min_probability); seed the drafted block's first token with it; or verify the
+# continuation of a 2-gram match and seed with a 1-token match (hybrid).
+LOOKUP_MODES = ("round", "seed", "hybrid")
 
 
 def prompt_lookup(
@@ -92,23 +91,7 @@ class DSparkGenerateOutput(GenerateDecoderOnlyOutput):
     speculation_stats: SpeculationStats | None = None
 
 
-@dataclass
-class Proposal:
-    """What one round verifies: the first `length` tokens of `block` (None when nothing is proposed)."""
-
-    block: DraftBlock | None
-    length: int
-    looked_up: bool = False
-    seeded: bool = False
-
-    @property
-    def confidence_logits(self) -> list[float]:
-        if self.block is None or self.block.confidence_logits is None:
-            return []
-        return self.block.confidence_logits[0, : self.length].tolist()
-
-
-class DSparkProposer:
+class DSparkProposer(BlockProposer):
     """Chooses the tokens each round verifies for one sequence, and keeps the draft's context of target features.
 
     The number of drafted tokens verified is chosen by `verification_policy` (see `dspark_hf.scheduling`); with
@@ -128,7 +111,8 @@ class DSparkProposer:
     The looked-up token is a function of the sequence so far, so its proposal distribution is one-hot at it: the
     draft's own probability of it plays no part in acceptance (it is accepted with the target's probability of it),
     and every later position is drawn from, and checked against, the head's distribution given it. So speculative
-    sampling stays exact.
+    sampling stays exact. `lookup_mode="hybrid"` verifies the continuation of a 2-gram match as a whole (as round
+    mode does) and seeds the block with a 1-token match.
 
     Args:
         draft: an attached [`DSparkDraftModel`].
@@ -137,7 +121,8 @@ class DSparkProposer:
         verification_policy: how many drafted tokens each round verifies (None: the whole block).
         lookup_min_probability: the draft probability a 1-token lookup match's next token needs (round mode).
         lookup_mode: `"round"` verifies a looked-up continuation or a drafted block; `"seed"` seeds the drafted
-            block's first position with the looked-up token.
+            block's first position with the looked-up token; `"hybrid"` verifies 2-gram matches' continuations and
+            seeds with 1-token matches.
     """
 
     def __init__(
@@ -148,33 +133,30 @@ class DSparkProposer:
         verification_policy: "VerificationPolicy | None" = None,
         lookup_min_probability: float = DEFAULT_LOOKUP_MIN_PROBABILITY,
         lookup_mode: str = "round",
+        max_draft_tokens: int | None = None,
     ):
         if lookup_mode not in LOOKUP_MODES:
             raise ValueError(f"lookup_mode must be one of {LOOKUP_MODES}, got {lookup_mode!r}.")
-        self.draft = draft
-        self.lookup_mode = lookup_mode
-        self.do_sample = bool(generation_config.do_sample)
-        self.logits_processor = logits_processor
-        self.policy = verification_policy
-        if self.policy is not None and draft.confidence_head is None:
+        if verification_policy is not None and draft.confidence_head is None:
             raise ValueError(
-                f"The verification policy {type(self.policy).__name__} needs confidences but this draft has no "
-                "confidence head; pass verification_policy=None to verify whole blocks."
+                f"The verification policy {type(verification_policy).__name__} needs confidences but this draft has "
+                "no confidence head; pass verification_policy=None to verify whole blocks."
             )
-        if self.policy is not None:  # stateful policies (lagged scheduler) start each call afresh
-            self.policy.reset()
+        if max_draft_tokens is not None and max_draft_tokens < 1:
+            raise ValueError(f"max_draft_tokens must be >= 1 (drop the draft for plain decoding), got {max_draft_tokens}.")
+        super().__init__(draft, generation_config, logits_processor, verification_policy)
+        self.lookup_mode = lookup_mode
+        self.block_size = min(draft.config.block_size, max_draft_tokens or draft.config.block_size)
         self.lookup_tokens = generation_config.prompt_lookup_num_tokens
         self.max_matching_ngram_size = generation_config.max_matching_ngram_size or 2
         self.lookup_min_probability = lookup_min_probability
-        eos = generation_config.eos_token_id
-        self.eos_token_ids = None if eos is None else torch.tensor(eos, device=draft.device).flatten()
         self.cache = DSparkContextCache(draft.config.num_hidden_layers)
         self.context_length = 0
 
     @property
     def longest_proposal(self) -> int:
         """The most tokens a round can propose."""
-        return max(self.draft.config.block_size, self.lookup_tokens or 0)
+        return max(self.block_size, self.lookup_tokens or 0)
 
     def observe(self, hidden_states: tuple[torch.Tensor, ...], count: int) -> None:
         """Appends the target features of the first `count` positions of a target pass to the draft's context.
@@ -183,12 +165,9 @@ class DSparkProposer:
             hidden_states: the pass's `hidden_states` (the draft's target layers must be among them).
             count: verified positions of the pass (all but the new anchor).
         """
-        layer_ids = self.draft.config.target_layer_ids
-        if hidden_states is None or any(hidden_states[i] is None for i in target_hidden_state_indices(layer_ids)):
-            raise ValueError("The target's outputs carry no hidden states of the draft's target layers.")
-        features = select_target_features(hidden_states, layer_ids)[:, :count]
+        features = self.target_features(hidden_states, count)
         positions = torch.arange(self.context_length, self.context_length + count, device=self.draft.device)
-        self.draft.extend_context(self.cache, features.to(self.draft.device), positions.unsqueeze(0))
+        self.draft.extend_context(self.cache, features, positions.unsqueeze(0))
         self.context_length += count
 
     def propose(self, input_ids: torch.LongTensor, budget: int) -> Proposal:
@@ -196,13 +175,15 @@ class DSparkProposer:
         continuation = self._look_up(input_ids, budget)
         if budget <= 0:
             return Proposal(None, 0)
-        if self.lookup_mode == "seed":
+        if self.lookup_mode == "hybrid" and continuation is not None and self._long_match(input_ids):
+            return self._looked_up(continuation)
+        if self.lookup_mode in ("seed", "hybrid"):
             first = None if continuation is None else continuation[0, :1].to(self.draft.device)
-            block = self._draft(input_ids, min(self.draft.config.block_size, budget), first_tokens=first)
+            block = self._draft(input_ids, min(self.block_size, budget), first_tokens=first)
             return Proposal(block, self._verification_length(block), seeded=first is not None)
         if continuation is not None and (self.lookup_min_probability <= 0 or self._long_match(input_ids)):
             return self._looked_up(continuation)
-        block = self._draft(input_ids, min(self.draft.config.block_size, budget))
+        block = self._draft(input_ids, min(self.block_size, budget))
         if continuation is not None:
             probability = float(torch.softmax(block.logits[0, 0], dim=-1)[continuation[0, 0]])
             if probability >= self.lookup_min_probability:
@@ -243,46 +224,61 @@ class DSparkProposer:
         windows = input_ids[0, :-1].unfold(0, 2, 1)
         return bool((windows == input_ids[0, -2:]).all(dim=-1).any())
 
-    def _verification_length(self, block: DraftBlock) -> int:
-        budget = block.tokens.shape[1]
-        if self.policy is None:
-            return budget
-        lengths = self.policy.select_lengths([block.confidences[0].tolist()], max_lengths=[budget])
-        return min(budget, int(lengths[0]))
+
+DRAFT_CLASSES = (DSparkDraftModel, Eagle3DraftModel)
 
 
 def _check_call(model: PreTrainedModel, input_ids: torch.LongTensor, generation_config, draft, model_kwargs) -> None:
     """Refuses, with the fix in the message, what the loop cannot serve."""
-    if not isinstance(draft, DSparkDraftModel):
+    if not isinstance(draft, DRAFT_CLASSES):
         raise TypeError(
             "speculative_decoding needs the draft: call target.generate(input_ids, custom_generate=speculative_decoding, "
-            f"draft=draft) with a DSparkDraftModel (got {type(draft).__name__})."
+            f"draft=draft) with a DSparkDraftModel or an Eagle3DraftModel (got {type(draft).__name__})."
         )
+    name = type(draft).__name__
     if generation_config.num_beams > 1 or generation_config.num_return_sequences > 1:
         raise ValueError(
-            "A DSparkDraftModel assistant supports greedy decoding and sampling only, but these settings ask for "
+            f"A {name} assistant supports greedy decoding and sampling only, but these settings ask for "
             f"num_beams={generation_config.num_beams}, num_return_sequences={generation_config.num_return_sequences}. "
             "Use num_beams=1 and num_return_sequences=1, or drop the draft."
         )
     if model.config.is_encoder_decoder:
-        raise ValueError(f"DSpark drafts decoder-only targets; {type(model).__name__} is an encoder-decoder model.")
+        raise ValueError(f"A {name} drafts for decoder-only targets; {type(model).__name__} is an encoder-decoder model.")
     if input_ids.shape[0] != 1:
         raise ValueError(
-            f"generate(assistant_model=DSparkDraftModel) drafts for one sequence at a time, got batch size "
+            f"generate(assistant_model={name}) drafts for one sequence at a time, got batch size "
             f"{input_ids.shape[0]}. Loop over prompts, or use dspark_hf.DSparkEngine for batched speculative decoding."
         )
     if model_kwargs.get("inputs_embeds") is not None:
-        raise ValueError("DSpark drafting needs input_ids; generate() was given inputs_embeds.")
+        raise ValueError(f"Drafting with a {name} needs input_ids; generate() was given inputs_embeds.")
     if generation_config.prefill_chunk_size is not None:
-        raise ValueError("Chunked prefill is not supported with a DSpark draft (unset prefill_chunk_size).")
+        raise ValueError(f"Chunked prefill is not supported with a {name} (unset prefill_chunk_size).")
     cache = model_kwargs.get("cache")
     if cache is None:
-        raise ValueError("DSpark drafting needs the target's cache; do not pass use_cache=False to generate().")
+        raise ValueError(f"Drafting with a {name} needs the target's cache; do not pass use_cache=False to generate().")
     if cache.get_seq_length() > 0:
         raise ValueError(
-            "DSpark drafting cannot continue from a filled cache: the draft needs the target features of every token. "
-            "Pass the whole sequence without a cache."
+            f"Drafting with a {name} cannot continue from a filled cache: the draft needs the target features of every "
+            "token. Pass the whole sequence without a cache."
         )
+
+
+def make_proposer(
+    draft: "DSparkDraftModel | Eagle3DraftModel",
+    generation_config: GenerationConfig,
+    logits_processor: LogitsProcessorList | None,
+    verification_policy: "VerificationPolicy | None" = None,
+    lookup_min_probability: float = DEFAULT_LOOKUP_MIN_PROBABILITY,
+    lookup_mode: str = "round",
+    max_draft_tokens: int | None = None,
+) -> "DSparkProposer | Eagle3Proposer":
+    """The proposer of `draft`'s family: [`DSparkProposer`] or [`Eagle3Proposer`] (which refuses prompt lookup)."""
+    if isinstance(draft, Eagle3DraftModel):
+        return Eagle3Proposer(draft, generation_config, logits_processor, verification_policy, max_draft_tokens)
+    return DSparkProposer(
+        draft, generation_config, logits_processor, verification_policy, lookup_min_probability, lookup_mode,
+        max_draft_tokens,
+    )
 
 
 @dataclass
@@ -347,14 +343,16 @@ def speculative_decoding(
     logits_processor: LogitsProcessorList,
     stopping_criteria: StoppingCriteriaList,
     generation_config: GenerationConfig,
-    draft: DSparkDraftModel | None = None,
+    draft: "DSparkDraftModel | Eagle3DraftModel | None" = None,
     token_streamer: BaseStreamer | None = None,
     verification_policy: "VerificationPolicy | None" = None,
     lookup_min_probability: float = DEFAULT_LOOKUP_MIN_PROBABILITY,
     lookup_mode: str = "round",
+    max_draft_tokens: int | None = None,
     **model_kwargs,
 ) -> "DSparkGenerateOutput | torch.LongTensor":
-    """DSpark speculative decoding as a `generate()` decoding loop (batch size 1, greedy or sampling).
+    """Speculative decoding with a DSpark or EAGLE-3 draft as a `generate()` decoding loop (batch size 1, greedy or
+    sampling).
 
     Call it through `generate()`, which prepares every argument but the last two:
 
@@ -372,16 +370,19 @@ def speculative_decoding(
         input_ids: `(1, length)` the prompt.
         logits_processor, stopping_criteria, generation_config: as `generate()` prepared them. Stopping criteria are
             checked after every accepted token, so the output ends exactly where plain decoding ends.
-        draft: the [`DSparkDraftModel`] (attached to `model` here).
+        draft: a [`DSparkDraftModel`] or an [`Eagle3DraftModel`] (attached to `model` here); its family's proposer
+            ([`DSparkProposer`], [`Eagle3Proposer`]) drafts every round, the rest of the loop is the same.
         token_streamer: receives the prompt, then each round's new tokens, then `end()` (generate() does not pass
             its own `streamer` argument to a custom loop, hence the separate name).
         verification_policy: chooses how many drafted tokens each round verifies from the calibrated confidences
-            (a `dspark_hf.scheduling.VerificationPolicy`; needs a confidence head). None verifies the whole block.
+            (a `dspark_hf.scheduling.VerificationPolicy`; a DSpark draft needs a confidence head, an EAGLE-3 draft
+            gives its own probabilities of its tokens). None verifies the whole block.
         lookup_min_probability: with `prompt_lookup_num_tokens`, the draft probability the next token of a 1-token
             lookup match needs for its continuation to be verified instead of the drafted block (0: always).
         lookup_mode: with `prompt_lookup_num_tokens`, `"round"` (default) verifies a looked-up continuation instead of
             a drafted block as above; `"seed"` makes a looked-up token the drafted block's first proposal and lets
-            the sequential head draft the rest from it (see [`DSparkProposer`]).
+            the sequential head draft the rest from it; `"hybrid"` verifies the continuation of a 2-gram match as a
+            whole and seeds with a 1-token match (see [`DSparkProposer`]).
         model_kwargs: the cache, attention mask, position ids and other forward inputs `generate()` prepared.
 
     Returns:
@@ -391,8 +392,9 @@ def speculative_decoding(
     _check_call(model, input_ids, generation_config, draft, model_kwargs)
     draft.attach(model)
     cache = model_kwargs["cache"]
-    proposer = DSparkProposer(
-        draft, generation_config, logits_processor, verification_policy, lookup_min_probability, lookup_mode
+    proposer = make_proposer(
+        draft, generation_config, logits_processor, verification_policy, lookup_min_probability, lookup_mode,
+        max_draft_tokens,
     )
     stats = SpeculationStats(block_size=proposer.longest_proposal)
     greedy = not generation_config.do_sample
