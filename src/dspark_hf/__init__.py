@@ -78,6 +78,7 @@ _IMPORT_STRUCTURE = {
         "DSparkGenerateOutput",
         "DSparkProposer",
         "DraftBlock",
+        "Eagle3Proposer",
         "SpeculationStats",
         "draft_block",
         "prompt_lookup",

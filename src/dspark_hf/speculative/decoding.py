@@ -1,12 +1,13 @@
-"""DSpark speculative decoding inside `target.generate()`.
+"""DSpark and EAGLE-3 speculative decoding inside `target.generate()`.
 
 [`speculative_decoding`] is a decoding loop for transformers' public `generate(custom_generate=...)` entry:
 `generate()` prepares the generation config, logits processors, stopping criteria and cache, then calls the loop.
 Each round the loop
 
-1. **proposes** tokens ([`DSparkProposer`]): a drafted block, or the prefix of it that the draft's verification
-   policy chooses (the call's `verification_policy`), or (with `prompt_lookup_num_tokens`) a continuation looked up
-   earlier in the sequence;
+1. **proposes** tokens with the proposer of the draft's family ([`DSparkProposer`], or [`Eagle3Proposer`] in
+   `eagle3_proposer.py`): a drafted block, or the prefix of it that the verification policy chooses (the call's
+   `verification_policy`), or (DSpark, with `prompt_lookup_num_tokens`) a continuation looked up earlier in the
+   sequence;
 2. **verifies** them in one target pass over anchor + proposal, which also yields the target features that extend
    the draft's context;
 3. **accepts** a prefix and draws the next token by speculative sampling ([`speculative_accept`], shared with
@@ -17,7 +18,7 @@ Each round the loop
    and recording scores, logits, attentions and hidden states as plain decoding does.
 
 `import dspark_hf` also makes `target.generate(input_ids, assistant_model=draft)` call this loop (see
-`generate_hook.py`); `target.generate(input_ids, custom_generate=speculative_decoding, draft=draft)` needs no hook.
+`hook.py`); `target.generate(input_ids, custom_generate=speculative_decoding, draft=draft)` needs no hook.
 """
 
 import time
@@ -80,7 +81,7 @@ def prompt_lookup(
 
 @dataclass
 class DSparkGenerateOutput(GenerateDecoderOnlyOutput):
-    """What `generate(..., return_dict_in_generate=True)` returns with a DSpark draft: plain decoding's fields
+    """What `generate(..., return_dict_in_generate=True)` returns with a DSpark or EAGLE-3 draft: plain decoding's fields
     (`sequences`, `scores`, `logits`, `attentions`, `hidden_states`, `cache`) and the call's rounds.
 
     Args:

@@ -16,6 +16,7 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from ..models.dspark.modeling_dspark import DSparkContextCache, DSparkDraftModel
+from ..models.shared import TargetBoundDraftMixin
 
 
 @dataclass
@@ -40,6 +41,43 @@ class DraftBlock:
         one-hot at its token, so speculative sampling accepts it with the target's probability of that token."""
         logits = torch.full((*tokens.shape, vocab_size), float("-inf"), device=tokens.device)
         return cls(tokens, logits.scatter_(-1, tokens.unsqueeze(-1), 0.0), None, None)
+
+
+def full_vocabulary_logits(draft: TargetBoundDraftMixin, logits: torch.Tensor) -> torch.Tensor:
+    """Draft-vocabulary logits `(R, V')` → float32 logits `(R, V)` over the target's vocabulary, −inf outside the
+    draft vocabulary (unchanged, as float32, when the draft has none)."""
+    logits = logits.float()
+    vocab_ids = draft.draft_vocab_ids
+    if vocab_ids is None:
+        return logits
+    full = logits.new_full((logits.shape[0], draft.config.vocab_size), float("-inf"))
+    return full.index_copy_(1, vocab_ids, logits)
+
+
+def draw_draft_token(
+    logits: torch.Tensor,
+    prefix_ids: torch.LongTensor,
+    drafted: list[torch.LongTensor],
+    logits_processor: LogitsProcessorList | None = None,
+    do_sample: bool = False,
+) -> tuple[torch.LongTensor, torch.FloatTensor]:
+    """Draws one drafted position of every row from exactly the distribution it returns.
+
+    Args:
+        logits: `(R, V)` float32 draft logits over the full vocabulary ([`full_vocabulary_logits`]).
+        prefix_ids: `(R, len)` the sequence before the drafted block, given to `logits_processor` with `drafted`.
+        drafted: the block's tokens so far, `(R,)` each.
+        logits_processor: transformers processors/warpers applied before drawing.
+        do_sample: sample (True) or take the argmax (False).
+
+    Returns:
+        `token (R,)` and the processed logits `(R, V)` it was drawn from (kept in [`DraftBlock.logits`]).
+    """
+    if logits_processor:
+        logits = logits_processor(torch.cat([prefix_ids, *[t.unsqueeze(-1) for t in drafted]], dim=-1), logits)
+    if do_sample:
+        return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(-1), logits
+    return logits.argmax(dim=-1), logits
 
 
 @torch.no_grad()
@@ -69,30 +107,22 @@ def sample_block(
             at it (so speculative sampling accepts it with the target's probability of it, whatever the draft thinks
             of it), its confidence is 1, and the sequential head continues the block from it.
     """
-    # With a draft vocabulary, logits are computed for its tokens only and the rest of the vocabulary gets −inf.
-    vocab_ids = draft.draft_vocab_ids
     base_logits = draft.compute_logits(hidden_states, draft_vocabulary=True).float()
     head = draft.markov_head
     head_weight = draft.sequential_head_output_weight()
     prev, state = anchor_ids, None
+    prefix = anchor_ids.unsqueeze(-1) if prefix_ids is None else prefix_ids
     tokens, logits, confidence_logits = [], [], []
     for k in range(hidden_states.shape[1]):
         step_logits = base_logits[:, k]
         if head is not None:
             bias, state = head.step(prev, hidden_states[:, k], state, output_weight=head_weight)
             step_logits = step_logits + bias.float()
-        if vocab_ids is not None:
-            full = step_logits.new_full((step_logits.shape[0], draft.config.vocab_size), float("-inf"))
-            step_logits = full.index_copy_(1, vocab_ids, step_logits)
         if draft.confidence_head is not None:
             confidence_logits.append(draft.confidence_head(hidden_states[:, k], draft.previous_token_features(prev)))
-        if logits_processor:
-            sequence = prev.unsqueeze(-1) if prefix_ids is None else prefix_ids
-            step_logits = logits_processor(torch.cat([sequence, *[t.unsqueeze(-1) for t in tokens]], dim=-1), step_logits)
-        if do_sample:
-            prev = torch.multinomial(torch.softmax(step_logits, dim=-1), num_samples=1).squeeze(-1)
-        else:
-            prev = step_logits.argmax(dim=-1)
+        prev, step_logits = draw_draft_token(
+            full_vocabulary_logits(draft, step_logits), prefix, tokens, logits_processor, do_sample
+        )
         if k == 0 and first_tokens is not None:
             fixed = first_tokens >= 0
             prev = torch.where(fixed, first_tokens, prev)
