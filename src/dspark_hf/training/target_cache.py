@@ -97,7 +97,7 @@ def build_target_cache(
     Returns:
         The cache folder.
     """
-    from .trainer import run_target
+    from .base_trainer import run_target
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -5,27 +5,22 @@ where the next token is an assistant token; every block of the batch goes throug
 [`block_attention_mask`] (each block sees target features strictly before its anchor, exactly as at inference);
 the target's LM head is applied only at the block positions; the loss is [`dspark_loss`].
 
-The draft is `Trainer.model` (optionally wrapped in a `peft.PeftModel`), so checkpoints, resuming, DDP through
-`accelerate launch`, mixed precision and PEFT adapters work as for any transformers model. The target is a
-trainer attribute moved to the accelerator device: it gets no optimizer state and is never saved.
+The trainer machinery (frozen target, target cache, eval loop, metric logging, checkpoints, DDP, PEFT) is
+[`DraftTrainer`]'s, shared with the EAGLE-3 trainer; this module adds the DSpark loss step.
 """
 
 import hashlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.utils import logging
+from transformers import PreTrainedModel
 
-from ..models.dspark.modeling_dspark import DSparkDraftModel, DSparkDraftOutput, select_target_features
+from ..models.dspark.modeling_dspark import DSparkDraftModel, DSparkDraftOutput
+from .base_trainer import DraftTrainer, DraftTrainingArguments, run_target, target_inputs, unwrap_draft
 from .blocks import DSparkBlockBatch, block_attention_mask, build_blocks, sample_anchor_positions
-from .collator import DSparkDataCollator
 from .losses import DSparkLossOutput, DSparkMetricAccumulator, dspark_loss
-
-logger = logging.get_logger(__name__)
 
 __all__ = [
     "DSparkTrainer",
@@ -37,7 +32,7 @@ __all__ = [
 
 
 @dataclass
-class DSparkTrainingArguments(TrainingArguments):
+class DSparkTrainingArguments(DraftTrainingArguments):
     """[`TrainingArguments`] with DSpark defaults and options.
 
     Args:
@@ -49,64 +44,11 @@ class DSparkTrainingArguments(TrainingArguments):
     """
 
     num_anchors: int = field(default=16, metadata={"help": "Blocks (anchors) sampled per training sequence."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep dataset columns (the DSpark trainer consumes them itself)."}
-    )
-    ddp_find_unused_parameters: bool | None = field(
-        default=False, metadata={"help": "`find_unused_parameters` of DistributedDataParallel."}
-    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.num_anchors < 1:
             raise ValueError(f"num_anchors must be >= 1, got {self.num_anchors}.")
-
-
-def unwrap_draft(model: nn.Module) -> DSparkDraftModel:
-    """The [`DSparkDraftModel`] inside DDP / accelerate / torch.compile / PEFT wrappers."""
-    seen = 0
-    while not isinstance(model, DSparkDraftModel) and seen < 8:
-        seen += 1
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
-            model = model.get_base_model()
-        elif hasattr(model, "module"):  # DistributedDataParallel, DataParallel
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
-            break
-    if not isinstance(model, DSparkDraftModel):
-        raise TypeError(
-            f"Expected a DSparkDraftModel (possibly wrapped by PEFT/DDP), got {type(model).__name__}."
-        )
-    return model
-
-
-def _accepts(module: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-@torch.no_grad()
-def run_target(
-    target: PreTrainedModel,
-    input_ids: torch.LongTensor,
-    attention_mask: torch.Tensor | None,
-    layer_ids: list[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One frozen target pass → context features `(batch, S, m·d)` and final-norm hidden states `(batch, S, d)`.
-
-    The target's own LM head is skipped where its forward supports `logits_to_keep`.
-    """
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "output_hidden_states": True, "use_cache": False}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    if _accepts(target, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
-    hidden_states = target(**kwargs).hidden_states
-    return select_target_features(hidden_states, layer_ids), hidden_states[-1]
 
 
 def compute_dspark_loss(
@@ -132,19 +74,16 @@ def compute_dspark_loss(
     over that set, and CE skips labels outside it. This is what the draft samples from at inference, and it makes
     the LM-head work, most of a small draft's step, `vocab_size / draft_vocab_size` times smaller.
     """
-    draft = unwrap_draft(model)
+    draft = unwrap_draft(model, DSparkDraftModel)
     config = draft.config
     block_size = config.block_size
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     batch, length = input_ids.shape
     with torch.no_grad():
-        if (target_features is None) != (target_final_hidden is None):
-            raise ValueError("Pass both target_features and target_final_hidden (a target cache), or neither.")
-        if target_features is None:
-            features, final_hidden = run_target(target, input_ids, attention_mask, config.target_layer_ids)
-        else:
-            features, final_hidden = target_features, target_final_hidden
+        features, final_hidden = target_inputs(
+            target, input_ids, attention_mask, config.target_layer_ids, target_features, target_final_hidden
+        )
         anchors, anchor_valid = sample_anchor_positions(
             loss_mask, num_anchors, block_size, generator=generator, attention_mask=attention_mask
         )
@@ -180,8 +119,8 @@ def compute_dspark_loss(
     return loss, output, blocks
 
 
-class DSparkTrainer(Trainer):
-    """A [`Trainer`] for DSpark drafts.
+class DSparkTrainer(DraftTrainer):
+    """A [`Trainer`] for DSpark drafts (the shared machinery is [`DraftTrainer`]'s).
 
     Args:
         model: a [`DSparkDraftModel`] (e.g. `DSparkDraftModel.from_target(target)`), or a `peft.PeftModel` around
@@ -198,66 +137,21 @@ class DSparkTrainer(Trainer):
     weighted terms `ce_loss`, `tv_loss`, `confidence_loss`; `evaluate()` reports them with the `eval_` prefix.
     """
 
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        args: TrainingArguments | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        *,
-        target_model: PreTrainedModel | None = None,
-        **kwargs,
-    ):
-        if target_model is None:
-            raise ValueError(
-                "DSparkTrainer needs the frozen target: DSparkTrainer(model=draft, target_model=target)."
-            )
-        if model is None:
-            raise ValueError(
-                "DSparkTrainer needs a draft: model=DSparkDraftModel.from_target(target) (or a PeftModel)."
-            )
-        if args is None:
-            args = DSparkTrainingArguments(output_dir="dspark_trainer_output")
-        elif getattr(args, "remove_unused_columns", False):
-            logger.warning("DSparkTrainer: setting remove_unused_columns=False (the loss needs `loss_mask`).")
-            args.remove_unused_columns = False
-        draft = unwrap_draft(model)
-        target_model.requires_grad_(False)
-        target_model.eval()
-        if not draft.is_attached_to(target_model):
-            draft.attach(target_model)
-        if data_collator is None:
-            tokenizer = processing_class if hasattr(processing_class, "pad_token_id") else None
-            pad = None if tokenizer is not None else draft.config.pad_token_id
-            data_collator = DSparkDataCollator(tokenizer=tokenizer, pad_token_id=pad)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
-        if getattr(target_model, "hf_device_map", None) is None:
-            target_model.to(self.accelerator.device)
-        self.target_model = target_model
-        self.model_accepts_loss_kwargs = False
-        block_size = draft.config.block_size
-        self._train_metrics = DSparkMetricAccumulator(block_size)
-        self._eval_metrics = DSparkMetricAccumulator(block_size)
+    draft_class = DSparkDraftModel
+    default_args_class = DSparkTrainingArguments
+
+    def __init__(self, *args, **kwargs):
         self._anchor_step = -1
         self._anchor_micro_step = 0
         self._eval_batch_index = 0
+        super().__init__(*args, **kwargs)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
     @property
     def draft(self) -> DSparkDraftModel:
         """The bare draft (inside any PEFT / DDP wrapper)."""
-        return unwrap_draft(self.model)
+        return unwrap_draft(self.model, DSparkDraftModel)
 
     @property
     def num_anchors(self) -> int:
@@ -279,39 +173,30 @@ class DSparkTrainer(Trainer):
         generator.manual_seed(seed)
         return generator
 
-    def _record(self, result: DSparkLossOutput, training: bool) -> None:
+    # -- the DSpark loss step --------------------------------------------------------------------------------------
+
+    def new_metrics(self) -> DSparkMetricAccumulator:
+        return DSparkMetricAccumulator(unwrap_draft(self.model, DSparkDraftModel).config.block_size)
+
+    def record_metrics(self, result: DSparkLossOutput, training: bool) -> None:
         statistics = result.statistics()
         if self.accelerator.num_processes > 1:
             statistics = self.accelerator.reduce(statistics, reduction="sum")
         accumulator = self._train_metrics if training else self._eval_metrics
         accumulator.add(statistics, has_confidence=result.has_confidence)
 
-    # -- Trainer overrides -----------------------------------------------------------------------------------------
+    def start_evaluation(self) -> None:
+        super().start_evaluation()
+        self._eval_batch_index = 0  # held-out anchors are fixed: repeated evaluations are comparable
 
-    def train(self, *args, **kwargs):
-        """[`Trainer.train`]; then records the steps and seed in the draft's model card data."""
-        output = super().train(*args, **kwargs)
-        card_data = self.draft.model_card_data
-        card_data.training_steps, card_data.seed = self.state.global_step, self.args.seed
-        return output
-
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor | Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ):
-        input_ids = inputs["input_ids"]
-        attention_mask = inputs.get("attention_mask")
-        loss_mask = inputs.get("loss_mask")
-        if loss_mask is None:
-            loss_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        training = model.training
+    def draft_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], training: bool
+    ) -> tuple[DSparkLossOutput, DSparkDraftOutput]:
+        loss_mask, attention_mask = self.batch_masks(inputs)
         result, output, _ = compute_dspark_loss(
             model,
             self.target_model,
-            input_ids,
+            inputs["input_ids"],
             loss_mask,
             attention_mask,
             num_anchors=self.num_anchors,
@@ -319,40 +204,4 @@ class DSparkTrainer(Trainer):
             target_features=inputs.get("target_features"),
             target_final_hidden=inputs.get("target_final_hidden"),
         )
-        self._record(result, training)
-        return (result.loss, output) if return_outputs else result.loss
-
-    def prediction_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor | Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ):
-        self._eval_metrics.reset()
-        self._eval_batch_index = 0
-        output = super().evaluation_loop(
-            dataloader,
-            description,
-            prediction_loss_only=True,
-            ignore_keys=ignore_keys,
-            metric_key_prefix=metric_key_prefix,
-        )
-        for name, value in self._eval_metrics.compute().items():
-            output.metrics[f"{metric_key_prefix}_{name}"] = value
-        self._eval_metrics.reset()
-        return output
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._train_metrics:
-            logs.update(self._train_metrics.compute())
-            self._train_metrics.reset()
-        super().log(logs, start_time)
+        return result, output
