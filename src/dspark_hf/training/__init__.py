@@ -1,6 +1,7 @@
-"""Training DSpark drafts the transformers way: data preparation, collator, block geometry, losses,
-`DSparkTrainer`, and [`train`], the whole pipeline in one call."""
+"""Training drafts the transformers way: data preparation, collator, block geometry, losses, the trainers
+(`DSparkTrainer`, `Eagle3Trainer`, on the shared `DraftTrainer`), and [`train`], the whole pipeline in one call."""
 
+from .base_trainer import DraftTrainer, DraftTrainingArguments
 from .blocks import (
     DSparkBlockBatch,
     block_attention_mask,
@@ -21,6 +22,8 @@ from .data import (
     regenerate_responses,
     tokenize_conversations,
 )
+from .eagle3_losses import Eagle3LossOutput, Eagle3MetricAccumulator, eagle3_loss
+from .eagle3_trainer import Eagle3Trainer, Eagle3TrainingArguments, compute_eagle3_loss
 from .losses import (
     DSparkLossOutput,
     DSparkMetricAccumulator,
@@ -32,10 +35,12 @@ from .losses import (
     total_variation,
 )
 from .pipeline import (
+    DRAFT_TYPES,
     DraftTrainingResult,
     apply_draft_vocabulary,
     build_training_draft,
     cache_target_features,
+    draft_type_of,
     latest_complete_checkpoint,
     load_training_datasets,
     train,
@@ -50,13 +55,20 @@ from .trainer import (
 )
 
 __all__ = [
+    "DRAFT_TYPES",
     "DSparkBlockBatch",
     "DSparkDataCollator",
     "DSparkLossOutput",
     "DSparkMetricAccumulator",
     "DSparkTrainer",
     "DSparkTrainingArguments",
+    "DraftTrainer",
+    "DraftTrainingArguments",
     "DraftTrainingResult",
+    "Eagle3LossOutput",
+    "Eagle3MetricAccumulator",
+    "Eagle3Trainer",
+    "Eagle3TrainingArguments",
     "TargetCacheDataset",
     "apply_draft_vocabulary",
     "block_attention_mask",
@@ -67,11 +79,14 @@ __all__ = [
     "build_training_draft",
     "cache_target_features",
     "compute_dspark_loss",
+    "compute_eagle3_loss",
     "confidence_bce",
     "conversation_features",
     "cross_entropy_per_position",
     "default_sampling_settings",
+    "draft_type_of",
     "dspark_loss",
+    "eagle3_loss",
     "expected_acceptance_length",
     "frequent_token_ids",
     "latest_complete_checkpoint",

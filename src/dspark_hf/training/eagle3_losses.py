@@ -35,6 +35,70 @@ class Eagle3LossOutput:
     tau_greedy: torch.Tensor
     tau_probabilistic: torch.Tensor
 
+    def statistics(self) -> torch.Tensor:
+        """All additive statistics as one float32 vector `(4T + 4,)` (for a single all-reduce across processes):
+        per-step sums of supervised rows' cross-entropy, supervised rows, argmax matches and acceptance, then the
+        numerators and denominators of the greedy and probabilistic τ."""
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    self.row_losses.detach().flatten(1).sum(-1),
+                    self.accuracy[:, 1],
+                    self.accuracy[:, 0],
+                    self.accept_rate[:, 0],
+                    self.tau_greedy,
+                    self.tau_probabilistic,
+                ]
+            ).float()
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Means of this batch alone (see [`Eagle3MetricAccumulator`] for running means)."""
+        accumulator = Eagle3MetricAccumulator(ttt_length=self.step_losses.shape[0])
+        accumulator.add(self.statistics())
+        return accumulator.compute()
+
+
+@dataclass
+class Eagle3MetricAccumulator:
+    """Running sums of [`Eagle3LossOutput.statistics`] vectors → means for logging.
+
+    Metric names (k = 1..T, TTT step k−1): `ce_k` (mean soft cross-entropy of the supervised rows, nats),
+    `accuracy_k` (share of rows whose draft argmax is the target's), `acceptance_k` (mean clamp(1 − TV, 0, 1): the
+    acceptance probability of a drafted token), `tau_greedy` and `expected_tau` (expected tokens per round, bonus
+    included, from the argmax matches / the acceptance probabilities, as the reference logs them).
+    """
+
+    ttt_length: int
+    sums: torch.Tensor | None = None
+
+    def add(self, statistics: torch.Tensor) -> None:
+        statistics = statistics.detach().double().cpu()
+        self.sums = statistics if self.sums is None else self.sums + statistics
+
+    def reset(self) -> None:
+        self.sums = None
+
+    def __bool__(self) -> bool:
+        return self.sums is not None
+
+    def compute(self) -> dict[str, float]:
+        if self.sums is None:
+            return {}
+        steps = self.ttt_length
+        ce, count, matches, accepted = (self.sums[i * steps : (i + 1) * steps].tolist() for i in range(4))
+        tau_greedy, tau_probabilistic = self.sums[4 * steps : 4 * steps + 2], self.sums[4 * steps + 2 :]
+        metrics = {}
+        for k in range(steps):
+            if count[k] > 0:
+                metrics[f"ce_{k + 1}"] = ce[k] / count[k]
+                metrics[f"accuracy_{k + 1}"] = matches[k] / count[k]
+                metrics[f"acceptance_{k + 1}"] = accepted[k] / count[k]
+        if tau_greedy[1] > 0:
+            metrics["tau_greedy"] = float(tau_greedy[0] / tau_greedy[1])
+            metrics["expected_tau"] = float(tau_probabilistic[0] / tau_probabilistic[1])
+        return metrics
+
 
 def eagle3_position_masks(
     loss_mask: torch.Tensor, attention_mask: torch.Tensor | None, ttt_length: int
@@ -127,4 +191,10 @@ def eagle3_loss(
     )
 
 
-__all__ = ["Eagle3LossOutput", "eagle3_loss", "eagle3_position_masks", "eagle3_step_targets"]
+__all__ = [
+    "Eagle3LossOutput",
+    "Eagle3MetricAccumulator",
+    "eagle3_loss",
+    "eagle3_position_masks",
+    "eagle3_step_targets",
+]

@@ -1,8 +1,9 @@
 """From a target and tokenized data to a trained draft in one call: the pipeline behind `dspark-hf train`,
 `cache-features` and `draft-vocab`.
 
-[`train`] builds (or continues) a draft with [`build_training_draft`], optionally restricts it to a draft vocabulary
-([`apply_draft_vocabulary`]), wraps it in a PEFT adapter, trains it with [`DSparkTrainer`] and saves it;
+[`train`] builds (or continues) a draft of either family (`draft_type="dspark"` or `"eagle3"`) with
+[`build_training_draft`], optionally restricts it to a draft vocabulary ([`apply_draft_vocabulary`]), wraps it in a
+PEFT adapter, trains it with its family's trainer ([`DSparkTrainer`] or [`Eagle3Trainer`]) and saves it;
 [`load_training_datasets`] reads and splits the data (optionally joined with a target cache built by
 [`cache_target_features`]).
 """
@@ -17,19 +18,26 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from ..formats.deepspec import read_reference_config
+from ..formats.deepspec_eagle3 import is_eagle3_deepspec_checkpoint
 from ..models.dspark import DSparkDraftConfig, DSparkDraftModel
+from ..models.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 from ..targets import default_target_layer_ids, parse_dtype
+from .base_trainer import DraftTrainer, unwrap_draft
 from .data import frequent_token_ids, load_training_dataset
+from .eagle3_trainer import Eagle3Trainer, Eagle3TrainingArguments
 from .target_cache import TargetCacheDataset, build_target_cache
-from .trainer import DSparkTrainer, DSparkTrainingArguments, unwrap_draft
+from .trainer import DSparkTrainer, DSparkTrainingArguments
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "DRAFT_TYPES",
     "DraftTrainingResult",
     "apply_draft_vocabulary",
     "build_training_draft",
     "cache_target_features",
+    "draft_type_of",
     "latest_complete_checkpoint",
     "load_training_datasets",
     "train",
@@ -68,39 +76,88 @@ def load_training_datasets(
     return train_dataset, eval_dataset
 
 
+# Draft families: (model class, trainer class, training-arguments class).
+DRAFT_TYPES: dict[str, tuple[type, type[DraftTrainer], type]] = {
+    "dspark": (DSparkDraftModel, DSparkTrainer, DSparkTrainingArguments),
+    "eagle3": (Eagle3DraftModel, Eagle3Trainer, Eagle3TrainingArguments),
+}
+# EAGLE-3 fuses a low, a middle and a high target layer.
+EAGLE3_NUM_TARGET_FEATURES = 3
+
+
+def _check_draft_type(draft_type: str) -> str:
+    if draft_type not in DRAFT_TYPES:
+        raise ValueError(f"draft_type must be one of {sorted(DRAFT_TYPES)}, got {draft_type!r}.")
+    return draft_type
+
+
+def draft_type_of(draft: str | os.PathLike | PreTrainedModel) -> str:
+    """`"dspark"` or `"eagle3"`: the family of a draft model (inside any PEFT / DDP wrapper) or of a saved draft
+    (our layout: its `model_type`; the reference's EAGLE-3 layout is recognised too; anything else is DSpark)."""
+    if isinstance(draft, torch.nn.Module):
+        return "eagle3" if isinstance(unwrap_draft(draft), Eagle3DraftModel) else "dspark"
+    config = read_reference_config(draft) or {}
+    if config.get("model_type") == Eagle3DraftConfig.model_type or is_eagle3_deepspec_checkpoint(draft):
+        return "eagle3"
+    return "dspark"
+
+
 def build_training_draft(
     target: PreTrainedModel,
     tokenizer=None,
-    draft: str | os.PathLike | DSparkDraftModel | None = None,
+    draft: str | os.PathLike | PreTrainedModel | None = None,
     *,
+    draft_type: str | None = None,
     num_draft_layers: int | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     seed: int = 42,
-) -> DSparkDraftModel:
+) -> DSparkDraftModel | Eagle3DraftModel:
     """The draft to train against `target`.
 
-    - `draft=None`: a fresh draft ([`DSparkDraftModel.from_target`], initialised after `torch.manual_seed(seed)`)
-      with `num_draft_layers` decoder layers and any other [`DSparkDraftConfig`] fields in `config_overrides`
-      (which win over `num_draft_layers`).
+    - `draft=None`: a fresh draft of `draft_type` (`"dspark"`, the default, or `"eagle3"`), initialised after
+      `torch.manual_seed(seed)`, with `num_draft_layers` decoder layers and any other config fields in
+      `config_overrides` (which win over `num_draft_layers`): [`DSparkDraftModel.from_target`], or
+      [`Eagle3DraftModel.from_target`] with `target_layer_ids` defaulting to a low, a middle and a high layer (3
+      spread over the target's depth, as EAGLE-3 chooses them).
     - `draft` a saved draft (folder, either layout) or a model attached to `target`: training continues from its
-      weights and configuration; a `num_draft_layers` above its depth appends identity-initialised layers
+      weights and configuration (its family is read from it; a `draft_type` that differs is refused); for a DSpark
+      draft, a `num_draft_layers` above its depth appends identity-initialised layers
       ([`DSparkDraftModel.add_layers`]).
     """
     if draft is None:
+        draft_type = _check_draft_type(draft_type or "dspark")
         overrides = {} if num_draft_layers is None else {"num_hidden_layers": num_draft_layers}
         overrides.update(config_overrides or {})
         torch.manual_seed(seed)
-        return DSparkDraftModel.from_target(target, tokenizer=tokenizer, **overrides)
+        if draft_type == "dspark":
+            return DSparkDraftModel.from_target(target, tokenizer=tokenizer, **overrides)
+        if "target_layer_ids" not in overrides:
+            depth = target.config.get_text_config().num_hidden_layers
+            overrides["target_layer_ids"] = default_target_layer_ids(depth, EAGLE3_NUM_TARGET_FEATURES)
+        return Eagle3DraftModel.from_target(target, **overrides)
     if config_overrides:
         raise ValueError(
             f"config_overrides {sorted(config_overrides)} only configure a fresh draft (draft=None); a saved draft "
             "keeps its configuration. Leave them out, or train a fresh draft."
         )
-    if not isinstance(draft, DSparkDraftModel):
-        draft = DSparkDraftModel.from_pretrained(draft, target_model=target)
+    saved_type = draft_type_of(draft)
+    if draft_type is not None and _check_draft_type(draft_type) != saved_type:
+        name = type(unwrap_draft(draft)).__name__ if isinstance(draft, torch.nn.Module) else str(draft)
+        raise ValueError(
+            f"draft_type={draft_type!r} but the draft to continue ({name}) is a {saved_type} draft. Leave "
+            "draft_type out to continue it, or train a fresh draft."
+        )
+    model_class = DRAFT_TYPES[saved_type][0]
+    if not isinstance(draft, torch.nn.Module):
+        draft = model_class.from_pretrained(draft, target_model=target)
     current = draft.config.num_hidden_layers
     if num_draft_layers is None or num_draft_layers == current:
         return draft
+    if saved_type != "dspark":
+        raise ValueError(
+            f"num_draft_layers={num_draft_layers} differs from the {current} layers of the saved EAGLE-3 draft, and "
+            "EAGLE-3 drafts cannot be deepened. Leave it out to keep the draft's depth, or train a fresh draft."
+        )
     if num_draft_layers < current:
         raise ValueError(
             f"num_draft_layers={num_draft_layers} is below the {current} layers of the saved draft; layers can only "
@@ -114,11 +171,11 @@ def build_training_draft(
 
 
 def apply_draft_vocabulary(
-    draft: DSparkDraftModel, dataset, size: int, source: str = "the training data"
+    draft: DSparkDraftModel | Eagle3DraftModel, dataset, size: int, source: str = "the training data"
 ) -> tuple[list[int], float]:
     """Restricts `draft`'s drafting to the `size` most frequent answer tokens of a tokenized `dataset` (the
     end-of-turn ids always included, see [`frequent_token_ids`]) and notes their coverage, naming `source`, in its
-    model card. A [`TargetCacheDataset`] counts the token ids of its own examples. Returns `(token_ids, coverage)`.
+    model card (drafts that have one). A [`TargetCacheDataset`] counts the token ids of its own examples. Returns `(token_ids, coverage)`.
     """
     if isinstance(dataset, TargetCacheDataset):
         dataset = dataset.dataset.select(dataset.indices)
@@ -127,7 +184,9 @@ def apply_draft_vocabulary(
     token_ids, coverage = frequent_token_ids(dataset, size, always_include=always)
     draft.set_draft_vocabulary(token_ids)
     note = f"Draft vocabulary: {len(token_ids)} tokens, covering {coverage:.2%} of the answer tokens of {source}."
-    draft.model_card_data.notes = "\n\n".join(filter(None, [draft.model_card_data.notes, note]))
+    card_data = getattr(draft, "model_card_data", None)
+    if card_data is not None:
+        card_data.notes = "\n\n".join(filter(None, [card_data.notes, note]))
     return token_ids, coverage
 
 
@@ -138,7 +197,8 @@ def cache_target_features(
     *,
     tokenizer=None,
     target_layer_ids: list[int] | None = None,
-    draft: str | os.PathLike | DSparkDraftModel | None = None,
+    draft: str | os.PathLike | DSparkDraftModel | Eagle3DraftModel | None = None,
+    draft_type: str = "dspark",
     max_length: int = 2048,
     batch_size: int = 8,
     shard_size: int = 64,
@@ -148,15 +208,19 @@ def cache_target_features(
     """Runs `target` once over tokenized `data` (as for [`load_training_datasets`], same `max_length`) and stores
     the features a draft reads ([`build_target_cache`]; resumable) for `load_training_datasets(target_cache=...)`.
 
-    The layers are `target_layer_ids`, else those of `draft` (a saved draft or a model), else the default for the
-    target's depth. Returns the cache folder ([`load_target_cache_info`] describes it).
+    The layers are `target_layer_ids`, else those of `draft` (a saved draft or a model, either family), else the
+    default of a fresh `draft_type` draft for the target's depth (what [`build_training_draft`] gives it). Returns the cache folder ([`load_target_cache_info`] describes it).
     """
-    if target_layer_ids is None and isinstance(draft, DSparkDraftModel):
+    if target_layer_ids is None and isinstance(draft, (DSparkDraftModel, Eagle3DraftModel)):
         target_layer_ids = draft.config.target_layer_ids
+    elif target_layer_ids is None and draft is not None and draft_type_of(draft) == "eagle3":
+        target_layer_ids = read_reference_config(draft)["target_layer_ids"]
     elif target_layer_ids is None and draft is not None:
         target_layer_ids = DSparkDraftConfig.from_pretrained(draft).target_layer_ids
     elif target_layer_ids is None:
-        target_layer_ids = default_target_layer_ids(target.config.get_text_config().num_hidden_layers)
+        depth = target.config.get_text_config().num_hidden_layers
+        count = EAGLE3_NUM_TARGET_FEATURES if _check_draft_type(draft_type) == "eagle3" else None
+        target_layer_ids = default_target_layer_ids(depth, count) if count else default_target_layer_ids(depth)
     dataset = load_training_dataset(data, tokenizer, max_length=max_length)
     return build_target_cache(
         target,
@@ -191,11 +255,11 @@ class DraftTrainingResult:
     """What [`train`] returns: the trainer (its model is the trained draft, PEFT-wrapped when an adapter was
     trained) and the train metrics, with the eval metrics when there was an eval dataset."""
 
-    trainer: DSparkTrainer
+    trainer: DraftTrainer
     metrics: dict[str, float]
 
     @property
-    def draft(self) -> DSparkDraftModel:
+    def draft(self) -> DSparkDraftModel | Eagle3DraftModel:
         """The trained draft (the base model of a PEFT adapter)."""
         return unwrap_draft(self.trainer.model)
 
@@ -207,7 +271,8 @@ def train(
     *,
     tokenizer=None,
     eval_dataset=None,
-    draft: str | os.PathLike | DSparkDraftModel | None = None,
+    draft: str | os.PathLike | DSparkDraftModel | Eagle3DraftModel | None = None,
+    draft_type: str | None = None,
     num_draft_layers: int | None = None,
     draft_config: Mapping[str, Any] | None = None,
     draft_vocab_size: int | None = None,
@@ -218,27 +283,36 @@ def train(
     resume_from_checkpoint: str | os.PathLike | bool | None = None,
     seed: int = 42,
 ) -> DraftTrainingResult:
-    """Trains a DSpark draft against the frozen `target` and saves it, its metrics and the trainer state to
-    `output_dir` (checkpoints go there too).
+    """Trains a draft (DSpark or EAGLE-3) against the frozen `target` with its family's trainer ([`DSparkTrainer`]
+    or [`Eagle3Trainer`]) and saves it, its metrics and the trainer state to `output_dir` (checkpoints go there too).
 
     Args:
         train_dataset, eval_dataset: tokenized examples (or [`TargetCacheDataset`]s), e.g. from
             [`load_training_datasets`]; with an eval dataset the final draft is also evaluated.
-        draft, num_draft_layers, draft_config: the draft, built by [`build_training_draft`] (a fresh one with
-            `draft_config` overrides, or a saved one continued, deepened to `num_draft_layers`).
+        draft, draft_type, num_draft_layers, draft_config: the draft, built by [`build_training_draft`] (a fresh
+            one of `draft_type`, `"dspark"` by default or `"eagle3"`, with `draft_config` overrides, or a saved one
+            continued, a DSpark one deepened to `num_draft_layers`).
         draft_vocab_size: train (and later draft) over the `draft_vocab_size` most frequent answer tokens of
             `train_dataset` only ([`apply_draft_vocabulary`], noting `vocabulary_source` in the model card).
         draft_dtype: dtype of the trainable draft weights ("auto": keep them as built); they stay float32 by
             default when the target runs in bf16: set `bf16=True` in `training_args` for mixed-precision compute.
         peft_config: a `peft` config (e.g. `LoraConfig`): train an adapter on the draft instead of the draft.
-        training_args: [`DSparkTrainingArguments`] fields; `output_dir` and `seed` are filled in, and with an eval
+        training_args: fields of the family's arguments ([`DSparkTrainingArguments`], or [`DraftTrainingArguments`]
+            for EAGLE-3, which has no `num_anchors`); `output_dir` and `seed` are filled in, and with an eval
             dataset `eval_strategy` defaults to "steps" when `eval_steps` is given, else "epoch".
         resume_from_checkpoint: a checkpoint folder, or True / "latest" for the newest complete checkpoint in
             `output_dir` ([`latest_complete_checkpoint`]; none: from the beginning).
     """
     draft = build_training_draft(
-        target, tokenizer, draft, num_draft_layers=num_draft_layers, config_overrides=draft_config, seed=seed
+        target,
+        tokenizer,
+        draft,
+        draft_type=draft_type,
+        num_draft_layers=num_draft_layers,
+        config_overrides=draft_config,
+        seed=seed,
     )
+    _, trainer_class, args_class = DRAFT_TYPES[draft_type_of(draft)]
     if isinstance(train_dataset, TargetCacheDataset):
         train_dataset.check_target_layer_ids(draft.config.target_layer_ids)
     if draft_vocab_size is not None:
@@ -256,9 +330,14 @@ def train(
     settings = dict(training_args or {})
     if eval_dataset is not None and settings.get("eval_strategy") is None:
         settings["eval_strategy"] = "steps" if "eval_steps" in settings else "epoch"
-    trainer = DSparkTrainer(
+    if "num_anchors" in settings and args_class is not DSparkTrainingArguments:
+        raise ValueError(
+            "num_anchors is a DSpark training option (blocks per sequence); an EAGLE-3 draft trains on every position "
+            "of every sequence. Leave it out of training_args."
+        )
+    trainer = trainer_class(
         model=model,
-        args=DSparkTrainingArguments(output_dir=str(output_dir), seed=seed, **settings),
+        args=args_class(output_dir=str(output_dir), seed=seed, **settings),
         target_model=target,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
