@@ -9,9 +9,11 @@ from ..targets import check_local_path
 from .arguments import add_target_arguments, parse_csv, parse_mapping, require, target_from_args
 
 NAME = "train"
-HELP = "Train a DSpark draft (or a LoRA adapter on one) against a frozen target."
+HELP = "Train a DSpark or EAGLE-3 draft (or a LoRA adapter on one) against a frozen target."
 
-# DSparkDraftConfig fields settable as options (`--num-draft-layers` sets `num_hidden_layers`).
+DRAFT_TYPES = ("dspark", "eagle3")
+
+# DSparkDraftConfig fields settable as options (`--num-draft-layers` sets `num_hidden_layers`, for both families).
 DRAFT_OPTIONS = {
     "block_size": int,
     "num_draft_layers": int,
@@ -23,6 +25,16 @@ DRAFT_OPTIONS = {
     "confidence_loss_weight": float,
     "loss_position_decay": float,
 }
+
+# Eagle3DraftConfig fields settable as options.
+EAGLE3_OPTIONS = {
+    "ttt_length": int,
+    "step_loss_decay": float,
+}
+
+# Options of one family only (destinations), refused for the other when given (on the command line or in --config).
+DSPARK_ONLY = [*(k for k in DRAFT_OPTIONS if k != "num_draft_layers"), "no_confidence_head", "num_anchors"]
+EAGLE3_ONLY = list(EAGLE3_OPTIONS)
 
 # DSparkTrainingArguments fields settable as options (any other through `--training-args`).
 TRAINING_OPTIONS = {
@@ -65,12 +77,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="Train (and later draft) over the N most frequent answer tokens of --data only: a faster LM head.",
     )
-    group = parser.add_argument_group("draft (fresh drafts only; with --draft, --num-draft-layers adds layers)")
+    parser.add_argument(
+        "--draft-type",
+        choices=DRAFT_TYPES,
+        help="Draft family of a fresh draft: dspark (default) or eagle3; with --draft, the saved draft's family.",
+    )
+    group = parser.add_argument_group(
+        "draft (fresh drafts only; with --draft, --num-draft-layers adds layers to a DSpark draft)"
+    )
     for name, kind in DRAFT_OPTIONS.items():
         group.add_argument(f"--{name.replace('_', '-')}", type=kind)
-    group.add_argument("--target-layer-ids", help="Comma-separated target layers for the context features.")
+    group.add_argument(
+        "--target-layer-ids",
+        help="Comma-separated target layers for the context features (default: 5 spread layers for DSpark, a low, "
+        "a middle and a high one for EAGLE-3).",
+    )
     group.add_argument("--no-confidence-head", action="store_true")
-    group.add_argument("--draft-config", help="JSON of any other DSparkDraftConfig fields.")
+    group.add_argument("--ttt-length", type=int, help="EAGLE-3: training-time-test steps (default 7).")
+    group.add_argument(
+        "--step-loss-decay", type=float, help="EAGLE-3: TTT step k's loss weighs decay**k (default 0.8)."
+    )
+    group.add_argument("--draft-config", help="JSON of any other DSparkDraftConfig / Eagle3DraftConfig fields.")
     group = parser.add_argument_group("training (any other TrainingArguments field via --training-args)")
     for name, kind in TRAINING_OPTIONS.items():
         group.add_argument(f"--{name.replace('_', '-')}", type=kind)
@@ -91,9 +118,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lora-target-modules", default="q_proj,v_proj")
 
 
+def _draft_type(args: argparse.Namespace) -> str:
+    """The draft family: `--draft-type`, else that of `--draft`, else dspark. Refuses the options of the other
+    family that were given, naming them."""
+    from ..training.pipeline import draft_type_of
+
+    draft_type = args.draft_type or (draft_type_of(args.draft) if args.draft else "dspark")
+    if args.draft and args.draft_type and draft_type_of(args.draft) != args.draft_type:
+        raise SystemExit(
+            f"dspark-hf train: --draft {args.draft} is a {draft_type_of(args.draft)} draft but --draft-type is "
+            f"{args.draft_type}. Leave --draft-type out to continue it."
+        )
+    other = DSPARK_ONLY if draft_type == "eagle3" else EAGLE3_ONLY
+    given = [f"--{k.replace('_', '-')}" for k in other if getattr(args, k, None) not in (None, False)]
+    if given:
+        family, fix = ("DSpark", "drop them") if draft_type == "eagle3" else ("EAGLE-3", "pass --draft-type eagle3")
+        raise SystemExit(
+            f"dspark-hf train: {', '.join(given)} only configure{'s' if len(given) == 1 else ''} {family} drafts, "
+            f"and this draft is {'an EAGLE-3' if draft_type == 'eagle3' else 'a DSpark'} one; {fix}."
+        )
+    return draft_type
+
+
 def _draft_config(args: argparse.Namespace) -> dict:
-    """The fresh draft's DSparkDraftConfig overrides given on the command line (none apply to `--draft`)."""
-    overrides = {k: getattr(args, k) for k in DRAFT_OPTIONS if k != "num_draft_layers" and getattr(args, k) is not None}
+    """The fresh draft's DSparkDraftConfig / Eagle3DraftConfig overrides given on the command line (none apply to
+    `--draft`)."""
+    options = [*DRAFT_OPTIONS, *EAGLE3_OPTIONS]
+    overrides = {k: getattr(args, k) for k in options if k != "num_draft_layers" and getattr(args, k) is not None}
     if args.target_layer_ids:
         overrides["target_layer_ids"] = [int(i) for i in parse_csv(args.target_layer_ids)]
     if args.no_confidence_head:
@@ -141,6 +192,7 @@ def run(args: argparse.Namespace):
             raise SystemExit(f"dspark-hf train: --{option.replace('_', '-')} {path} does not exist.")
     if args.draft:
         check_local_path(args.draft, "draft")  # a Hub id passes
+    draft_type = _draft_type(args)
     from ..training.pipeline import build_training_draft, load_training_datasets, train
 
     target, tokenizer = target_from_args(args, require_tokenizer=False)
@@ -150,7 +202,7 @@ def run(args: argparse.Namespace):
     )
     try:
         draft = build_training_draft(
-            target, tokenizer, args.draft, num_draft_layers=args.num_draft_layers,
+            target, tokenizer, args.draft, draft_type=draft_type, num_draft_layers=args.num_draft_layers,
             config_overrides=None if args.draft else _draft_config(args), seed=args.seed,
         )
     except ValueError as error:
