@@ -37,12 +37,8 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.utils import logging
 
 from .. import compat
-from ..models.dspark.modeling_dspark import (
-    DSparkContextCache,
-    DSparkDraftModel,
-    select_target_features,
-    target_hidden_state_indices,
-)
+from ..models.dspark.modeling_dspark import DSparkDraftModel, target_hidden_state_indices
+from ..models.eagle3.modeling_eagle3 import Eagle3DraftModel
 from ..scheduling import (
     CostTable,
     FullBlockPolicy,
@@ -50,8 +46,9 @@ from ..scheduling import (
     VerificationPolicy,
     make_policy,
 )
-from ..speculative.round import draft_block, draw_tokens, speculative_accept
+from ..speculative.round import draw_tokens, speculative_accept
 from ..speculative.sampling import RequestSamplingWarper, SamplingParams
+from .drafting import make_drafter
 from .kv_layout import RaggedKVLayout
 from .requests import EngineRequest, EngineStats
 
@@ -82,11 +79,14 @@ def release_free_memory() -> bool:
 
 
 class DSparkEngine:
-    """Continuous-batching speculative decoding over a transformers causal LM with a [`DSparkDraftModel`].
+    """Continuous-batching speculative decoding over a transformers causal LM with a [`DSparkDraftModel`] or an
+    [`Eagle3DraftModel`].
 
     Args:
         target: the causal LM (sdpa or eager attention; outputs stay exactly the target's, see docs/engine.md).
-        draft: a DSpark draft for `target`, or None for plain batched decoding.
+        draft: a DSpark or EAGLE-3 draft for `target`, or None for plain batched decoding. An EAGLE-3 draft drafts
+            by a chain of γ draft steps per row (`engine/drafting.py`); its confidences are its own probabilities
+            of its tokens, so every policy can schedule it.
         scheduler: a [`VerificationPolicy`] or a policy name of `dspark_hf.scheduling.make_policy` (`"prefix"` =
             Algorithm 1, `"lagged"` = §5.2, `"threshold"`, `"full"`, `"none"`). Default: `"prefix"` when a
             `cost_table` is given, `"full"` with a draft, `"none"` without. Policies must be lossless. By name,
@@ -96,7 +96,9 @@ class DSparkEngine:
             `profile_draft_cost`) `"prefix"` also skips drafting in rounds where it cannot pay.
         tokenizer: decodes `text` and enables stop strings and string prompts.
         max_batch_size: most requests decoded at once; later ones wait (None: no limit).
-        max_draft_tokens: cap on every ℓ_r (1 gives an MTP-1-style one-token draft); default the draft's γ.
+        max_draft_tokens: cap on every ℓ_r (1 gives an MTP-1-style one-token draft); default the draft's γ (a DSpark
+            draft's `block_size`). For an EAGLE-3 draft it is γ, the draft-step chain's length (default
+            `ttt_length`).
         compact_threshold: compact the KV layout when the fullest row wastes more than this fraction of the width
             (0 compacts after every round with holes, 1 never).
         policy_kwargs: constructor arguments when `scheduler` is a name (e.g. `threshold=0.5`).
@@ -110,7 +112,7 @@ class DSparkEngine:
     def __init__(
         self,
         target: PreTrainedModel,
-        draft: DSparkDraftModel | None = None,
+        draft: DSparkDraftModel | Eagle3DraftModel | None = None,
         scheduler: VerificationPolicy | str | None = None,
         cost_table: CostTable | None = None,
         tokenizer=None,
@@ -131,14 +133,16 @@ class DSparkEngine:
             raise ValueError(f"max_draft_tokens must be >= 1 (use scheduler='none' for plain decoding), got {max_draft_tokens}.")
         if not 0.0 <= compact_threshold <= 1.0:
             raise ValueError(f"compact_threshold must be in [0, 1], got {compact_threshold}.")
+        self.drafter = None
         if draft is not None:
+            self.drafter = make_drafter(draft, max_draft_tokens)
             draft.attach(target)
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
         self.policy = self._resolve_policy(scheduler, cost_table, policy_kwargs)
         self.speculative = draft is not None and not isinstance(self.policy, NoSpeculationPolicy)
-        self.block_size = draft.config.block_size if self.speculative else 0
+        self.block_size = self.drafter.block_size if self.speculative else 0
         self.max_draft_tokens = min(self.block_size, max_draft_tokens or self.block_size)
         self.max_batch_size = max_batch_size
         self.compact_threshold = compact_threshold
@@ -177,7 +181,7 @@ class DSparkEngine:
         if self.draft is None and not isinstance(policy, NoSpeculationPolicy):
             raise ValueError(f"The {type(policy).__name__} policy needs a draft model (draft=None decodes plainly).")
         needs_confidence = not isinstance(policy, (FullBlockPolicy, NoSpeculationPolicy))
-        if needs_confidence and self.draft.confidence_head is None:
+        if needs_confidence and not self.drafter.has_confidences:
             raise ValueError(
                 f"The {type(policy).__name__} policy needs confidences but this draft has no confidence head; "
                 "use scheduler='full'."
@@ -413,14 +417,12 @@ class DSparkEngine:
             logits_to_keep=1,
             **self._hidden_kwargs,
         )
-        draft_cache = None
-        if self.speculative:
-            draft_cache = DSparkContextCache(self.draft.config.num_hidden_layers)
-            features = select_target_features(out.hidden_states, self.draft.config.target_layer_ids)
-            self.draft.extend_context(draft_cache, features.to(self.draft.device), position_ids)
         warper = RequestSamplingWarper([r.params for r in joining], device)
         first = draw_tokens(warper.probabilities(out.logits[:, -1:])[:, 0], warper.greedy)
-        kv = RaggedKVLayout(cache, draft_cache, valid)
+        draft_cache, draft_state = None, None
+        if self.speculative:
+            draft_cache, draft_state = self.drafter.prefill(out.hidden_states, input_ids, first, position_ids, valid)
+        kv = RaggedKVLayout(cache, draft_cache, valid, draft_state)
         if self._kv is None:
             self._kv = kv
         else:
@@ -445,9 +447,8 @@ class DSparkEngine:
         if self.speculative and max(caps) > 0:
             if self.policy.should_draft(request_ids, caps):
                 # Greedy rows' warped logits are one-hot, so when every row is greedy the argmax is the token a draw would give.
-                block = draft_block(
-                    self.draft, kv.draft_cache, anchors, positions, max(caps), LogitsProcessorList([warper]),
-                    do_sample=not warper.all_greedy, context_valid=kv.valid,
+                block = self.drafter.draft_tokens(
+                    kv, anchors, positions, max(caps), LogitsProcessorList([warper]), do_sample=not warper.all_greedy
                 )
                 self.stats.draft_passes += 1
                 confidences = block.confidences
@@ -484,8 +485,9 @@ class DSparkEngine:
             )
             kv.valid = torch.cat([kv.valid, offsets <= accepted.unsqueeze(-1)], dim=1)
             if self.speculative:  # features of the anchor and the accepted tokens; the rest are holes
-                features = select_target_features(out.hidden_states, self.draft.config.target_layer_ids)
-                self.draft.extend_context(kv.draft_cache, features.to(self.draft.device), position_ids)
+                self.drafter.extend(
+                    kv, out.hidden_states, input_ids, position_ids, valid_before, accepted, next_tokens
+                )
         except BaseException:
             kv.truncate(width_before, valid_before)  # this round's slots leave both caches
             raise

@@ -1,5 +1,6 @@
-"""The ragged KV layout of a [`DSparkEngine`] batch: the target's `DynamicCache`, the draft's `DSparkContextCache`
-and a slot-validity mask, all sharing one physical layout.
+"""The ragged KV layout of a [`DSparkEngine`] batch: the target's `DynamicCache`, the draft's cache
+(`DSparkContextCache` or `Eagle3Cache`) and a slot-validity mask, all sharing one physical layout, plus an optional
+per-row draft state (an EAGLE-3 draft's output at its last context slot).
 
 Slot j of a row holds the same token in both caches. Every round appends slots to every row; slots of padding and of
 rejected tokens stay in the caches but are False in `valid`, and since the mask is passed with every forward, no
@@ -15,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from .. import compat
-from ..models.dspark.modeling_dspark import DSparkContextCache
+from ..models.shared import DraftKVCache
 
 
 class RaggedKVLayout:
@@ -28,12 +29,20 @@ class RaggedKVLayout:
         cache: the target's cache.
         draft_cache: the draft's context cache, or None for plain decoding.
         valid: `(R, P)`, which slots hold a verified token.
+        draft_state: `(R, ...)` per-row draft state that moves with its row (not with slots), or None.
     """
 
-    def __init__(self, cache: DynamicCache, draft_cache: DSparkContextCache | None, valid: torch.BoolTensor):
+    def __init__(
+        self,
+        cache: DynamicCache,
+        draft_cache: DraftKVCache | None,
+        valid: torch.BoolTensor,
+        draft_state: torch.Tensor | None = None,
+    ):
         self.cache = cache
         self.draft_cache = draft_cache
         self.valid = valid
+        self.draft_state = draft_state
 
     @property
     def width(self) -> int:
@@ -74,11 +83,15 @@ class RaggedKVLayout:
             ]
         )
         self.valid = torch.cat([pad(self.valid, 1), pad(other.valid, 1)])
+        if self.draft_state is not None:
+            self.draft_state = torch.cat([self.draft_state, other.draft_state])
 
     def select(self, rows: torch.LongTensor) -> None:
         """Keeps `rows` (in that order)."""
         self.map(lambda t: t[rows])
         self.valid = self.valid[rows]
+        if self.draft_state is not None:
+            self.draft_state = self.draft_state[rows]
         self.trim()
 
     def take(self, rows: torch.LongTensor) -> "RaggedKVLayout":
@@ -86,7 +99,8 @@ class RaggedKVLayout:
         tensors = self._tensor_lists()
         self._assign([[t[rows] for t in layer_tensors] for layer_tensors in tensors])
         try:
-            taken = RaggedKVLayout(compat.copy_cache(self.cache), copy.deepcopy(self.draft_cache), self.valid[rows])
+            state = None if self.draft_state is None else self.draft_state[rows]
+            taken = RaggedKVLayout(compat.copy_cache(self.cache), copy.deepcopy(self.draft_cache), self.valid[rows], state)
         finally:
             self._assign(tensors)
         taken.trim()

@@ -68,8 +68,8 @@ def eagle3_draft_chain(
             if context_valid is not None:  # the row's valid context and its own chain so far
                 mask = torch.cat([context_valid, context_valid.new_ones(rows, k + 1)], dim=1)[:, None, None, :]
             step = draft(
-                token.unsqueeze(-1), (positions + k).unsqueeze(-1), hidden_states=hidden_states, cache=cache,
-                attention_mask=mask, draft_vocabulary=True,
+                token.unsqueeze(-1), position_ids=(positions + k).unsqueeze(-1), hidden_states=hidden_states,
+                cache=cache, attention_mask=mask, draft_vocabulary=True,
             )
             hidden_states, step_logits = step.hidden_states, step.logits[:, -1]
     finally:
