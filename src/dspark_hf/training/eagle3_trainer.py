@@ -7,8 +7,7 @@ logits are the soft targets; the draft runs its training-time test over whole se
 `step_loss_decay`.
 """
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -23,23 +22,6 @@ __all__ = ["Eagle3Trainer", "Eagle3TrainingArguments", "compute_eagle3_loss"]
 
 # EAGLE-3 takes its loss settings (`ttt_length`, `step_loss_decay`) from the draft's config: no options of its own.
 Eagle3TrainingArguments = DraftTrainingArguments
-
-
-@contextmanager
-def _forward_routed_to(draft: nn.Module, method: Callable) -> Iterator[None]:
-    """Makes `draft(...)` call `method` for the duration, so that a call through the wrappers around the draft (DDP,
-    which synchronises gradients only for forwards through it; PEFT) runs `method`. Restores any forward an
-    instance had (accelerate patches `forward` for mixed precision)."""
-    missing = object()
-    previous = draft.__dict__.get("forward", missing)
-    draft.__dict__["forward"] = method
-    try:
-        yield
-    finally:
-        if previous is missing:
-            del draft.__dict__["forward"]
-        else:
-            draft.__dict__["forward"] = previous
 
 
 def compute_eagle3_loss(
@@ -78,13 +60,11 @@ def compute_eagle3_loss(
             target, input_ids, attention_mask, config.target_layer_ids, target_features, target_final_hidden
         )
         target_logits = draft.lm_head_logits(final_hidden, draft_vocabulary=True)
-    arguments = {"input_ids": input_ids, "target_hidden_states": features, "attention_mask": attention_mask}
-    with draft_context or nullcontext():
-        if model is draft:
-            output = draft.ttt_forward(**arguments)
-        else:
-            with _forward_routed_to(draft, draft.ttt_forward):
-                output = model(**arguments)
+    with draft_context or nullcontext():  # through the wrappers (DDP, PEFT), so they see the training forward
+        output = model(
+            input_ids=input_ids, target_hidden_states=features, attention_mask=attention_mask,
+            ttt_length=config.ttt_length, draft_vocabulary=True,
+        )
     loss = eagle3_loss(
         output.logits, target_logits, loss_mask, attention_mask, step_loss_decay=config.step_loss_decay
     )

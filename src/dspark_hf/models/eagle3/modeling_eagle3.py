@@ -207,15 +207,20 @@ class Eagle3DraftModel(TargetBoundDraftMixin, Eagle3PreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        position_ids: torch.LongTensor,
+        position_ids: torch.LongTensor | None = None,
         target_hidden_states: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
         cache: Eagle3Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         compute_logits: bool = True,
         draft_vocabulary: bool = False,
-    ) -> Eagle3DraftOutput:
+        ttt_length: int | None = None,
+    ) -> "Eagle3DraftOutput | Eagle3TTTOutput":
         """Runs the draft over q new positions, appending their keys/values to `cache` (a new one if None).
+
+        With `ttt_length`, this is instead the training forward: [`ttt_forward`] over whole sequences
+        (`input_ids`, `target_hidden_states`, the 2-D `attention_mask` `(batch, seq)` and optional `position_ids`),
+        so that trainers call it through their model wrappers (DDP, PEFT, mixed precision) like any forward.
 
         Args:
             input_ids: `(batch, q)` tokens: position i gets token i+1.
@@ -228,7 +233,15 @@ class Eagle3DraftModel(TargetBoundDraftMixin, Eagle3PreTrainedModel):
                 plus causal attention among the q new ones.
             compute_logits: also return `compute_logits(hidden_states)`.
             draft_vocabulary: logits over the draft vocabulary only (when one is set).
+            ttt_length: run the training-time-test forward with this many steps (see above).
         """
+        if ttt_length is not None:
+            return self.ttt_forward(
+                input_ids, target_hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                ttt_length=ttt_length, draft_vocabulary=draft_vocabulary,
+            )
+        if position_ids is None:
+            raise ValueError("position_ids are required for a decoding forward (only the TTT forward has defaults).")
         if (target_hidden_states is None) == (hidden_states is None):
             raise ValueError("Pass exactly one of target_hidden_states (target features) and hidden_states (draft's).")
         if target_hidden_states is not None:
