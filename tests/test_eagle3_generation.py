@@ -7,10 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.generation.streamers import BaseStreamer
 
+import dspark_hf.engine.engine as engine_module
 import dspark_hf.speculative.eagle3_proposer as eagle3_proposer
 from dspark_hf import DSparkEngine, Eagle3DraftModel, SamplingParams, eagle3_loss, speculative_decoding
 from dspark_hf.scheduling import StaticThresholdPolicy
 from dspark_hf.speculative.eagle3_proposer import Eagle3Proposer
+from dspark_hf.speculative.sampling import RequestSamplingWarper
 
 VOCAB = 32
 
@@ -332,3 +334,39 @@ def test_engine_sampling_matches_target_distribution(sampling_setup):
         counts[request.token_ids[1], request.token_ids[2]] += 1
     tv = 0.5 * (counts / runs - exact).abs().sum().item()
     assert tv < tv_bound(exact, runs), (tv, tv_bound(exact, runs))
+
+
+class ChainFaultWarper(RequestSamplingWarper):
+    """Sampling settings whose draft-side use raises from the second draft step of any batch holding a request with
+    max_new_tokens=17, after the chain appended keys to the draft's cache."""
+
+    calls = 0
+
+    def __init__(self, params, device):
+        super().__init__(params, device)
+        self.poisoned = any(p.max_new_tokens == 17 for p in params)
+
+    def __call__(self, input_ids, scores):
+        if self.poisoned:
+            ChainFaultWarper.calls += 1
+            if ChainFaultWarper.calls >= 2:
+                raise RuntimeError("injected drafting fault")
+        return super().__call__(input_ids, scores)
+
+
+def test_engine_request_whose_draft_chain_fails_fails_alone(targets, drafts, monkeypatch):
+    """A fault inside a round's draft chain: the poisoned request finishes with an error, the others (taken apart
+    and merged again with their draft states) still equal plain generate."""
+    monkeypatch.setattr(engine_module, "RequestSamplingWarper", ChainFaultWarper)
+    monkeypatch.setattr(ChainFaultWarper, "calls", 0)
+    target = targets["qwen3"]
+    engine = DSparkEngine(target, drafts[("qwen3", True)], scheduler="full")
+    healthy = [([1, 2, 3], 12), ([4, 5], 9), ([6], 14)]
+    requests = [engine.add_request(p, SamplingParams(max_new_tokens=n)) for p, n in healthy]
+    poisoned = engine.add_request([7, 8], SamplingParams(max_new_tokens=17))
+    while engine.has_unfinished():
+        engine.step()
+    assert poisoned.finish_reason == "error" and "injected drafting fault" in poisoned.error
+    for request, (prompt, n) in zip(requests, healthy, strict=True):
+        plain = target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+        assert request.finish_reason == "length" and request.token_ids == plain
