@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from dspark_hf import DSparkDraftModel
+from dspark_hf import DSparkDraftModel, Eagle3DraftModel
 from dspark_hf.evaluation import domain_summaries, evaluate, load_prompt_sets
 from dspark_hf.targets import load_target
+from dspark_hf.training import draft_type_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -86,6 +87,13 @@ def decoding_parser(doc: str, output_name: str, modes: tuple[str, ...] = MODES) 
     )
     parser.add_argument(
         "--target", default="smollm2", help="Target model (dspark_hf.targets.load_target name or path)."
+    )
+    parser.add_argument(
+        "--dtype",
+        default=DTYPE,
+        choices=["bfloat16", "float32"],
+        help="dtype of target and drafts (bfloat16: the project's benchmark setting; float32 for CPUs without "
+        "bf16 instructions, where bf16 matmuls are several times slower).",
     )
     parser.add_argument(
         "--resume-dir",
@@ -172,20 +180,33 @@ def missing_eval_dir(args: argparse.Namespace) -> bool:
 
 
 def load_models(args: argparse.Namespace) -> tuple:
-    """`(target, tokenizer, drafts)`: the target in bf16 and `{name: draft}` from --drafts, bf16, attached."""
-    target, tokenizer = load_target(args.target, dtype=DTYPE)
+    """`(target, tokenizer, drafts)`: the target in --dtype (bf16 by default) and `{name: draft}` from --drafts
+    (DSpark or EAGLE-3 drafts, either layout), in the same dtype, attached."""
+    target, tokenizer = load_target(args.target, dtype=getattr(args, "dtype", DTYPE))
     drafts = {}
     for name, path in args.drafts:
         if name in drafts:
             raise SystemExit(f"Two drafts are named {name!r}; name them apart with --drafts name=path.")
-        drafts[name] = DSparkDraftModel.from_pretrained(path, target_model=target, dtype=target.dtype).eval()
+        draft_class = Eagle3DraftModel if draft_type_of(path) == "eagle3" else DSparkDraftModel
+        drafts[name] = draft_class.from_pretrained(path, target_model=target, dtype=target.dtype).eval()
         drafts[name].benchmark_path = path
     return target, tokenizer, drafts
 
 
-def draft_info(draft: DSparkDraftModel) -> dict:
-    """What the reports say about a draft."""
+def draft_info(draft: "DSparkDraftModel | Eagle3DraftModel") -> dict:
+    """What the reports say about a draft (for EAGLE-3: γ = `ttt_length`, no sequential or confidence head)."""
     config = draft.config
+    if isinstance(draft, Eagle3DraftModel):
+        return {
+            "path": getattr(draft, "benchmark_path", None),
+            "kind": "EAGLE-3",
+            "markov_head_type": "autoregressive",
+            "block_size": config.ttt_length,
+            "num_hidden_layers": config.num_hidden_layers,
+            "markov_rank": None,
+            "confidence_head": False,
+            "dtype": str(draft.dtype),
+        }
     return {
         "path": getattr(draft, "benchmark_path", None),
         "kind": "DFlash" if config.markov_head_type == "none" else "DSpark",
@@ -376,9 +397,12 @@ def verdict(met: bool | None) -> str:
     return "n/a" if met is None else ("met" if met else "**MISSED**")
 
 
-def report_header(title: str, report: dict, dtypes: str = f"target and drafts in {DTYPE}") -> list[str]:
-    """Title, command, machine and drafts of a report, as markdown lines (`dtypes` describes the models)."""
+def report_header(title: str, report: dict, dtypes: str | None = None) -> list[str]:
+    """Title, command, machine and drafts of a report, as markdown lines (`dtypes` describes the models; default:
+    the run's --dtype for target and drafts)."""
     env = report["environment"]
+    if dtypes is None:
+        dtypes = f"target and drafts in {report.get('settings', {}).get('dtype', DTYPE)}"
     lines = [
         f"# {title}",
         "",
