@@ -3,6 +3,7 @@
 import json
 import re
 
+import datasets
 import pytest
 import torch
 from conftest import make_target, make_tokenizer
@@ -20,6 +21,7 @@ from dspark_hf.training import (
     regenerate_responses,
     sample_anchor_positions,
     tokenize_conversations,
+    vocabulary_coverage,
 )
 
 VOCAB = 64
@@ -314,6 +316,23 @@ def test_cli_draft_vocab(tmp_path, target):
     loaded = DSparkDraftModel.from_pretrained(tmp_path / "restricted")
     assert loaded.draft_vocab_ids.tolist() == [5, 6, 7]
     assert "3 tokens, covering 70.00% of the answer tokens" in (tmp_path / "restricted" / "README.md").read_text()
+    held_out = datasets.Dataset.from_dict({"input_ids": [[1, 5, 9, 4, 4]], "loss_mask": [[0, 1, 1, 1, 1]]})
+    held_out.save_to_disk(str(tmp_path / "held_out"))
+    run_command(
+        ["draft-vocab", "--draft", str(tmp_path / "draft"), "--data", str(tmp_path / "data"), "--size", "3",
+         "--held-out-data", str(tmp_path / "held_out"), "--out", str(tmp_path / "restricted_held_out")]
+    )
+    card = (tmp_path / "restricted_held_out" / "README.md").read_text()
+    assert "70.00% of the answer tokens" in card and "25.00% of those of" in card  # only the 5 of 5, 9, 4, 4
+
+
+def test_vocabulary_coverage_counts_answer_tokens_only():
+    dataset = _answers_dataset()
+    assert vocabulary_coverage(dataset, [5, 9]) == 6 / 10
+    assert vocabulary_coverage(dataset, []) == 0.0
+    assert vocabulary_coverage(dataset, range(100)) == 1.0
+    with pytest.raises(ValueError, match="loss_mask"):
+        vocabulary_coverage(dataset.remove_columns("loss_mask"), [5])
 
 
 # -- collator and anchors --------------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", help="Saved draft (either layout).")
     parser.add_argument("--data", help="Tokenized training dataset folder (prepare-data) whose answers to count.")
     parser.add_argument("--size", type=int, default=8192, help="Tokens in the draft vocabulary.")
+    parser.add_argument(
+        "--held-out-data",
+        help="Tokenized conversations the vocabulary is not built from: their coverage (the out-of-sample figure) "
+        "is reported and noted in the model card.",
+    )
     parser.add_argument("--out", help="Folder for the draft with its draft vocabulary (same layout as --draft).")
 
 
@@ -24,8 +29,12 @@ def run(args: argparse.Namespace):
     from ..training.data import load_training_dataset
     from ..training.pipeline import apply_draft_vocabulary
 
+    held_out = load_training_dataset(args.held_out_data) if args.held_out_data else None
     draft = DSparkDraftModel.from_pretrained(args.draft)
-    token_ids, coverage = apply_draft_vocabulary(draft, load_training_dataset(args.data), args.size, args.data)
+    token_ids, coverage = apply_draft_vocabulary(
+        draft, load_training_dataset(args.data), args.size, args.data, held_out=held_out,
+        held_out_source=args.held_out_data,
+    )
     draft.save_pretrained(args.out, layout="deepspec" if is_deepspec_checkpoint(args.draft) else "hf")
     print(
         f"Draft vocabulary of {len(token_ids)} tokens covers {coverage:.2%} of the answer tokens in {args.data}; "

@@ -21,6 +21,7 @@ from .data import (
     read_jsonl,
     regenerate_responses,
     tokenize_conversations,
+    vocabulary_coverage,
 )
 from .eagle3_losses import Eagle3LossOutput, Eagle3MetricAccumulator, eagle3_loss
 from .eagle3_trainer import Eagle3Trainer, Eagle3TrainingArguments, compute_eagle3_loss
@@ -89,6 +90,7 @@ __all__ = [
     "eagle3_loss",
     "expected_acceptance_length",
     "frequent_token_ids",
+    "vocabulary_coverage",
     "latest_complete_checkpoint",
     "load_prompts",
     "load_target_cache_info",

@@ -566,3 +566,23 @@ def frequent_token_ids(dataset, size: int, always_include: Iterable[int] = ()) -
     token_ids = forced + ranked[: size - len(forced)]
     coverage = sum(counts.get(token, 0) for token in token_ids) / total
     return token_ids, coverage
+
+
+def vocabulary_coverage(dataset, token_ids: Iterable[int]) -> float:
+    """The share of a tokenized dataset's answer tokens (`loss_mask` 1) that are among `token_ids`: measured on
+    conversations a draft vocabulary was not built from, the ceiling it puts on acceptance out of sample."""
+    if not {"input_ids", "loss_mask"} <= set(dataset.column_names):
+        raise ValueError(
+            f"Need a tokenized dataset with `input_ids` and `loss_mask` columns (from `dspark-hf prepare-data`), got "
+            f"columns {dataset.column_names}."
+        )
+    chosen = {int(t) for t in token_ids}
+    covered = total = 0
+    for example in dataset:
+        for token, counted in zip(example["input_ids"], example["loss_mask"], strict=True):
+            if counted:
+                total += 1
+                covered += token in chosen
+    if total == 0:
+        raise ValueError("The dataset has no assistant tokens (`loss_mask` is 0 everywhere); nothing to count.")
+    return covered / total

@@ -24,7 +24,7 @@ from ..models.dspark import DSparkDraftConfig, DSparkDraftModel
 from ..models.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 from ..targets import default_target_layer_ids, parse_dtype
 from .base_trainer import DraftTrainer, unwrap_draft
-from .data import frequent_token_ids, load_training_dataset
+from .data import frequent_token_ids, load_training_dataset, vocabulary_coverage
 from .eagle3_trainer import Eagle3Trainer, Eagle3TrainingArguments
 from .target_cache import TargetCacheDataset, build_target_cache
 from .trainer import DSparkTrainer, DSparkTrainingArguments
@@ -170,20 +170,35 @@ def build_training_draft(
     return draft
 
 
+def _token_dataset(dataset):
+    """The tokenized examples of a dataset or of a [`TargetCacheDataset`]."""
+    return dataset.dataset.select(dataset.indices) if isinstance(dataset, TargetCacheDataset) else dataset
+
+
 def apply_draft_vocabulary(
-    draft: DSparkDraftModel | Eagle3DraftModel, dataset, size: int, source: str = "the training data"
+    draft: DSparkDraftModel | Eagle3DraftModel,
+    dataset,
+    size: int,
+    source: str = "the training data",
+    held_out=None,
+    held_out_source: str = "held-out conversations",
 ) -> tuple[list[int], float]:
     """Restricts `draft`'s drafting to the `size` most frequent answer tokens of a tokenized `dataset` (the
     end-of-turn ids always included, see [`frequent_token_ids`]) and notes their coverage, naming `source`, in its
-    model card (drafts that have one). A [`TargetCacheDataset`] counts the token ids of its own examples. Returns `(token_ids, coverage)`.
+    model card (drafts that have one), with the coverage of the answers of `held_out` (conversations the vocabulary
+    was not built from, e.g. the eval split: the honest figure) when given. A [`TargetCacheDataset`] counts the token
+    ids of its own examples. Returns `(token_ids, coverage)` (in sample).
     """
-    if isinstance(dataset, TargetCacheDataset):
-        dataset = dataset.dataset.select(dataset.indices)
     eos = draft.config.eos_token_id
     always = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    token_ids, coverage = frequent_token_ids(dataset, size, always_include=always)
+    token_ids, coverage = frequent_token_ids(_token_dataset(dataset), size, always_include=always)
     draft.set_draft_vocabulary(token_ids)
-    note = f"Draft vocabulary: {len(token_ids)} tokens, covering {coverage:.2%} of the answer tokens of {source}."
+    note = f"Draft vocabulary: {len(token_ids)} tokens, covering {coverage:.2%} of the answer tokens of {source}"
+    if held_out is not None:
+        outside = vocabulary_coverage(_token_dataset(held_out), token_ids)
+        note += f" and {outside:.2%} of those of {held_out_source}, which it was not built from"
+        logger.warning("Draft vocabulary covers %.2f%% of the answers of %s.", 100 * outside, held_out_source)
+    note += "."
     card_data = getattr(draft, "model_card_data", None)
     if card_data is not None:
         card_data.notes = "\n\n".join(filter(None, [card_data.notes, note]))
@@ -316,7 +331,10 @@ def train(
     if isinstance(train_dataset, TargetCacheDataset):
         train_dataset.check_target_layer_ids(draft.config.target_layer_ids)
     if draft_vocab_size is not None:
-        _, coverage = apply_draft_vocabulary(draft, train_dataset, draft_vocab_size, vocabulary_source)
+        _, coverage = apply_draft_vocabulary(
+            draft, train_dataset, draft_vocab_size, vocabulary_source, held_out=eval_dataset,
+            held_out_source="the eval split",
+        )
         logger.warning("Draft vocabulary of %d tokens covers %.2f%% of the answers.", draft_vocab_size, 100 * coverage)
     dtype = parse_dtype(draft_dtype) if isinstance(draft_dtype, str) else draft_dtype
     if dtype != "auto":
