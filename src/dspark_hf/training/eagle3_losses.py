@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .metrics import RunningSums
+
 
 @dataclass
 class Eagle3LossOutput:
@@ -60,7 +62,7 @@ class Eagle3LossOutput:
 
 
 @dataclass
-class Eagle3MetricAccumulator:
+class Eagle3MetricAccumulator(RunningSums):
     """Running sums of [`Eagle3LossOutput.statistics`] vectors → means for logging.
 
     Metric names (k = 1..T, TTT step k−1): `ce_k` (mean soft cross-entropy of the supervised rows, nats),
@@ -71,16 +73,6 @@ class Eagle3MetricAccumulator:
 
     ttt_length: int
     sums: torch.Tensor | None = None
-
-    def add(self, statistics: torch.Tensor) -> None:
-        statistics = statistics.detach().double().cpu()
-        self.sums = statistics if self.sums is None else self.sums + statistics
-
-    def reset(self) -> None:
-        self.sums = None
-
-    def __bool__(self) -> bool:
-        return self.sums is not None
 
     def compute(self) -> dict[str, float]:
         if self.sums is None:

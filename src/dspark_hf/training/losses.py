@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .metrics import RunningSums
+
 __all__ = [
     "DSparkLossOutput",
     "DSparkMetricAccumulator",
@@ -214,7 +216,7 @@ def dspark_loss(
 
 
 @dataclass
-class DSparkMetricAccumulator:
+class DSparkMetricAccumulator(RunningSums):
     """Running sums of [`DSparkLossOutput.statistics`] vectors → means for logging.
 
     Metric names: `ce` (mean CE in nats), `tv` (mean ½‖p_d − p_t‖₁), `confidence_error` (mean |c − c*|),
@@ -228,15 +230,8 @@ class DSparkMetricAccumulator:
     _num_scalars: int = field(default=10, init=False, repr=False)
 
     def add(self, statistics: torch.Tensor, has_confidence: bool = False) -> None:
-        statistics = statistics.detach().double().cpu()
-        self.sums = statistics if self.sums is None else self.sums + statistics
+        super().add(statistics)
         self.has_confidence = self.has_confidence or has_confidence
-
-    def reset(self) -> None:
-        self.sums = None
-
-    def __bool__(self) -> bool:
-        return self.sums is not None
 
     def compute(self) -> dict[str, float]:
         if self.sums is None:
