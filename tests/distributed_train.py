@@ -1,7 +1,8 @@
 """Trains a tiny draft for three steps in each process of a `torch.distributed.run` launch (DDP over gloo, CPU).
 
-Run by tests/test_distributed.py: `python -m torch.distributed.run --nproc_per_node 2 distributed_train.py OUT`.
-Each rank writes its final draft weights to OUT/rank<r>.safetensors and what it saw to OUT/rank<r>.json.
+Run by tests/test_distributed.py: `python -m torch.distributed.run --nproc_per_node 2 distributed_train.py OUT
+FAMILY` (FAMILY: dspark or eagle3). Each rank writes its final draft weights to OUT/rank<r>.safetensors and what it
+saw to OUT/rank<r>.json.
 """
 
 import json
@@ -13,19 +14,33 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_training_trainer import make_dataset, make_draft, make_target, training_args  # noqa: E402
 
-from dspark_hf.training import DSparkTrainer  # noqa: E402
+from dspark_hf.training import DSparkTrainer, Eagle3Trainer  # noqa: E402
 
 
-def main(out: Path) -> None:
-    target = make_target()
-    draft = make_draft(target)
+def make_trainer(out: Path, family: str):
+    """`(target, draft, trainer)` for three steps, built with the family's own test helpers."""
+    if family == "dspark":
+        import test_training_trainer as helpers
+
+        target = helpers.make_target()
+        draft = helpers.make_draft(target)
+        trainer = DSparkTrainer(model=draft, target_model=target, args=helpers.training_args(out, max_steps=3),
+                                train_dataset=helpers.make_dataset(16))
+    else:
+        import test_training_eagle3 as helpers
+
+        target = helpers.make_target()
+        draft = helpers.make_draft(target)
+        trainer = Eagle3Trainer(model=draft, target_model=target, train_dataset=helpers.make_dataset(8, ragged=True),
+                                args=helpers.training_args(out, max_steps=3, per_device_train_batch_size=2))
+    return target, draft, trainer
+
+
+def main(out: Path, family: str) -> None:
+    target, draft, trainer = make_trainer(out, family)
     target_before = {k: v.clone() for k, v in target.state_dict().items()}
     draft_before = {k: v.clone() for k, v in draft.state_dict().items()}
-    trainer = DSparkTrainer(
-        model=draft, target_model=target, args=training_args(out, max_steps=3), train_dataset=make_dataset(16)
-    )
     trainer.train()
     rank = trainer.args.process_index
     state = {k: v.detach().contiguous() for k, v in draft.state_dict().items()}
@@ -46,4 +61,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

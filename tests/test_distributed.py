@@ -1,4 +1,4 @@
-"""DSparkTrainer under a two-process DDP launch (gloo on CPU): the ranks stay in sync."""
+"""DSparkTrainer and Eagle3Trainer under a two-process DDP launch (gloo on CPU): the ranks stay in sync."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,12 +20,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ddp_ranks_train_the_same_draft(tmp_path):
-    """Each rank samples its own anchors (the anchor key holds the process index), so only synchronised gradients
-    leave both ranks with the same weights; logged metrics are reduced over ranks, so they agree too."""
+@pytest.mark.parametrize("family", ["dspark", "eagle3"])
+def test_ddp_ranks_train_the_same_draft(tmp_path, family):
+    """Each rank samples its own anchors (DSpark: the anchor key holds the process index) or sees other sequences
+    (EAGLE-3), so only gradients synchronised through the DDP wrapper leave both ranks with the same weights; logged
+    metrics are reduced over ranks, so they agree too."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(SCRIPT), str(tmp_path),
+        "--master_port", str(free_port()), str(SCRIPT), str(tmp_path), family,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

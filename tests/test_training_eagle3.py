@@ -7,10 +7,7 @@ Also runnable as `python -m torch.distributed.run --nproc_per_node 2 tests/test_
 
 import json
 import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import pytest
@@ -18,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import make_target as make_tiny_target  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from dspark_hf import DSparkDraftModel, Eagle3DraftModel  # noqa: E402
 from dspark_hf.training import (  # noqa: E402
@@ -379,60 +376,3 @@ def test_cli_refuses_dspark_options_from_a_config_file(tmp_path):
                  "--data", str(tmp_path / "data.jsonl"), "--output-dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit, match="--block-size, --num-anchors only configure DSpark drafts"):
         run_command(arguments)
-
-
-# -- DDP -------------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_ddp_ranks_train_the_same_eagle3_draft(tmp_path):
-    """Each rank sees other sequences, so only gradients synchronised through the DDP wrapper (the TTT forward is
-    routed through it) leave both ranks with the same weights."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), __file__, str(tmp_path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for report in reports:
-        assert report["world_size"] == 2 and report["wrapper"] == "DistributedDataParallel"
-        assert report["target_unchanged"] and report["draft_changed"] and len(report["losses"]) == 3
-    assert reports[0]["losses"] == reports[1]["losses"]  # reduced over ranks
-    weights = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
-    for name, value in weights[0].items():
-        assert torch.equal(value, weights[1][name]), name
-
-
-def _distributed_main(out: Path) -> None:
-    target = make_target()
-    draft = make_draft(target)
-    target_before = {k: v.clone() for k, v in target.state_dict().items()}
-    draft_before = {k: v.clone() for k, v in draft.state_dict().items()}
-    trainer = Eagle3Trainer(model=draft, target_model=target, train_dataset=make_dataset(8, ragged=True),
-                            args=training_args(out, max_steps=3, per_device_train_batch_size=2))
-    trainer.train()
-    rank = trainer.args.process_index
-    state = {k: v.detach().contiguous() for k, v in draft.state_dict().items()}
-    save_file(state, str(out / f"rank{rank}.safetensors"))
-    report = {
-        "world_size": trainer.args.world_size,
-        "wrapper": type(trainer.model_wrapped).__name__,
-        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "target_unchanged": all(torch.equal(v, target_before[k]) for k, v in target.state_dict().items()),
-        "draft_changed": any(not torch.equal(v, draft_before[k]) for k, v in state.items()),
-    }
-    (out / f"rank{rank}.json").write_text(json.dumps(report))
-    if torch.distributed.is_initialized():  # a gloo thread left running can abort the process at teardown
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _distributed_main(Path(sys.argv[1]))
