@@ -30,12 +30,15 @@ def greedy_verdict(target, plain: torch.Tensor, output: torch.Tensor) -> tuple[b
     return False, tie, f"no, {where} ({'a rounding tie' if tie else 'NOT a rounding tie'})"
 
 
-def run_demo(max_new_tokens: int = 64, dtype: str = "bfloat16", prompt_lookup_tokens: int | None = 10) -> list[dict]:
+def run_demo(max_new_tokens: int = 64, dtype: str = "fastest", prompt_lookup_tokens: int | None = 10) -> list[dict]:
     """Generates for one prompt per domain with and without the draft (and, with `prompt_lookup_tokens`, with the
     draft and prompt lookup together); prints and returns the measurements. Raises `RuntimeError` when an output
-    differs from plain greedy decoding by more than a rounding tie of the target."""
-    from .targets import chat_input_ids, load_target
+    differs from plain greedy decoding by more than a rounding tie of the target. `dtype="fastest"` picks bfloat16
+    on CPUs with bf16 instructions and float32 elsewhere ([`fastest_cpu_dtype`])."""
+    from .targets import chat_input_ids, fastest_cpu_dtype, load_target
 
+    if dtype == "fastest":
+        dtype = fastest_cpu_dtype()
     target, tokenizer = load_target("smollm2", dtype=dtype)
     draft, description = load_default_draft(target, tokenizer)
     print(f"target: SmolLM2-135M-Instruct ({target.dtype}); draft: {description}\n")

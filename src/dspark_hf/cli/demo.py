@@ -8,7 +8,11 @@ HELP = "SmolLM2-135M-Instruct with the built-in draft: answers, τ, acceptance a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16", help="Target and draft dtype (bfloat16 is fastest on CPU).")
+    parser.add_argument(
+        "--dtype",
+        default="fastest",
+        help="Target and draft dtype; `fastest` (default): bfloat16 on CPUs with bf16 instructions, float32 elsewhere.",
+    )
     parser.add_argument(
         "--prompt-lookup-tokens", type=int, default=10, help="Also time the draft with prompt lookup (0: skip)."
     )
