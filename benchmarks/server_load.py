@@ -26,9 +26,9 @@ After the bursts, two requests alone: a healthy one (still the baseline answer?)
 shuts its write side after the body (an HTTP half-close), reported apart from the checks.
 
 Checks: 0 connection resets at the highest concurrency; 0 healthy requests lost with poison mixed in; 0 greedy
-answers differing from the same request alone (and 0 other than at a rounding tie); RSS flat (after gc and glibc's
-malloc_trim, which hand freed memory back to the OS, every burst ends within +10% of the first; raw and peak RSS
-are reported beside it); and, beyond those, every poison request answered with its expected status, every leaving
+answers differing from the same request alone (and 0 other than at a rounding tie); RSS flat: at rest after each
+burst (the engine loop hands freed memory back to the OS when it goes idle) within +10% of the first, and likewise
+after gc and glibc's malloc_trim called by this script (the memory still in use); peak RSS is reported beside it; and, beyond those, every poison request answered with its expected status, every leaving
 client's request cancelled with the engine drained, no server thread left behind.
 
 Writes benchmarks/results/<output-name>.{json,md} (default server_load; server_load_quick with --quick).
@@ -90,6 +90,7 @@ LEAVE_KINDS = ("leave_stream", "leave_waiting")
 # One healthy request before each other kind, and one more: 12 healthy of 23.
 MIX = (*itertools.chain.from_iterable(("healthy", kind) for kind in (*POISON_STATUS, *LEAVE_KINDS)), "healthy")
 RSS_TOLERANCE = 1.10
+REST_S = 0.5  # after a burst drains, how long the server is left idle before its RSS is read ("at rest")
 POOL_SCAN = 200
 
 
@@ -384,6 +385,9 @@ def run_burst(server: DSparkServer, plans: list[list[Plan]], args: argparse.Name
     settle_s = wait_until(lambda: server_threads() <= threads_before, args.drain_timeout)
     drain_s = wait_until(lambda: engine.drained, args.drain_timeout)
     peak = sampler.stop()
+    after = rss_mib()
+    time.sleep(REST_S)  # the engine loop hands the burst's freed memory back once it is idle
+    at_rest = rss_mib()
     flat = [r for rs in records for r in rs]
     return {
         "concurrency": len(plans),
@@ -396,7 +400,8 @@ def run_burst(server: DSparkServer, plans: list[list[Plan]], args: argparse.Name
         "threads_settle_s": settle_s,
         "rss_mib_before": rss_before,
         "rss_mib_peak": peak["rss_mib"],
-        "rss_mib_after": rss_mib(),
+        "rss_mib_after": after,
+        "rss_mib_at_rest": at_rest,
         "rss_mib_after_trim": trimmed_rss_mib(),
         "server_threads_before": threads_before,
         "server_threads_peak": peak["server_threads"],
@@ -506,6 +511,8 @@ def checks(report: dict) -> list[dict]:
     untied = sum(d["count"] for d in report["divergences"] if not d["is_tie"])
     trimmed = [b["rss_mib_after_trim"] for b in bursts]
     growth = None if None in trimmed or len(trimmed) < 2 else max(trimmed[1:]) / trimmed[0]
+    resting = [b.get("rss_mib_at_rest") for b in bursts]
+    rest_growth = None if None in resting or len(resting) < 2 else max(resting[1:]) / resting[0]
     poison = [r for r in records if r["kind"] in POISON_STATUS]
     wrong = sum(r["status"] != POISON_STATUS[r["kind"]] for r in poison)
     leaving = sum(r["kind"] in LEAVE_KINDS for r in records)
@@ -521,6 +528,9 @@ def checks(report: dict) -> list[dict]:
          "passed": differing == 0},
         {"check": "0 greedy answers differing from alone other than at a rounding tie", "value": untied,
          "passed": untied == 0},
+        {"check": f"RSS flat: at rest {REST_S:g} s after each burst (the server's own release, nothing done by this "
+         f"script), within +{RSS_TOLERANCE - 1:.0%} of the first burst's (largest ratio)", "value": rest_growth,
+         "passed": None if rest_growth is None else rest_growth <= RSS_TOLERANCE},
         {"check": f"RSS flat: after gc and malloc_trim, every burst ends within +{RSS_TOLERANCE - 1:.0%} of the "
          "first burst (largest ratio)", "value": growth, "passed": None if growth is None else growth <= RSS_TOLERANCE},
         {"check": "every poison request answered with its expected status", "value": f"{wrong} of {len(poison)} not",
@@ -582,11 +592,12 @@ def markdown(report: dict) -> str:
         )
     first_trimmed = report["bursts"][0]["rss_mib_after_trim"]
     lines += ["", "## Per burst", "",
-              "RSS in MiB: before → peak → after the burst, then after gc and malloc_trim (the memory still in use) "
-              "and its ratio to that after burst 1. Server threads: Python threads other than "
+              "RSS in MiB: before → peak → at rest (the burst drained, the server idle for "
+              f"{REST_S:g} s, having released what it freed itself), then after gc and malloc_trim by this script "
+              "(the memory still in use) and its ratio to that after burst 1. Server threads: Python threads other than "
               "the main, client and sampler threads (before / peak / after); OS threads include torch's. Engine: "
               "tokens generated and the finish reasons it gave.", "",
-              "| # | C | requests | wall | healthy lost | resets | RSS before → peak → after | trimmed | / burst 1 "
+              "| # | C | requests | wall | healthy lost | resets | RSS before → peak → at rest | trimmed | / burst 1 "
               "| server threads | OS threads | engine tokens | finish reasons | drained after |",
               "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|---:|---|---:|"]
     for i, burst in enumerate(report["bursts"], 1):
@@ -594,7 +605,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {i} | {burst['concurrency']} | {burst['requests']} | {seconds(burst['wall_s'])} | "
             f"{sum(map(is_lost, burst['records']))} | {sum(r['reset'] for r in burst['records'])} | "
-            f"{burst['rss_mib_before']:.0f} → {burst['rss_mib_peak']:.0f} → {burst['rss_mib_after']:.0f} | "
+            f"{burst['rss_mib_before']:.0f} → {burst['rss_mib_peak']:.0f} → "
+            f"{burst.get('rss_mib_at_rest', burst['rss_mib_after']):.0f} | "
             f"{common.fmt(burst['rss_mib_after_trim'], 0)} | "
             f"{common.fmt(first_trimmed and burst['rss_mib_after_trim'] / first_trimmed, 3)} | "
             f"{burst['server_threads_before']} / "
