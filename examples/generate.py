@@ -8,6 +8,8 @@ token_streamer=TextStreamer(tokenizer))`, transformers' public entry for a custo
     python examples/generate.py --draft src/dspark_hf/default_draft --prompt-lookup-tokens 10  # with prompt lookup
     python examples/generate.py --target Qwen/Qwen3-0.6B --device cuda             # any causal LM, on a GPU
     python examples/generate.py --stream                         # print tokens as they are accepted
+    python examples/generate.py --eagle3                         # a fresh EAGLE-3 draft (or --draft an EAGLE-3 folder)
+    python examples/generate.py --dtype bfloat16                 # default: the faster of bf16 and fp32 on this CPU
 """
 
 import argparse
@@ -15,17 +17,20 @@ import argparse
 from transformers import TextStreamer
 
 import dspark_hf  # noqa: F401  (routes generate(assistant_model=DSparkDraftModel) to DSpark's decoding loop)
-from dspark_hf import DSparkDraftModel, StaticThresholdPolicy, speculative_decoding
+from dspark_hf import DSparkDraftModel, Eagle3DraftModel, StaticThresholdPolicy, speculative_decoding
 from dspark_hf.demo import greedy_verdict
 from dspark_hf.evaluation import timed_generate
-from dspark_hf.targets import chat_input_ids, load_target
+from dspark_hf.targets import chat_input_ids, fastest_cpu_dtype, load_target
+from dspark_hf.training import draft_type_of
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2")
     parser.add_argument("--device", help="cpu (default), cuda, cuda:1 or auto; the draft follows the target.")
-    parser.add_argument("--draft", help="A saved draft (either layout); default: a fresh draft for the target.")
+    parser.add_argument("--draft", help="A saved DSpark or EAGLE-3 draft (either layout); default: a fresh draft.")
+    parser.add_argument("--eagle3", action="store_true", help="A fresh EAGLE-3 draft instead of a fresh DSpark one.")
+    parser.add_argument("--dtype", help="Target and draft dtype (default: the faster of bfloat16 and float32 here).")
     parser.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--sample", action="store_true", help="Sample (temperature 0.7) instead of greedy decoding.")
@@ -36,9 +41,13 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="Stream the speculative answer (custom_generate form).")
     args = parser.parse_args()
 
-    target, tokenizer = load_target(args.target, dtype="bfloat16", device=args.device)
+    dtype = args.dtype or (fastest_cpu_dtype() if args.device in (None, "cpu") else "bfloat16")
+    target, tokenizer = load_target(args.target, dtype=dtype, device=args.device)
     if args.draft:
-        draft = DSparkDraftModel.from_pretrained(args.draft, target_model=target, dtype=target.dtype)
+        draft_class = Eagle3DraftModel if draft_type_of(args.draft) == "eagle3" else DSparkDraftModel
+        draft = draft_class.from_pretrained(args.draft, target_model=target, dtype=target.dtype)
+    elif args.eagle3:
+        draft = Eagle3DraftModel.from_target(target, ttt_length=4).to(target.dtype)
     else:
         draft = DSparkDraftModel.from_target(target, tokenizer=tokenizer, block_size=8)
     policy = None if args.threshold is None else StaticThresholdPolicy(args.threshold)
