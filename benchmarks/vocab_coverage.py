@@ -19,7 +19,6 @@ Writes benchmarks/results/<output-name>.{json,md}.
 import argparse
 import sys
 from collections import Counter
-from pathlib import Path
 
 import _common as common
 import datasets
