@@ -63,7 +63,8 @@ _NOT_PASSED_THROUGH = (
 # The draft vocabulary (`DSparkDraftModel.set_draft_vocabulary`) travels as a token-id list under _EXTRA_KEY, so the
 # reference state dict holds only tensors that vLLM and SGLang know.
 _VOCABULARY_KEY = "draft_vocab_ids"
-_SHARED_FIELDS = (
+# Backbone fields every reference draft config (DSpark and EAGLE-3) shares with ours, same name and meaning.
+BACKBONE_FIELDS = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
@@ -79,6 +80,8 @@ _SHARED_FIELDS = (
     "attention_dropout",
     "num_target_layers",
     "target_layer_ids",
+)
+_SHARED_FIELDS = BACKBONE_FIELDS + (
     "block_size",
     "mask_token_id",
     "pad_token_id",

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..models.eagle3.configuration_eagle3 import Eagle3DraftConfig
 from .deepspec import (
+    BACKBONE_FIELDS,
     MISSING,
     PASSTHROUGH_ATTRIBUTE,
     WEIGHTS_NAME,
@@ -45,22 +46,7 @@ _FAMILY = "EAGLE-3"
 # Fields asserted by the reference's model constructors (fixture README, section (a)).
 ASSERTED_FIELDS = ("target_layer_ids", "ttt_length", "step_loss_decay")
 # Fields our config shares with the reference's under the same name and meaning.
-_SHARED_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "attention_bias",
-    "attention_dropout",
-    "num_target_layers",
-    "target_layer_ids",
+_SHARED_FIELDS = BACKBONE_FIELDS + (
     "ttt_length",
     "step_loss_decay",
     "pad_token_id",
