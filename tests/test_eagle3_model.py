@@ -50,11 +50,12 @@ BAD_FIELDS = {
     "step_loss_decay": (0.0, r"step_loss_decay must be a finite number > 0"),
     "target_layer_ids": ([3, 1], r"target_layer_ids must be one or more distinct, increasing"),
     "num_target_layers": (2, r"target_layer_ids=\[1, 3\] reaches layer 3 but num_target_layers is 2"),
-    "draft_architecture": ("llama", r"draft_architecture must be one of"),
+    "draft_architecture": ("mistral", r"draft_architecture must be one of \('qwen3', 'gemma4', 'llama'\)"),
     "attention_k_eq_v": (True, r"attention_k_eq_v=True needs draft_architecture='gemma4'"),
     "num_key_value_heads": (3, r"multiple of num_key_value_heads"),
     "draft_vocab_size": (1000, r"draft_vocab_size must be an integer in \[1, vocab_size=96\]"),
     "final_logit_softcapping": (-1.0, r"final_logit_softcapping must be > 0"),
+    "use_draft_lm_head": ("yes", r"use_draft_lm_head must be True or False"),
 }
 
 
@@ -260,7 +261,7 @@ def test_export_refuses_a_draft_the_reference_would_compute_differently(tmp_path
     gemma.config.attention_scale = None
     with pytest.raises(ValueError, match="Gemma4Eagle3Model uses attention scale 1.0"):
         gemma.save_pretrained(tmp_path, layout="deepspec")
-    with pytest.raises(ValueError, match='layout must be "hf" or "deepspec"'):
+    with pytest.raises(ValueError, match='layout must be "hf", "deepspec" or "eagle"'):
         draft.save_pretrained(tmp_path, layout="vllm")
 
 

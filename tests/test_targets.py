@@ -21,11 +21,11 @@ def test_fastest_cpu_dtype_picks_the_faster_matmul(monkeypatch):
         real_matmul = torch.Tensor.__matmul__
         clock = {"t": 0.0}
 
-        def matmul(a, b, slow=slow):
+        def matmul(a, b, slow=slow, clock=clock, real_matmul=real_matmul):
             clock["t"] += 1.0 if a.dtype == slow else 0.1
             return real_matmul(a, b)
 
         monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
-        monkeypatch.setattr("time.perf_counter", lambda: clock["t"])
+        monkeypatch.setattr("time.perf_counter", lambda clock=clock: clock["t"])
         assert fastest_cpu_dtype(rows=8, width=16) is expected
         monkeypatch.undo()

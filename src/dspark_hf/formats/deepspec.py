@@ -114,16 +114,23 @@ def read_reference_config(path: str | os.PathLike, **kwargs) -> dict | None:
         return json.load(f)
 
 
-def is_deepspec_checkpoint(path: str | os.PathLike, **kwargs) -> bool:
-    """True when `path` holds a reference-layout checkpoint (any `*DSparkModel` architecture; loading one this library
-    cannot read raises a `ValueError` that says why)."""
+def foreign_config(path: str | os.PathLike, own_model_type: str, **kwargs) -> dict | None:
+    """The `config.json` of `path` as a dict when it is another implementation's (its model type is not
+    `own_model_type`), else None (no config, an unreadable path, or one of this library's checkpoints)."""
     try:
         config = read_reference_config(path, **kwargs)
     except OSError:
-        return False
-    if not config or config.get("model_type") == DSparkDraftConfig.model_type:
-        return False
-    return any(str(a).endswith("DSparkModel") for a in config.get("architectures") or [])
+        return None
+    if not config or config.get("model_type") == own_model_type:
+        return None
+    return config
+
+
+def is_deepspec_checkpoint(path: str | os.PathLike, **kwargs) -> bool:
+    """True when `path` holds a reference-layout checkpoint (any `*DSparkModel` architecture; loading one this library
+    cannot read raises a `ValueError` that says why)."""
+    config = foreign_config(path, DSparkDraftConfig.model_type, **kwargs)
+    return config is not None and any(str(a).endswith("DSparkModel") for a in config.get("architectures") or [])
 
 
 MISSING = object()
@@ -212,20 +219,21 @@ def gemma4_reference_fields(config: DSparkDraftConfig, kept: dict, rope: dict) -
 
 def to_reference_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A draft state dict with the reference's parameter names ([`PARAMETER_RENAMES`])."""
-    return {_rename(key, PARAMETER_RENAMES): value for key, value in state.items()}
+    return rename_prefixes(state, PARAMETER_RENAMES)
 
 
 def from_reference_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of [`to_reference_names`]."""
-    reverse = {theirs: ours for ours, theirs in PARAMETER_RENAMES.items()}
-    return {_rename(key, reverse): value for key, value in state.items()}
+    return rename_prefixes(state, {theirs: ours for ours, theirs in PARAMETER_RENAMES.items()})
 
 
-def _rename(key: str, renames: dict[str, str]) -> str:
-    for old, new in renames.items():
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
+def rename_prefixes(state: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """`state` with each key's first matching prefix of `renames` replaced by its value."""
+    renamed = {}
+    for key, value in state.items():
+        old = next((prefix for prefix in renames if key.startswith(prefix)), None)
+        renamed[key if old is None else renames[old] + key[len(old) :]] = value
+    return renamed
 
 
 def _draft_vocabulary(draft) -> list[int] | None:
@@ -415,20 +423,36 @@ def load_deepspec_checkpoint(
     return model
 
 
-def read_reference_weights(path: str | os.PathLike, **kwargs) -> dict[str, torch.Tensor]:
-    """The tensors of a reference checkpoint's `model.safetensors` (local folder or Hub repository)."""
+def read_reference_weights(
+    path: str | os.PathLike, names: tuple[str, ...] = (WEIGHTS_NAME,), **kwargs
+) -> dict[str, torch.Tensor]:
+    """The tensors of a reference checkpoint (local folder or Hub repository): the first of the files `names` that
+    exists, a safetensors file or a PyTorch state dict (`*.bin`, read with `weights_only=True`)."""
     hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-    return load_file(cached_file(str(path), WEIGHTS_NAME, **hub_kwargs))
+    for name in names:
+        resolved = cached_file(str(path), name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if resolved is None:
+            continue
+        if name.endswith(".safetensors"):
+            return load_file(resolved)
+        return torch.load(resolved, map_location="cpu", weights_only=True)
+    raise OSError(f"No weights file {' or '.join(names)} found at {path}.")
 
 
 def build_from_reference_state(
-    model_class: type[nn.Module], config, state: dict[str, torch.Tensor], path, dtype, family: str
+    model_class: type[nn.Module],
+    config,
+    state: dict[str, torch.Tensor],
+    path,
+    dtype,
+    family: str,
+    required: tuple[str, ...] = ("embed_tokens.weight", "lm_head.weight"),
 ) -> nn.Module:
     """A `model_class(config)` holding a reference state dict (our names), in `dtype` (None / "auto": the stored
-    one), in eval mode. The state's `embed_tokens` / `lm_head` copies become the draft's own modules until a target
-    is attached (a Gemma 4 draft's embedding multiplies by √hidden_size, as the reference's does). Raises `ValueError`
-    naming missing or unexpected weights."""
-    for key in ("embed_tokens.weight", "lm_head.weight"):
+    one), in eval mode. The state's `embed_tokens` / `lm_head` copies (those of them in `required` must be there)
+    become the draft's own modules until a target is attached (a Gemma 4 draft's embedding multiplies by
+    √hidden_size, as the reference's does). Raises `ValueError` naming missing or unexpected weights."""
+    for key in required:
         if key not in state:
             raise ValueError(
                 f"Reference checkpoint at {path} has no {key!r}; it is not a self-contained {family} draft."
@@ -438,12 +462,14 @@ def build_from_reference_state(
     if dtype is None or dtype == "auto":
         dtype = state["fc.weight"].dtype if "fc.weight" in state else torch.float32
     model = model_class(config)
-    vocab, hidden = state["embed_tokens.weight"].shape
-    if config.draft_architecture == "gemma4":
-        model.embed_tokens = DSparkScaledEmbedding(vocab, hidden, scale=hidden**0.5)
-    else:
-        model.embed_tokens = nn.Embedding(vocab, hidden)
-    model.lm_head = nn.Linear(state["lm_head.weight"].shape[1], state["lm_head.weight"].shape[0], bias=False)
+    if "embed_tokens.weight" in state:
+        vocab, hidden = state["embed_tokens.weight"].shape
+        if config.draft_architecture == "gemma4":
+            model.embed_tokens = DSparkScaledEmbedding(vocab, hidden, scale=hidden**0.5)
+        else:
+            model.embed_tokens = nn.Embedding(vocab, hidden)
+    if "lm_head.weight" in state:
+        model.lm_head = nn.Linear(state["lm_head.weight"].shape[1], state["lm_head.weight"].shape[0], bias=False)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

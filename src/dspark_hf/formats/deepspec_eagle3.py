@@ -29,6 +29,7 @@ from .deepspec import (
     WEIGHTS_NAME,
     build_from_reference_state,
     check_exportable,
+    foreign_config,
     gemma4_config_fields,
     gemma4_passthrough,
     gemma4_reference_fields,
@@ -79,11 +80,8 @@ def is_eagle3_deepspec_checkpoint(path: str | os.PathLike, **kwargs) -> bool:
     """True when `path` holds a reference-layout EAGLE-3 checkpoint (`architectures[0]` any `*Eagle3Model` or
     `Eagle3DraftModel`, model type not ours; loading one this library cannot read raises a `ValueError` that says
     why)."""
-    try:
-        config = read_reference_config(path, **kwargs)
-    except OSError:
-        return False
-    if not config or config.get("model_type") == Eagle3DraftConfig.model_type:
+    config = foreign_config(path, Eagle3DraftConfig.model_type, **kwargs)
+    if config is None:
         return False
     name = str((config.get("architectures") or [""])[0])
     return name.endswith("Eagle3Model") or name in _FAMILY_OF_ARCHITECTURE
@@ -174,8 +172,18 @@ def reference_config(config: Eagle3DraftConfig, dtype: torch.dtype) -> dict:
 
 
 def _check_eagle3_exportable(draft) -> None:
-    check_exportable(draft, REFERENCE_ARCHITECTURES)
     config = draft.config
+    if draft.draft_lm_head is not None:
+        raise ValueError(
+            "The reference's EAGLE-3 classes use the target's LM head; this draft has its own (use_draft_lm_head). "
+            "Save it with layout='eagle'."
+        )
+    if config.draft_architecture not in REFERENCE_ARCHITECTURES:
+        raise ValueError(
+            f"The reference has no EAGLE-3 class of the {config.draft_architecture!r} layer design (its classes are "
+            f"{sorted(REFERENCE_ARCHITECTURES.values())}); save this draft with layout='eagle'."
+        )
+    check_exportable(draft, REFERENCE_ARCHITECTURES)
     if config.draft_architecture == "qwen3":
         embed = draft.get_input_embeddings()
         if config.final_logit_softcapping is not None:

@@ -82,11 +82,11 @@ class TargetBoundDraftMixin:
         """Whether this draft borrows `target`'s input embedding (it was attached to `target`)."""
         return self._shared_modules is not None and self._shared_modules[0] is target.get_input_embeddings()
 
-    def _shared(self) -> tuple[nn.Module, nn.Module]:
+    def _shared(self) -> tuple[nn.Module, nn.Module | None]:
         if self._shared_modules is not None:
             return self._shared_modules
-        if "embed_tokens" in self._modules:
-            return self._modules["embed_tokens"], self._modules["lm_head"]
+        if "embed_tokens" in self._modules:  # a loaded checkpoint's copies (an EAGLE checkpoint may hold no LM head)
+            return self._modules["embed_tokens"], self._modules.get("lm_head")
         name = type(self).__name__
         raise RuntimeError(
             f"This {name} is not attached to a target model, so it has no token embedding or LM head. "
@@ -96,7 +96,7 @@ class TargetBoundDraftMixin:
     def get_input_embeddings(self) -> nn.Module:
         return self._shared()[0]
 
-    def get_output_embeddings(self) -> nn.Module:
+    def get_output_embeddings(self) -> nn.Module | None:
         return self._shared()[1]
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
@@ -115,16 +115,49 @@ class TargetBoundDraftMixin:
         has `final_logit_softcapping`. With `draft_vocabulary=True` and a draft vocabulary set, only its tokens'
         logits: `(..., draft_vocab_size)`, in the order of `draft_vocab_ids`."""
         lm_head = self.get_output_embeddings()
+        if lm_head is None:
+            raise RuntimeError(
+                f"This {type(self).__name__} holds no LM head of the target (its checkpoint stored none). Call "
+                "draft.attach(target) to borrow the target's."
+            )
         if draft_vocabulary and self.draft_vocab_ids is not None:
             weight = self.draft_vocabulary_rows(lm_head.weight)
             bias = None if getattr(lm_head, "bias", None) is None else self.draft_vocabulary_rows(lm_head.bias)
             logits = F.linear(states.to(weight.dtype), weight, bias)
         else:
             logits = lm_head(states.to(lm_head.weight.dtype))
+        return self.soft_cap(logits)
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """`cap · tanh(logits / cap)` with the config's `final_logit_softcapping` (unchanged when it is None)."""
         cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def scatter_to_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits `(..., draft_vocab_size)` → `(..., vocab_size)`, −inf outside the draft vocabulary
+        (unchanged without one)."""
+        if self.draft_vocab_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_vocab_ids, logits)
+
+    @property
+    def d2t(self) -> torch.LongTensor:
+        """EAGLE's draft-to-target offsets `(draft_vocab_size,)` int64: draft row i is target token `i + d2t[i]`
+        (zeros `(vocab_size,)` without a draft vocabulary). Derived from `draft_vocab_ids`; read-only."""
+        ids = self.draft_vocab_ids
+        if ids is None:
+            return torch.zeros(self.config.vocab_size, dtype=torch.long, device=self.fc.weight.device)
+        return ids - torch.arange(ids.numel(), device=ids.device)
+
+    @property
+    def t2d(self) -> torch.BoolTensor:
+        """EAGLE's target-to-draft mask `(vocab_size,)` bool: True for the tokens of the draft vocabulary (all without
+        one). Derived from `draft_vocab_ids`; read-only."""
+        ids = self.draft_vocab_ids
+        if ids is None:
+            return torch.ones(self.config.vocab_size, dtype=torch.bool, device=self.fc.weight.device)
+        return torch.zeros(self.config.vocab_size, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
 
     def set_draft_vocabulary(self, token_ids: Sequence[int] | torch.Tensor | None):
         """Restricts drafting to `token_ids`, or drafts over the whole vocabulary again with `None`.
@@ -187,21 +220,21 @@ class TargetBoundDraftMixin:
 
     @classmethod
     def load_draft_checkpoint(
-        cls, path, *model_args, reference_layout, allow_missing_weights: bool = False, **kwargs
+        cls, path, *model_args, reference_layouts, allow_missing_weights: bool = False, **kwargs
     ) -> tuple[PreTrainedModel, dict]:
-        """Loads a draft saved in our (transformers) layout or in a reference layout → `(model, loading_info)`.
+        """Loads a draft saved in our (transformers) layout or in another implementation's → `(model, loading_info)`.
 
-        `reference_layout` is a pair of functions `(is_reference(path, **kwargs), load_reference(cls, path,
-        **kwargs))` of a `dspark_hf.formats` module. A transformers checkpoint that lacks some of the draft's weights
-        is refused with their names unless `allow_missing_weights`.
+        `reference_layouts` are pairs of functions `(is_reference(path, **kwargs), load_reference(cls, path,
+        **kwargs))` of `dspark_hf.formats` modules, tried in order. A transformers checkpoint that lacks some of the
+        draft's weights is refused with their names unless `allow_missing_weights`.
         """
         from ..targets import check_local_path
 
         check_local_path(path, "draft")
         kwargs.pop("output_loading_info", None)
-        is_reference, load_reference = reference_layout
-        if is_reference(path, **kwargs):
-            return load_reference(cls, path, **kwargs), {}
+        for is_reference, load_reference in reference_layouts:
+            if is_reference(path, **kwargs):
+                return load_reference(cls, path, **kwargs), {}
         model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
         missing = sorted(info.get("missing_keys") or [])
         if missing and not allow_missing_weights:

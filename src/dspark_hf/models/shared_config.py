@@ -35,11 +35,10 @@ class DraftLayerConfigMixin:
                 f"({self.num_key_value_heads})."
             )
 
-    def _validate_architecture(self) -> None:
-        if self.draft_architecture not in DRAFT_ARCHITECTURES:
-            raise ValueError(
-                f"draft_architecture must be one of {DRAFT_ARCHITECTURES}, got {self.draft_architecture!r}."
-            )
+    def _validate_architecture(self, designs: tuple[str, ...] = DRAFT_ARCHITECTURES) -> None:
+        """Checks the layer design (one of `designs`) and the fields only the Gemma 4 design has."""
+        if self.draft_architecture not in designs:
+            raise ValueError(f"draft_architecture must be one of {designs}, got {self.draft_architecture!r}.")
         if self.draft_architecture != "gemma4":
             for name in ("attention_k_eq_v", "use_double_wide_mlp"):
                 if getattr(self, name):

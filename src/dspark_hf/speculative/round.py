@@ -46,12 +46,7 @@ class DraftBlock:
 def full_vocabulary_logits(draft: TargetBoundDraftMixin, logits: torch.Tensor) -> torch.Tensor:
     """Draft-vocabulary logits `(R, V')` → float32 logits `(R, V)` over the target's vocabulary, −inf outside the
     draft vocabulary (unchanged, as float32, when the draft has none)."""
-    logits = logits.float()
-    vocab_ids = draft.draft_vocab_ids
-    if vocab_ids is None:
-        return logits
-    full = logits.new_full((logits.shape[0], draft.config.vocab_size), float("-inf"))
-    return full.index_copy_(1, vocab_ids, logits)
+    return draft.scatter_to_vocabulary(logits.float())
 
 
 def draw_draft_token(

@@ -362,7 +362,7 @@ class DSparkDraftModel(TargetBoundDraftMixin, DSparkPreTrainedModel):
         model, info = cls.load_draft_checkpoint(
             pretrained_model_name_or_path,
             *model_args,
-            reference_layout=(is_deepspec_checkpoint, load_deepspec_checkpoint),
+            reference_layouts=[(is_deepspec_checkpoint, load_deepspec_checkpoint)],
             allow_missing_weights=allow_missing_weights,
             **kwargs,
         )

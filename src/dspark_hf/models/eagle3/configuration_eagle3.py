@@ -5,7 +5,10 @@ import math
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-from ..shared_config import DraftLayerConfigMixin, check_positive_integers
+from ..shared_config import DRAFT_ARCHITECTURES, DraftLayerConfigMixin, check_positive_integers
+
+# Layer designs of an EAGLE-3 draft: the shared ones, and the Llama layer of EAGLE / SpecForge / vLLM checkpoints.
+EAGLE3_DRAFT_ARCHITECTURES = (*DRAFT_ARCHITECTURES, "llama")
 
 
 class Eagle3DraftConfig(DraftLayerConfigMixin, PreTrainedConfig):
@@ -26,8 +29,10 @@ class Eagle3DraftConfig(DraftLayerConfigMixin, PreTrainedConfig):
             Attention geometry (grouped-query attention when `num_key_value_heads < num_attention_heads`). For a
             Gemma 4 draft: `global_head_dim`, and `num_global_key_value_heads` with `attention_k_eq_v`.
         hidden_act (`str`): MLP activation.
-        draft_architecture (`str`): `"qwen3"` (pre-norm layer, h += attn(a); h += mlp(norm(h))) or `"gemma4"`
-            (sandwich norms, Gemma's float32 RMSNorm, value norm without weight, `layer_scalar`).
+        draft_architecture (`str`): `"qwen3"` (pre-norm layer, h += attn(a); h += mlp(norm(h)); RMSNorm on
+            queries and keys), `"llama"` (the same without `q_norm` / `k_norm`: the layer of EAGLE, SpecForge and
+            vLLM checkpoints, see `dspark_hf.formats.eagle`) or `"gemma4"` (sandwich norms, Gemma's float32 RMSNorm,
+            value norm without weight, `layer_scalar`).
         attention_scale (`float`, *optional*): Factor on q·k; None means `head_dim ** -0.5` (Gemma 4 drafts: 1.0).
         attention_k_eq_v (`bool`), use_double_wide_mlp (`bool`), num_kv_shared_layers (`int`): Gemma 4 options, as
             for [`DSparkDraftConfig`].
@@ -44,6 +49,9 @@ class Eagle3DraftConfig(DraftLayerConfigMixin, PreTrainedConfig):
         step_loss_decay (`float`): Weight of TTT step k's loss is `step_loss_decay ** k`.
         draft_vocab_size (`int`, *optional*): Size of the draft vocabulary (a sorted subset of the target's ids,
             buffer `draft_vocab_ids`, set with [`Eagle3DraftModel.set_draft_vocabulary`]); None = whole vocabulary.
+        use_draft_lm_head (`bool`): The draft has its own LM head `draft_lm_head` (`draft_vocab_size` or
+            `vocab_size` rows, no bias, saved with the draft; EAGLE and SpecForge checkpoints train one) instead of
+            reading the target's LM-head rows.
         embedding_scale (`float`): Factor on token embeddings (√d for Gemma-family targets whose embedding module
             does not scale).
         final_logit_softcapping (`float`, *optional*): Logit soft-capping of the target, applied to draft logits.
@@ -75,6 +83,7 @@ class Eagle3DraftConfig(DraftLayerConfigMixin, PreTrainedConfig):
     ttt_length: int = 7
     step_loss_decay: float = 0.8
     draft_vocab_size: int | None = None
+    use_draft_lm_head: bool = False
     embedding_scale: float = 1.0
     final_logit_softcapping: float | None = None
     tie_word_embeddings: bool = False
@@ -114,8 +123,12 @@ class Eagle3DraftConfig(DraftLayerConfigMixin, PreTrainedConfig):
             },
         )
         self._validate_heads()
-        self._validate_architecture()
+        self._validate_architecture(EAGLE3_DRAFT_ARCHITECTURES)
         self._validate_draft_vocab_size()
+        if not isinstance(self.use_draft_lm_head, bool):
+            raise ValueError(
+                f"Eagle3DraftConfig.use_draft_lm_head must be True or False, got {self.use_draft_lm_head!r}."
+            )
         ids = self.target_layer_ids
         if not ids or any(i < 0 for i in ids) or sorted(set(ids)) != ids:
             raise ValueError(
@@ -141,4 +154,4 @@ class Eagle3DraftConfig(DraftLayerConfigMixin, PreTrainedConfig):
             )
 
 
-__all__ = ["Eagle3DraftConfig"]
+__all__ = ["EAGLE3_DRAFT_ARCHITECTURES", "Eagle3DraftConfig"]

@@ -2,13 +2,15 @@
 rollback for decoding, and the training-time-test (TTT) forward.
 
 The building blocks (RMSNorms, RoPE, attention, MLP) are the DSpark draft's (`models/dspark/layers.py`,
-`gemma4_layers.py`); `config.draft_architecture` picks the Qwen3-style or the Gemma 4 layer design. Position
-convention (as in the reference): the draft input at position i is (feature of position i, token i+1), rotated at
-position i; its output predicts token i+2.
+`gemma4_layers.py`); `config.draft_architecture` picks the Qwen3-style, the Llama (Qwen3-style without q/k norms) or
+the Gemma 4 layer design. Position convention (as in the reference): the draft input at position i is (feature of
+position i, token i+1), rotated at position i; its output predicts token i+2.
 """
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -21,8 +23,18 @@ from ..dspark.layers import DSparkAttention, DSparkMLP, DSparkRMSNorm, DSparkRot
 from ..shared import DraftKVCache, TargetBoundDraftMixin
 from .configuration_eagle3 import Eagle3DraftConfig
 
-_NORM_CLASSES = {"qwen3": DSparkRMSNorm, "gemma4": DSparkGemma4RMSNorm}
-_ATTENTION_CLASSES = {"qwen3": DSparkAttention, "gemma4": DSparkGemma4Attention}
+
+class Eagle3LlamaAttention(DSparkAttention):
+    """The Qwen3-style attention without RMSNorm on queries and keys (Llama's; `draft_architecture="llama"`)."""
+
+    def __init__(self, config: Eagle3DraftConfig, layer_idx: int, input_size: int | None = None):
+        super().__init__(config, layer_idx, input_size)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+
+
+_NORM_CLASSES = {"qwen3": DSparkRMSNorm, "llama": DSparkRMSNorm, "gemma4": DSparkGemma4RMSNorm}
+_ATTENTION_CLASSES = {"qwen3": DSparkAttention, "llama": Eagle3LlamaAttention, "gemma4": DSparkGemma4Attention}
 
 
 class Eagle3Cache(DraftKVCache):
@@ -33,7 +45,7 @@ class Eagle3Cache(DraftKVCache):
 class Eagle3DecoderLayer(nn.Module):
     """One EAGLE-3 layer. With a = [input_layernorm(e) ; hidden_norm(h)] (2d wide, embedding first):
 
-    - `"qwen3"`: h = h + attn(a); out = h + mlp(post_attention_layernorm(h));
+    - `"qwen3"` and `"llama"` (no q/k norms): h = h + attn(a); out = h + mlp(post_attention_layernorm(h));
     - `"gemma4"`: h = h + post_attention_layernorm(attn(a));
       out = (h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))) · layer_scalar.
     """
@@ -144,8 +156,9 @@ class Eagle3DraftModel(TargetBoundDraftMixin, Eagle3PreTrainedModel):
     """An EAGLE-3 draft for a frozen causal-LM target.
 
     Like [`DSparkDraftModel`], it borrows the target's input embedding and LM head (bound by [`attach`], never
-    stored in its own checkpoint). Decoding: [`context_step`] over the verified positions (target features), then
-    [`draft_step`] γ times from the last output; `cache.crop(length)` rolls back. Training: [`ttt_forward`] and
+    stored in its own checkpoint); with `config.use_draft_lm_head` its logits come from its own head `draft_lm_head`
+    instead (EAGLE / SpecForge checkpoints). Decoding: [`context_step`] over the verified positions (target features),
+    then [`draft_step`] γ times from the last output; `cache.crop(length)` rolls back. Training: [`ttt_forward`] and
     `dspark_hf.training.eagle3_losses.eagle3_loss`.
     """
 
@@ -155,6 +168,10 @@ class Eagle3DraftModel(TargetBoundDraftMixin, Eagle3PreTrainedModel):
         self.fc = nn.Linear(config.fused_feature_size, config.hidden_size, bias=False)
         self.layers = nn.ModuleList(Eagle3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        self.draft_lm_head = None
+        if config.use_draft_lm_head:
+            rows = config.draft_vocab_size or config.vocab_size
+            self.draft_lm_head = nn.Linear(config.hidden_size, rows, bias=False)
         self.rotary_emb = DSparkRotaryEmbedding(config)
         self._init_target_binding()
         self.post_init()
@@ -180,8 +197,35 @@ class Eagle3DraftModel(TargetBoundDraftMixin, Eagle3PreTrainedModel):
 
     def compute_logits(self, hidden_states: torch.Tensor, draft_vocabulary: bool = False) -> torch.Tensor:
         """Pre-norm outputs `(..., d)` → logits `(..., V)`: LM head of the final norm, soft-capped for Gemma 4.
-        With `draft_vocabulary=True` and a draft vocabulary set: `(..., draft_vocab_size)`."""
-        return self.lm_head_logits(self.norm(hidden_states), draft_vocabulary)
+        With `draft_vocabulary=True` and a draft vocabulary set: `(..., draft_vocab_size)`.
+
+        The LM head is the target's (its draft-vocabulary rows), or the draft's own `draft_lm_head` with
+        `config.use_draft_lm_head`, whose full-vocabulary logits are −inf outside the draft vocabulary (decoding
+        draws from exactly these, so verification keeps it lossless). [`lm_head_logits`] stays the target's head."""
+        states = self.norm(hidden_states)
+        if self.draft_lm_head is None:
+            return self.lm_head_logits(states, draft_vocabulary)
+        logits = self.soft_cap(self.draft_lm_head(states.to(self.draft_lm_head.weight.dtype)))
+        return logits if draft_vocabulary else self.scatter_to_vocabulary(logits)
+
+    def set_draft_vocabulary(self, token_ids: Sequence[int] | torch.Tensor | None) -> "Eagle3DraftModel":
+        """Restricts drafting to `token_ids`, or drafts over the whole vocabulary again with `None` (see
+        [`TargetBoundDraftMixin.set_draft_vocabulary`]).
+
+        With an own LM head (`config.use_draft_lm_head`), its rows are the vocabulary's tokens in increasing id order:
+        the vocabulary must have as many tokens as the head has rows (None: `vocab_size`), and the rows keep their
+        weights, so choose it before training."""
+        if self.draft_lm_head is not None:
+            rows = self.draft_lm_head.out_features
+            count = self.config.vocab_size
+            if token_ids is not None:
+                count = torch.as_tensor(token_ids).flatten().unique().numel()
+            if count != rows:
+                raise ValueError(
+                    f"This draft's own LM head has {rows} rows, one per draft-vocabulary token, so it cannot draft "
+                    f"over {count} tokens. Pass {rows} token ids, or build a draft with draft_vocab_size={count}."
+                )
+        return super().set_draft_vocabulary(token_ids)
 
     def project_features(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
         """Concatenated target features `(batch, c, len(target_layer_ids)·d)` → `fc` output `(batch, c, d)`."""
@@ -348,13 +392,20 @@ class Eagle3DraftModel(TargetBoundDraftMixin, Eagle3PreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, layout: str = "hf", **kwargs) -> None:
         """Saves the draft (safetensors). `layout="hf"` (default): a transformers checkpoint without the target's
         embedding and LM head; `layout="deepspec"`: the reference's self-contained EAGLE-3 layout (config copy of the
-        target, `embed_tokens` and `lm_head` included; see `dspark_hf.formats.deepspec_eagle3`)."""
-        if layout not in ("hf", "deepspec"):
-            raise ValueError(f'layout must be "hf" or "deepspec", got {layout!r}.')
+        target, `embed_tokens` and `lm_head` included; see `dspark_hf.formats.deepspec_eagle3`); `layout="eagle"`:
+        the layout of EAGLE, SpecForge, SGLang and vLLM (`midlayer.*`, an LM head over the draft vocabulary, `d2t`,
+        `t2d`; see `dspark_hf.formats.eagle`)."""
+        if layout not in ("hf", "deepspec", "eagle"):
+            raise ValueError(f'layout must be "hf", "deepspec" or "eagle", got {layout!r}.')
         if layout == "deepspec":
             from ...formats.deepspec_eagle3 import save_eagle3_deepspec_checkpoint
 
             save_eagle3_deepspec_checkpoint(self, save_directory)
+            return
+        if layout == "eagle":
+            from ...formats.eagle import save_eagle_checkpoint
+
+            save_eagle_checkpoint(self, save_directory)
             return
         if "embed_tokens" in self._modules and "state_dict" not in kwargs:
             kwargs["state_dict"] = self.own_state_dict()
@@ -364,17 +415,25 @@ class Eagle3DraftModel(TargetBoundDraftMixin, Eagle3PreTrainedModel):
     def from_pretrained(
         cls, pretrained_model_name_or_path, *model_args, target_model=None, allow_missing_weights: bool = False, **kwargs
     ):
-        """Loads a draft saved in either layout (a reference folder is detected from its config: architectures
-        `Qwen3Eagle3Model`, `Gemma4Eagle3Model` or `Eagle3DraftModel` with a non-`eagle3` model type); attaches
-        `target_model` if given (moving the draft to its device unless `device_map` is passed). Missing weights are
-        refused by name unless `allow_missing_weights=True`; `output_loading_info=True` returns `(model, info)`."""
+        """Loads a draft saved in any of its layouts, detected from the folder's config: a reference (DeepSpec) folder
+        has architectures `Qwen3Eagle3Model`, `Gemma4Eagle3Model` or `Eagle3DraftModel` with a non-`eagle3` model
+        type; an EAGLE / SpecForge / vLLM one `LlamaForCausalLMEagle3` / `Eagle3LlamaForCausalLM`, or a Llama config
+        with `draft_vocab_size` (its target layers are read from the config, else derived from `target_model`'s layer
+        count, else pass `target_layer_ids=`; see `dspark_hf.formats.eagle`). Attaches `target_model` if given
+        (moving the draft to its device unless `device_map` is passed). Missing weights are refused by name unless
+        `allow_missing_weights=True`; `output_loading_info=True` returns `(model, info)`."""
         from ...formats.deepspec_eagle3 import is_eagle3_deepspec_checkpoint, load_eagle3_deepspec_checkpoint
+        from ...formats.eagle import is_eagle_checkpoint, load_eagle_checkpoint
 
         wants_info = kwargs.pop("output_loading_info", False)
+        target_layers = None if target_model is None else target_model.config.get_text_config().num_hidden_layers
         model, info = cls.load_draft_checkpoint(
             pretrained_model_name_or_path,
             *model_args,
-            reference_layout=(is_eagle3_deepspec_checkpoint, load_eagle3_deepspec_checkpoint),
+            reference_layouts=[
+                (is_eagle3_deepspec_checkpoint, load_eagle3_deepspec_checkpoint),
+                (is_eagle_checkpoint, partial(load_eagle_checkpoint, num_target_layers=target_layers)),
+            ],
             allow_missing_weights=allow_missing_weights,
             **kwargs,
         )
@@ -387,6 +446,7 @@ __all__ = [
     "Eagle3DecoderLayer",
     "Eagle3DraftModel",
     "Eagle3DraftOutput",
+    "Eagle3LlamaAttention",
     "Eagle3PreTrainedModel",
     "Eagle3TTTOutput",
     "ttt_attention_mask",
