@@ -22,10 +22,15 @@ RATIO_TARGET = 1.15
 
 def measure(target, tokenizer, drafts: dict, prompts: dict, args) -> dict:
     results = {}
-    for name, mode, summaries in common.each_draft_and_mode(target, tokenizer, drafts, prompts, args):
+    runs = common.each_draft_and_mode(target, tokenizer, drafts, prompts, args, compare_plain=args.compare_plain)
+    for name, mode, summaries in runs:
+        pooled = common.pooled_summary(summaries)
         results.setdefault(name, {})[mode] = {
             "macro_tau": common.macro_average(s["tau"] for s in summaries),
-            "pooled_tau": common.pooled_summary(summaries)["tau"],
+            "pooled_tau": pooled["tau"],
+            "pooled_tokens_per_s": pooled["dspark_tokens_per_s"],
+            "pooled_plain_tokens_per_s": pooled.get("plain_tokens_per_s"),
+            "speedup_vs_plain": pooled.get("speedup_vs_plain"),
             "position_counts": common.merge_counts([s["position_counts"] for s in summaries]),
             "datasets": summaries,
         }
@@ -96,6 +101,25 @@ def draft_cost_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+def speed_lines(report: dict) -> list[str]:
+    """Markdown table of each draft's speed against plain `generate()` run on the same turns in the same loop."""
+    lines = [
+        "## Speed against plain `generate()` (same turns, same loop, pooled over datasets)",
+        "",
+        "| draft | kind | mode | draft tok/s | plain tok/s | speed-up |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name, info in report["drafts"].items():
+        for mode in report["settings"]["modes"]:
+            result = report["results"][name][mode]
+            lines.append(
+                f"| {name} | {info['kind']} | {mode} | {common.fmt(result['pooled_tokens_per_s'], 1)} | "
+                f"{common.fmt(result['pooled_plain_tokens_per_s'], 1)} | "
+                f"{common.fmt(result['speedup_vs_plain'], 2)}× |"
+            )
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     settings = report["settings"]
     lines = common.report_header(
@@ -127,6 +151,8 @@ def markdown(report: dict) -> str:
             )
         lines.append("")
     lines += draft_cost_lines(report)
+    if settings.get("compare_plain"):
+        lines += speed_lines(report)
     lines += [f"## DSpark / DFlash macro τ at the same γ (target ≥ {RATIO_TARGET}×)", ""]
     if report["ratios"]:
         lines += [
@@ -181,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pairs", nargs="+", metavar="DSPARK:DFLASH",
         help="DSpark/DFlash draft labels to compare (default: every pair of the same γ).",
+    )
+    parser.add_argument(
+        "--compare-plain", action="store_true",
+        help="Also run plain generate() on every turn in the same loop and report each draft's speed-up over it.",
     )
     prepared = common.prepare(parser, __file__, argv)
     if prepared is None:

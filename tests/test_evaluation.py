@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_target, make_tokenizer
 
-from dspark_hf import DSparkDraftModel, SpeculationStats
+from dspark_hf import DSparkDraftModel, Eagle3DraftModel, SpeculationStats
 from dspark_hf.evaluation import (
     DatasetResult,
     domain_summaries,
@@ -197,6 +197,19 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     (hybrid,) = evaluate(target, tokenizer, draft, {"gsm8k": [["w1 w2 w1 w2 w1 w2"]]}, max_new_tokens=12,
                          draft_prompt_lookup_num_tokens=4, progress=False)
     assert hybrid["greedy_identical"] is True and 0 < hybrid["looked_up_rounds"] <= hybrid["rounds"]
+
+
+def test_evaluate_an_eagle3_draft_reports_its_own_probabilities():
+    """EAGLE-3 drafts have no calibration: the mean confidence per position is the mean probability the draft gave its
+    verified tokens, in (0, 1)."""
+    tokenizer = make_tokenizer(64)
+    target = make_target("llama", vocab_size=64)
+    target.generation_config.eos_token_id = None
+    draft = Eagle3DraftModel.from_target(target, num_hidden_layers=1, ttt_length=3).eval()
+    (summary,) = evaluate(target, tokenizer, draft, {"gsm8k": [["w1 w2 w3"]]}, max_new_tokens=10, progress=False)
+    assert summary["greedy_identical"] is True and summary["rounds"] * summary["tau"] == pytest.approx(9)
+    confidences = [c for c in summary["mean_confidence"] if c is not None]
+    assert confidences and all(0.0 < c < 1.0 for c in confidences)
 
 
 def test_eval_cli(tmp_path):

@@ -131,11 +131,14 @@ class DatasetResult:
 
 
 def mean_confidence_by_position(stats: SpeculationStats, draft) -> list[float | None]:
-    """Mean calibrated confidence c_k of the verified positions, k = 1..γ."""
+    """Mean confidence c_k of the verified positions, k = 1..γ: calibrated for a DSpark draft, the draft's own
+    probability of its token for an EAGLE-3 draft (whose confidence logits are those probabilities' log-odds)."""
     sums, counts = [0.0] * stats.block_size, [0] * stats.block_size
+    calibrate = getattr(draft, "calibrated_confidence", None)
     for logits in stats.confidence_logits:
         if logits:
-            values = draft.calibrated_confidence(torch.tensor(logits), positions=slice(0, len(logits)))
+            logits = torch.tensor(logits)
+            values = torch.sigmoid(logits) if calibrate is None else calibrate(logits, positions=slice(0, len(logits)))
             for k, value in enumerate(values.tolist()):
                 sums[k] += value
                 counts[k] += 1
