@@ -15,6 +15,7 @@ from dspark_hf.training import (
     DSparkDataCollator,
     DSparkTrainer,
     DSparkTrainingArguments,
+    apply_draft_vocabulary,
     build_training_draft,
     compute_dspark_loss,
     load_training_datasets,
@@ -428,6 +429,12 @@ def test_train_pipeline_saves_reports_and_resumes(tmp_path):
     assert resumed.trainer.state.global_step == straight.trainer.state.global_step == 4
     for key, value in straight.draft.state_dict().items():
         torch.testing.assert_close(resumed.draft.state_dict()[key], value, msg=key)
+    straight.draft.model_card_data.notes = "Trained on a test set.\n\n" + straight.draft.model_card_data.notes
+    apply_draft_vocabulary(straight.draft, train_dataset, 12, "a second count")  # replaces the first vocabulary's note
+    notes = straight.draft.model_card_data.notes.split("\n\n")
+    assert notes[0] == "Trained on a test set." and [n for n in notes if n.startswith("Draft vocabulary:")] == [
+        notes[-1]
+    ] and "12 tokens" in notes[-1] and "a second count" in notes[-1]
 
 
 def test_build_training_draft_continues_deepens_and_refuses(tmp_path):

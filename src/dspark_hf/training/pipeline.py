@@ -175,6 +175,9 @@ def _token_dataset(dataset):
     return dataset.dataset.select(dataset.indices) if isinstance(dataset, TargetCacheDataset) else dataset
 
 
+VOCABULARY_NOTE = "Draft vocabulary:"  # how the model-card note on the draft vocabulary starts
+
+
 def apply_draft_vocabulary(
     draft: DSparkDraftModel | Eagle3DraftModel,
     dataset,
@@ -193,15 +196,16 @@ def apply_draft_vocabulary(
     always = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     token_ids, coverage = frequent_token_ids(_token_dataset(dataset), size, always_include=always)
     draft.set_draft_vocabulary(token_ids)
-    note = f"Draft vocabulary: {len(token_ids)} tokens, covering {coverage:.2%} of the answer tokens of {source}"
+    note = f"{VOCABULARY_NOTE} {len(token_ids)} tokens, covering {coverage:.2%} of the answer tokens of {source}"
     if held_out is not None:
         outside = vocabulary_coverage(_token_dataset(held_out), token_ids)
         note += f" and {outside:.2%} of those of {held_out_source}, which it was not built from"
         logger.warning("Draft vocabulary covers %.2f%% of the answers of %s.", 100 * outside, held_out_source)
     note += "."
     card_data = getattr(draft, "model_card_data", None)
-    if card_data is not None:
-        card_data.notes = "\n\n".join(filter(None, [card_data.notes, note]))
+    if card_data is not None:  # the note of an earlier vocabulary no longer holds: replaced, not kept beside it
+        kept = [p for p in (card_data.notes or "").split("\n\n") if p and not p.startswith(VOCABULARY_NOTE)]
+        card_data.notes = "\n\n".join([*kept, note])
     return token_ids, coverage
 
 
