@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from dspark_hf import DSparkEngine, Eagle3DraftModel, SamplingParams
 from dspark_hf.speculative.eagle3_proposer import eagle3_draft_chain
-from dspark_hf.training import compute_eagle3_loss
+from dspark_hf.training import compute_eagle3_loss, draft_type_of
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eagle3_eagle"
 VARIANTS = ("safeailab", "specforge")
@@ -89,6 +89,13 @@ def test_checkpoint_loads_as_a_llama_draft_with_its_own_head_and_vocabulary(vari
     assert torch.equal(draft.draft_vocab_ids, torch.arange(64) + stored["d2t"])
     assert torch.equal(draft.draft_lm_head.weight, stored["lm_head.weight"].float())
     assert draft.is_attached_to(target) and not draft.training
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_folder_is_recognised_as_an_eagle3_draft(variant):
+    """`draft_type_of` (what `dspark-hf train --draft`, the benchmarks and `train()` use to pick the draft family)
+    reads these folders as EAGLE-3 drafts, not as DSpark ones."""
+    assert draft_type_of(fixture(variant)) == "eagle3"
 
 
 def test_the_default_target_layers_are_the_ones_eagles_target_captures(target):

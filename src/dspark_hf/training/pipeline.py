@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from ..formats.deepspec import read_reference_config
 from ..formats.deepspec_eagle3 import is_eagle3_deepspec_checkpoint
+from ..formats.eagle import is_eagle_checkpoint
 from ..models.dspark import DSparkDraftConfig, DSparkDraftModel
 from ..models.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 from ..targets import default_target_layer_ids, parse_dtype
@@ -93,11 +94,16 @@ def _check_draft_type(draft_type: str) -> str:
 
 def draft_type_of(draft: str | os.PathLike | PreTrainedModel) -> str:
     """`"dspark"` or `"eagle3"`: the family of a draft model (inside any PEFT / DDP wrapper) or of a saved draft
-    (our layout: its `model_type`; the reference's EAGLE-3 layout is recognised too; anything else is DSpark)."""
+    (our layout: its `model_type`; the reference's EAGLE-3 layout and EAGLE / SpecForge's are recognised too;
+    anything else is DSpark)."""
     if isinstance(draft, torch.nn.Module):
         return "eagle3" if isinstance(unwrap_draft(draft), Eagle3DraftModel) else "dspark"
     config = read_reference_config(draft) or {}
-    if config.get("model_type") == Eagle3DraftConfig.model_type or is_eagle3_deepspec_checkpoint(draft):
+    if (
+        config.get("model_type") == Eagle3DraftConfig.model_type
+        or is_eagle3_deepspec_checkpoint(draft)
+        or is_eagle_checkpoint(draft)
+    ):
         return "eagle3"
     return "dspark"
 
