@@ -187,10 +187,17 @@ def load_models(args: argparse.Namespace) -> tuple:
     for name, path in args.drafts:
         if name in drafts:
             raise SystemExit(f"Two drafts are named {name!r}; name them apart with --drafts name=path.")
-        draft_class = Eagle3DraftModel if draft_type_of(path) == "eagle3" else DSparkDraftModel
-        drafts[name] = draft_class.from_pretrained(path, target_model=target, dtype=target.dtype).eval()
-        drafts[name].benchmark_path = path
+        drafts[name] = load_draft(path, target)
     return target, tokenizer, drafts
+
+
+def load_draft(path: str | Path, target) -> "DSparkDraftModel | Eagle3DraftModel":
+    """A saved draft of either family (either layout), in the target's dtype, attached, in eval mode; its path is
+    kept as `benchmark_path` for the reports."""
+    draft_class = Eagle3DraftModel if draft_type_of(path) == "eagle3" else DSparkDraftModel
+    draft = draft_class.from_pretrained(path, target_model=target, dtype=target.dtype).eval()
+    draft.benchmark_path = str(path)
+    return draft
 
 
 def draft_info(draft: "DSparkDraftModel | Eagle3DraftModel") -> dict:

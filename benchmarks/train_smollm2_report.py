@@ -1,4 +1,4 @@
-"""Report of DSpark vs DFlash draft training runs on SmolLM2-135M-Instruct.
+"""Report of draft training runs (DSpark, DFlash, EAGLE-3) on SmolLM2-135M-Instruct.
 
 Reads each run's `trainer_state.json` (loss curves, logged metrics, runtime), computes training throughput, and
 measures τ through `target.generate(assistant_model=draft)` on held-out prompts (the benchmark sets, which are
@@ -13,10 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
+import _common as common
 import datasets
 import torch
 
-from dspark_hf import DSparkDraftModel
 from dspark_hf.evaluation import domain_summaries, evaluate, load_prompt_sets
 from dspark_hf.targets import load_target
 
@@ -107,15 +107,16 @@ def main() -> None:
     for run in args.runs:
         summary = training_summary(run, tokens_per_sample)
         draft_path = latest_draft(run)
-        draft = DSparkDraftModel.from_pretrained(draft_path, target_model=target, dtype=target.dtype).eval()
+        draft = common.load_draft(draft_path, target)
+        info = common.draft_info(draft)
         torch.manual_seed(0)
         datasets_eval = evaluate(target, tokenizer, draft, prompts, max_new_tokens=args.max_new_tokens,
                                  compare_plain=False, prompt_lookup_num_tokens=None)
         summary.update(
             draft=str(draft_path),
-            head=draft.config.markov_head_type,
-            block_size=draft.config.block_size,
-            layers=draft.config.num_hidden_layers,
+            head=info["markov_head_type"],
+            block_size=info["block_size"],
+            layers=info["num_hidden_layers"],
             held_out=[{k: d[k] for k in ("dataset", "domain", "turns", "tau", "conditional_acceptance")}
                       for d in datasets_eval],
             held_out_domains=domain_summaries(datasets_eval),
@@ -130,24 +131,25 @@ def main() -> None:
     lines = [
         f"# Draft training on SmolLM2-135M-Instruct ({args.data}, {len(data)} conversations, "
         f"{tokens_per_sample:.0f} tokens/sample)", "",
-        "| run | starts from | head | γ | layers | steps | train tokens/s | last loss | last expected τ (train) "
+        "| run | starts from | head | γ | layers | steps | train minutes | train tokens/s | last loss | last expected τ (train) "
         "| expected τ (eval split) | held-out τ (greedy, generate) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report:
         last, last_eval = s["last_train_log"] or {}, s["last_eval"] or {}
         taus = ", ".join(f"{d['dataset']} {d['tau']:.2f}" for d in s["held_out"])
         tps = "–" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.0f}"
+        minutes = "–" if s["train_runtime_s"] is None else f"{s['train_runtime_s'] / 60:.1f}"
         lines.append(
             f"| {s['run']} | {s['config'].get('draft', 'fresh')} | {s['head']} | {s['block_size']} | {s['layers']} | "
-            f"{s['steps']} | {tps} | {float(last.get('loss', 'nan')):.3f} | "
+            f"{s['steps']} | {minutes} | {tps} | {float(last.get('loss', 'nan')):.3f} | "
             f"{float(last.get('expected_tau', 'nan')):.3f} | {float(last_eval.get('eval_expected_tau', 'nan')):.3f} | "
             f"{taus} |"
         )
     lines += ["", "Expected τ on the eval split by step: " + "; ".join(
         f"{s['run']} " + ", ".join(f"{step}: {tau:.3f}" for step, tau in s["eval_expected_tau"]) for s in report
     ) + "."]
-    lines += ["", f"Held-out prompts: first {args.limit} of each of {', '.join(args.datasets)} (all turns), "
+    lines += ["", f"Held-out prompts: first {args.limit} of each of {', '.join(prompts)} (all turns), "
               f"greedy, max_new_tokens={args.max_new_tokens}, target and draft in bf16. \"starts from\": a run that "
               "continues a saved draft (`--draft`; with more `--num-draft-layers`, the new layers start as the "
               "identity) counts its own steps only.", ""]
