@@ -336,6 +336,36 @@ def pooled_summary(summaries: list[dict]) -> dict:
     return domain_summaries([{**s, "domain": "all"} for s in summaries])[0]
 
 
+def draft_cost_lines(report: dict) -> list[str]:
+    """Markdown table of the draft's and the target's time per round, pooled over datasets, for every run of
+    `report["results"]` (`{name: {mode: {"datasets": [summary, ...]}}}`; a variant `draft+suffix` has its draft's
+    kind)."""
+    lines = [
+        "## Draft cost per round (pooled over datasets)",
+        "",
+        "Wall-clock time inside `generate()`: drafting (the draft's forwards and sampling) and verification (the "
+        "target's pass, acceptance, rollback), divided by the rounds; same machine load for every row only as far "
+        "as the machine allows (one process, drafts run one after another).",
+        "",
+        "| draft | kind | mode | rounds | draft ms / round | verify ms / round | draft share |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for name, modes in report["results"].items():
+        kind = report["drafts"].get(name.partition("+")[0], {}).get("kind", "–")
+        for mode, result in modes.items():
+            summaries = result["datasets"]
+            rounds = sum(s["rounds"] for s in summaries)
+            drafting = sum(s["draft_time_s"] or 0.0 for s in summaries)
+            verifying = sum(s["verify_time_s"] or 0.0 for s in summaries)
+            if not rounds:
+                continue
+            lines.append(
+                f"| {name} | {kind} | {mode} | {rounds} | {fmt(1000 * drafting / rounds, 1)} | "
+                f"{fmt(1000 * verifying / rounds, 1)} | {fmt(100 * drafting / max(drafting + verifying, 1e-9), 1)}% |"
+            )
+    return lines + [""]
+
+
 def macro_average(values) -> float | None:
     """Unweighted mean over datasets (the paper's "Avg." column), None values skipped."""
     values = [v for v in values if v is not None]

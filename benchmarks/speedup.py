@@ -160,6 +160,7 @@ def markdown(report: dict) -> str:
                     f"{common.fmt(d.get('speedup_vs_prompt_lookup'))}× | {lookup_check} |"
                 )
             lines.append("")
+    lines += common.draft_cost_lines(report)
     missed = missed_targets(report)
     lines += ["## Targets", ""]
     lines += [f"**Target missed**: {m}." for m in missed] or ["Every domain meets its targets."]

@@ -73,34 +73,6 @@ def dspark_dflash_ratios(report: dict) -> list[dict]:
     return rows
 
 
-def draft_cost_lines(report: dict) -> list[str]:
-    """Markdown table of the draft's and the target's time per round, pooled over datasets, per draft and mode."""
-    lines = [
-        "## Draft cost per round (pooled over datasets)",
-        "",
-        "Wall-clock time inside `generate()`: drafting (the draft's forwards and sampling) and verification (the "
-        "target's pass, acceptance, rollback), divided by the rounds; same machine load for every row only as far "
-        "as the machine allows (one process, drafts run one after another).",
-        "",
-        "| draft | kind | mode | rounds | draft ms / round | verify ms / round | draft share |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ]
-    for name, info in report["drafts"].items():
-        for mode in report["settings"]["modes"]:
-            summaries = report["results"][name][mode]["datasets"]
-            rounds = sum(s["rounds"] for s in summaries)
-            drafting = sum(s["draft_time_s"] or 0.0 for s in summaries)
-            verifying = sum(s["verify_time_s"] or 0.0 for s in summaries)
-            if not rounds:
-                continue
-            lines.append(
-                f"| {name} | {info['kind']} | {mode} | {rounds} | {common.fmt(1000 * drafting / rounds, 1)} | "
-                f"{common.fmt(1000 * verifying / rounds, 1)} | "
-                f"{common.fmt(100 * drafting / max(drafting + verifying, 1e-9), 1)}% |"
-            )
-    return lines + [""]
-
-
 def speed_lines(report: dict) -> list[str]:
     """Markdown table of each draft's speed against plain `generate()` run on the same turns in the same loop."""
     lines = [
@@ -150,7 +122,7 @@ def markdown(report: dict) -> str:
                 f"**{common.fmt(result['macro_tau'])}** | {common.fmt(result['pooled_tau'])} |"
             )
         lines.append("")
-    lines += draft_cost_lines(report)
+    lines += common.draft_cost_lines(report)
     if settings.get("compare_plain"):
         lines += speed_lines(report)
     lines += [f"## DSpark / DFlash macro τ at the same γ (target ≥ {RATIO_TARGET}×)", ""]
